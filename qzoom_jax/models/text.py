@@ -1,0 +1,131 @@
+"""The Qwen2.5-VL text decoder: GQA attention with q/k/v biases, M-RoPE, RMSNorm, SwiGLU, KV cache.
+
+``DecoderLayer`` is one block (flax.linen, used via init/apply). The stack is a pytree with a leading layer
+axis run by ``run_layers`` with ``lax.scan``, so callers can run any slice ``layers[a:b]`` of it (Q-Zoom
+branches off after layer K).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from qzoom_jax.config import TextConfig
+from qzoom_jax.models.attention import attention
+from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, scan_layers
+
+
+class KVCache(NamedTuple):
+    """Keys/values of a layer stack: [layers, B, S, KV, head_dim] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: TextConfig, num_layers: int, batch: int, length: int, dtype) -> "KVCache":
+        shape = (num_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Attention(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "einsum"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
+        c = self.cfg
+        B, L, _ = x.shape
+        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype,
+                                               name=name)
+        q = dense(c.num_attention_heads * c.head_dim, True, "q_proj")(x).reshape(B, L, -1, c.head_dim)
+        k = dense(c.num_key_value_heads * c.head_dim, True, "k_proj")(x).reshape(B, L, -1, c.head_dim)
+        v = dense(c.num_key_value_heads * c.head_dim, True, "v_proj")(x).reshape(B, L, -1, c.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the cache and attend over all of it
+            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+            kv, k, v = (k_all, v_all), k_all, v_all
+        out = attention(q, k, v, mask, impl=self.attn_impl)
+        return dense(c.hidden_size, False, "o_proj")(out.reshape(B, L, -1)), kv
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "einsum"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
+        c = self.cfg
+        h, kv = Attention(c, self.dtype, self.attn_impl, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, kv, cache_index)
+        x = x + h
+        y = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + GatedMLP(c.intermediate_size, use_bias=False, act=c.hidden_act, dtype=self.dtype, name="mlp")(y)
+        return x, kv
+
+
+def init_layers(cfg: TextConfig, rng, num_layers: int, dtype=jnp.float32):
+    """Stacked params of ``num_layers`` decoder layers (leading layer axis), HF-like init (N(0, 0.02))."""
+    layer = DecoderLayer(cfg, dtype)
+    x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+    cos = sin = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+
+    def one(key):
+        params = layer.init(key, x, cos, sin, mask)["params"]
+        return _hf_init(params, key)
+
+    return jax.vmap(one)(jax.random.split(rng, num_layers))
+
+
+def init_text_params(cfg: TextConfig, rng, dtype=jnp.float32):
+    k_emb, k_layers, k_head = jax.random.split(rng, 3)
+    params = {
+        "embed_tokens": {"embedding": 0.02 * jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden_size), dtype)},
+        "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype),
+        "norm": {"scale": jnp.ones((cfg.hidden_size,), dtype)},
+    }
+    lm_head = None if cfg.tie_word_embeddings else {
+        "kernel": 0.02 * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), dtype)}
+    return params, lm_head
+
+
+def _hf_init(params, key):
+    """Kernels ~ N(0, 0.02), biases 0, norm scales 1 (transformers' Qwen2.5-VL init)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys):
+        name = path[-1].key
+        out.append(0.02 * jax.random.normal(k, leaf.shape, leaf.dtype) if name == "kernel" else leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,
+               cache_index=0, *, dtype=jnp.float32, attn_impl: str = "einsum", remat: bool = False):
+    """Run a stack of decoder layers (any slice of the model's stack) over ``x`` [B, L, D].
+
+    ``mask`` is boolean [B, 1, L, S] (S = L without a cache, the cache length with one). With ``cache``, this
+    step's keys/values are written at ``cache_index`` and the updated cache is returned.
+    """
+    layer = DecoderLayer(cfg, dtype, attn_impl)
+
+    def apply(p, h, kv):
+        h, kv = layer.apply({"params": p}, h, cos, sin, mask, kv, cache_index)
+        return h, kv
+
+    x, new_kv = scan_layers(apply, layer_params, x, None if cache is None else tuple(cache), remat=remat)
+    return x, (None if cache is None else KVCache(*new_kv))
+
+
+def causal_mask(key_valid, q_len: int, offset=0):
+    """[B, 1, q_len, S] boolean: query i (at cache index offset + i) sees valid keys j <= offset + i."""
+    S = key_valid.shape[-1]
+    q_idx = offset + jnp.arange(q_len)[:, None]
+    allowed = jnp.arange(S)[None, :] <= q_idx
+    return allowed[None, None] & key_valid[:, None, None, :].astype(bool)

@@ -1,0 +1,211 @@
+"""The full Qwen2.5-VL model: vision tower + splice + text decoder + lm_head, and greedy generation.
+
+``QwenVL`` holds a config and a param pytree and takes exactly what the HF Qwen2.5-VL processor returns
+(NumPy arrays). Host-side work (3-D positions, vision window layout, bucket padding) happens in NumPy; the
+numerical work runs in a few jitted pure functions whose shapes are padded to power-of-two buckets, so
+repeated calls with similar inputs do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.models import text as text_lib
+from qzoom_jax.models import vision as vision_lib
+from qzoom_jax.models.layers import RMSNorm
+from qzoom_jax.models.rope import mrope_tables, rope_index
+
+EMBEDDED_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny_qwen2_5_vl")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype):
+    if isinstance(dtype, str):
+        try:
+            return DTYPES[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+    return jnp.dtype(dtype).type
+
+
+def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
+    """Random params with the checkpoint's exact shapes (HF-like init). Works under ``jax.eval_shape``."""
+    k_vis, k_txt = jax.random.split(rng)
+    model, lm_head = text_lib.init_text_params(config.text, k_txt, dtype)
+    params = {"visual": vision_lib.init_vision_params(config.vision, k_vis, dtype), "model": model}
+    if lm_head is not None:
+        params["lm_head"] = lm_head
+    return params
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum): the padded size that keys a compilation."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------- pure functions
+def embed(params, config: QwenVLConfig, input_ids, image_features=None):
+    """Token embeddings with image features written, in order, at the ``<|image_pad|>`` positions."""
+    x = params["model"]["embed_tokens"]["embedding"][input_ids]
+    if image_features is None:
+        return x
+    is_img = (input_ids == config.image_token_id).reshape(-1)
+    idx = jnp.clip(jnp.cumsum(is_img) - 1, 0, image_features.shape[0] - 1)
+    spliced = jnp.where(is_img[:, None], image_features[idx].astype(x.dtype), x.reshape(-1, x.shape[-1]))
+    return spliced.reshape(x.shape)
+
+
+def lm_logits(params, config: QwenVLConfig, h):
+    h = RMSNorm(config.text.rms_norm_eps, h.dtype).apply({"params": params["model"]["norm"]}, h)
+    if "lm_head" in params:
+        return h @ params["lm_head"]["kernel"]
+    return h @ params["model"]["embed_tokens"]["embedding"].T  # tied embeddings (Qwen2.5-VL-3B)
+
+
+def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None,
+            layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
+    """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).
+
+    With ``cache_len`` the keys/values of every layer are written into a fresh cache of that length.
+    """
+    dtype = params["model"]["embed_tokens"]["embedding"].dtype
+    feats = None
+    if pixel_values is not None:
+        feats = vision_lib.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout,
+                                         attn_impl=attn_impl)
+    x = embed(params, config, input_ids, feats)
+    t = config.text
+    cos, sin = mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
+    B, L = input_ids.shape
+    cache, key_valid = None, attention_mask
+    if cache_len is not None:
+        cache = text_lib.KVCache.zeros(t, t.num_hidden_layers, B, cache_len, dtype)
+        key_valid = jnp.pad(attention_mask, ((0, 0), (0, cache_len - L)))
+    mask = text_lib.causal_mask(key_valid, L)
+    h, cache = text_lib.run_layers(params["model"]["layers"], t, x, cos, sin, mask, cache, 0, dtype=dtype,
+                                   attn_impl=attn_impl)
+    return lm_logits(params, config, h), cache
+
+
+def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, next_position, limit, start: int,
+                  max_new_tokens: int, *, attn_impl: str = "einsum"):
+    """Greedy decoding from a filled cache. Token t (t >= 1) is fed the previous token at 3-D position
+    ``next_position + t - 1`` (same on t/h/w) and cache index ``start + t - 1``. Stops when every row has
+    emitted ``eos`` or after ``limit`` tokens (traced, <= the static buffer size ``max_new_tokens``); later
+    tokens of a finished row are ``pad``. Returns (tokens [B, max_new_tokens], tokens produced).
+    """
+    t_cfg = config.text
+    eos = config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else eos
+    B = first_token.shape[0]
+    out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first_token)
+
+    def cond(state):
+        step, _, _, done = state
+        return (step < limit) & ~jnp.all(done)
+
+    def body(state):
+        step, out, cache, done = state
+        prev = out[:, step - 1]
+        x = embed(params, config, prev[:, None])
+        pos = jnp.broadcast_to((next_position + step - 1).astype(jnp.float32)[None, :, None], (3, B, 1))
+        cos, sin = mrope_tables(pos, t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
+        mask = text_lib.causal_mask(key_valid, 1, start + step - 1)
+        h, cache = text_lib.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
+                                       start + step - 1, dtype=x.dtype, attn_impl=attn_impl)
+        tok = jnp.argmax(lm_logits(params, config, h)[:, -1], axis=-1).astype(jnp.int32)
+        tok = jnp.where(done, pad, tok)
+        return step + 1, out.at[:, step].set(tok), cache, done | (tok == eos)
+
+    step, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, first_token == eos))
+    return out, step
+
+
+# ----------------------------------------------------------------------------------------- the model object
+@dataclasses.dataclass
+class QwenVL:
+    """A loaded model: ``.config``, ``.params``; ``logits`` and ``generate`` take HF-processor arrays."""
+
+    config: QwenVLConfig
+    params: dict
+    attn_impl: str = "einsum"
+
+    def __post_init__(self):
+        statics = dict(static_argnames=("config", "cache_len", "attn_impl"))
+        self._prefill = jax.jit(prefill, **statics)
+        self._decode = jax.jit(greedy_decode, static_argnames=("config", "start", "max_new_tokens", "attn_impl"))
+
+    def _prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """Left-pad the batch to a bucketed length and lay out the images; returns device-ready arrays."""
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        B, L = input_ids.shape
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+        n_img_tokens = int((input_ids == self.config.image_token_id).sum())
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together")
+        pad = bucket(L) - L
+        ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=self.config.bos_token_id)
+        am = np.pad(attention_mask, ((0, 0), (pad, 0)))
+        positions, next_position = rope_index(self.config, ids, am, image_grid_thw)
+        layout = pv = None
+        if pixel_values is not None:
+            pixel_values = np.asarray(pixel_values, np.float32)
+            grid = np.asarray(image_grid_thw)
+            merged = int(grid.prod(-1).sum()) // self.config.vision.merge_unit
+            if merged != n_img_tokens:
+                raise ValueError(f"input_ids hold {n_img_tokens} image tokens but image_grid_thw describes "
+                                 f"{merged} merged patches")
+            n_patch = bucket(pixel_values.shape[0], 64)
+            layout = vision_lib.vision_layout(grid, self.config.vision, pad_to=n_patch)
+            pv = np.pad(pixel_values, ((0, n_patch - pixel_values.shape[0]), (0, 0)))
+        elif n_img_tokens:
+            raise ValueError(f"input_ids hold {n_img_tokens} image tokens but no pixel_values were given")
+        return pad, ids, am, positions, next_position, pv, layout
+
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               mm_token_type_ids=None, **unused):
+        """Logits [B, L, vocab] (float32 NumPy) for a batch as returned by the HF processor."""
+        del mm_token_type_ids, unused  # image tokens are found from input_ids, as HF does for images
+        pad, ids, am, positions, _, pv, layout = self._prepare(input_ids, attention_mask, pixel_values,
+                                                                image_grid_thw)
+        logits, _ = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
+                                  attn_impl=self.attn_impl)
+        return np.asarray(logits[:, pad:], np.float32)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, max_new_tokens: int = 32, **unused):
+        """Greedy generation with a KV cache; stops at ``<|im_end|>``. Returns new tokens [B, <=max_new]."""
+        del mm_token_type_ids, unused
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        new_b = bucket(max_new_tokens, 8)
+        pad, ids, am, positions, next_position, pv, layout = self._prepare(
+            input_ids, attention_mask, pixel_values, image_grid_thw)
+        L = ids.shape[1]
+        logits, cache = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
+                                      cache_len=L + new_b, attn_impl=self.attn_impl)
+        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        key_valid = np.pad(am, ((0, 0), (0, new_b)), constant_values=1)
+        out, steps = self._decode(self.params, self.config, first, cache, key_valid, next_position,
+                                  max_new_tokens, start=L, max_new_tokens=new_b, attn_impl=self.attn_impl)
+        return np.asarray(out[:, :int(steps)])
+
+
+def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
+                    attn_impl: str = "einsum") -> QwenVL:
+    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json); None = the embedded default."""
+    from qzoom_jax import hf_checkpoint
+
+    path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
+    config = QwenVLConfig.from_json_file(path)
+    params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh)
+    return QwenVL(config, params, attn_impl)

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="qzoom_jax",
+    version="0.1.0",
+    description="Q-Zoom (query-aware adaptive perception for Qwen-VL) in JAX/Flax, for TPU pods and GPU clusters",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["qzoom_jax", "qzoom_jax.*"]),
+    package_data={"qzoom_jax": ["assets/tiny_qwen2_5_vl/*"]},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "einops",
+        "ml-collections",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        # The numerical reference. torch is pinned to the CPU build this project tests against.
+        "test": ["pytest", "torch==2.13.0", "transformers==5.23.0"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)

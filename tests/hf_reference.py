@@ -1,0 +1,100 @@
+"""Tiny random Qwen2.5-VL models built with `transformers` (the numerical reference) and copied into JAX."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.hf_checkpoint import params_from_state_dict
+from qzoom_jax.models.vlm import QwenVL
+
+VOCAB = 320
+IDS = dict(image_token_id=310, video_token_id=311, vision_start_token_id=308, vision_end_token_id=309,
+           bos_token_id=300, eos_token_id=301, pad_token_id=300)
+
+# Three shapes that differ in hidden size, heads / KV heads, mrope_section, vision depth, window size and the
+# full-attention block indexes (and one has tied embeddings, like Qwen2.5-VL-3B).
+TINY_CONFIGS = {
+    "gqa2_win112": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=112,
+                    fullatt_block_indexes=[1]),
+        tie=False),
+    "gqa3_win56": dict(
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=3, mrope_section=[4, 2, 2]),
+        vision=dict(depth=3, hidden_size=48, intermediate_size=80, num_heads=4, window_size=56,
+                    fullatt_block_indexes=[0, 2]),
+        tie=False),
+    "mha_win224_tied": dict(
+        text=dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=8, mrope_section=[2, 2, 4]),
+        vision=dict(depth=4, hidden_size=64, intermediate_size=96, num_heads=4, window_size=224,
+                    fullatt_block_indexes=[3]),
+        tie=True),
+}
+
+
+def hf_config(name: str) -> transformers.Qwen2_5_VLConfig:
+    spec = TINY_CONFIGS[name]
+    t = dict(spec["text"])
+    mrope = t.pop("mrope_section")
+    text_config = dict(vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       bos_token_id=IDS["bos_token_id"], eos_token_id=IDS["eos_token_id"],
+                       pad_token_id=IDS["pad_token_id"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}, **t)
+    vision_config = dict(out_hidden_size=t["hidden_size"], patch_size=14, spatial_merge_size=2,
+                         temporal_patch_size=2, in_channels=3, tokens_per_second=2, hidden_act="silu",
+                         **spec["vision"])
+    return transformers.Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config,
+                                         tie_word_embeddings=spec["tie"], **IDS)
+
+
+def tiny_pair(name: str, seed: int = 0, init_scale: float = 4.0):
+    """(HF model in eval mode, eager attention, float32; our QwenVL with the same weights).
+
+    Weights are scaled up from HF's N(0, 0.02) init so logits are O(1) and greedy choices are not near-ties.
+    """
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval()
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if p.ndim > 1:
+                p.mul_(init_scale)
+    config = QwenVLConfig.from_dict(hf.config.to_dict())
+    params = params_from_state_dict(hf.state_dict(), config)
+    return hf, QwenVL(config, params)
+
+
+def prompt_ids(rng: np.random.Generator, n_text: int, image_tokens=()) -> list[int]:
+    """A chat-like prompt: text, then per image <vs> <image_pad>*n <ve>, then text, ending in text."""
+    ids = list(rng.integers(0, 290, n_text))
+    for n in image_tokens:
+        ids += [IDS["vision_start_token_id"]] + [IDS["image_token_id"]] * n + [IDS["vision_end_token_id"]]
+        ids += list(rng.integers(0, 290, 3))
+    return ids
+
+
+def batch(rows: list[list[int]], padding_side: str = "left"):
+    """input_ids / attention_mask / mm_token_type_ids as the HF processor pads them."""
+    L = max(len(r) for r in rows)
+    ids = np.full((len(rows), L), IDS["pad_token_id"], np.int64)
+    mask = np.zeros((len(rows), L), np.int64)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    return dict(input_ids=ids, attention_mask=mask,
+                mm_token_type_ids=(ids == IDS["image_token_id"]).astype(np.int64))
+
+
+def random_pixels(rng: np.random.Generator, grids, patch_dim: int = 1176) -> np.ndarray:
+    n = int(sum(t * h * w for t, h, w in grids))
+    return rng.standard_normal((n, patch_dim)).astype(np.float32)
+
+
+def to_torch(inputs: dict) -> dict:
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}

@@ -1,0 +1,92 @@
+"""config.json in the two layouts found in the wild, Q-Zoom keys, and clear errors."""
+
+import json
+
+import pytest
+import transformers
+
+from qzoom_jax.config import ConfigError, QwenVLConfig
+
+# The official Qwen2.5-VL-7B-Instruct config.json (transformers-4.x flat layout), values from reference §1.1.
+OFFICIAL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+    "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+}
+
+
+def test_official_flat_layout():
+    c = QwenVLConfig.from_dict(OFFICIAL_7B)
+    assert (c.text.hidden_size, c.text.num_hidden_layers, c.text.num_attention_heads,
+            c.text.num_key_value_heads, c.text.head_dim, c.text.vocab_size) == (3584, 28, 28, 4, 128, 152064)
+    assert c.text.mrope_section == (16, 24, 24) and c.text.rope_theta == 1e6 and not c.text.tie_word_embeddings
+    assert c.vision.fullatt_block_indexes == (7, 15, 23, 31) and c.vision.out_hidden_size == 3584
+    assert c.vision.in_channels == 3 and c.vision.window_size == 112 and c.vision.head_dim == 80
+    assert (c.image_token_id, c.vision_start_token_id, c.vision_end_token_id, c.eos_token_id) == (
+        151655, 151652, 151653, 151645)
+
+
+def test_nested_v5_layout_equals_flat():
+    """transformers 5 re-serialises the official config with text_config / rope_parameters: same model."""
+    nested = transformers.Qwen2_5_VLConfig(**OFFICIAL_7B).to_dict()
+    assert "text_config" in nested and "rope_parameters" in nested["text_config"]
+    assert QwenVLConfig.from_dict(nested) == QwenVLConfig.from_dict(OFFICIAL_7B)
+
+
+def test_write_read_round_trip_and_transformers_reads_it(tmp_path):
+    c = QwenVLConfig.from_dict(OFFICIAL_7B)
+    (tmp_path / "config.json").write_text(json.dumps(c.to_hf_dict()))
+    assert QwenVLConfig.from_json_file(tmp_path) == c
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.text_config.hidden_size == 3584 and hf.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    assert hf.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+def test_tied_flag_in_either_place():
+    assert QwenVLConfig.from_dict({**OFFICIAL_7B, "tie_word_embeddings": True}).text.tie_word_embeddings
+    nested = transformers.Qwen2_5_VLConfig(**{**OFFICIAL_7B, "tie_word_embeddings": True}).to_dict()
+    assert QwenVLConfig.from_dict(nested).text.tie_word_embeddings
+
+
+def test_qzoom_keys_are_kept():
+    raw = {**OFFICIAL_7B, "enable_twig": True, "twig_K": 18, "twig_T": 3, "roi_source": "qk",
+           "enable_high_res": True, "reuse_src_pos": True, "add_noise_to_roi": False}
+    q = QwenVLConfig.from_dict(raw).qzoom
+    assert (q.enable_twig, q.twig_K, q.twig_T, q.enable_high_res, q.reuse_src_pos) == (True, 18, 3, True, True)
+    assert q.high_res_K is None and q.high_res_thresh == 0.1  # upstream defaults when absent
+    assert QwenVLConfig.from_dict(raw).to_hf_dict()["twig_K"] == 18
+
+
+def test_unknown_model_type_names_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_7B, "model_type": "llava"}))
+    with pytest.raises(ConfigError, match=r"unknown model_type 'llava'.*qwen2_5_vl"):
+        QwenVLConfig.from_json_file(tmp_path)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"vision_config": None}, "vision_config"),
+    ({"rope_scaling": {"type": "mrope"}}, "mrope_section"),
+    ({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 16]}}, r"mrope_section \[16, 24, 16\]"),
+])
+def test_bad_configs_name_the_key(broken, message):
+    with pytest.raises(ConfigError, match=message):
+        QwenVLConfig.from_dict({**OFFICIAL_7B, **broken})
+
+
+def test_missing_key_and_missing_file(tmp_path):
+    raw = dict(OFFICIAL_7B)
+    del raw["hidden_size"]
+    with pytest.raises(ConfigError, match="'hidden_size'"):
+        QwenVLConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match="no config.json"):
+        QwenVLConfig.from_json_file(tmp_path / "nowhere")

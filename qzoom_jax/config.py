@@ -155,8 +155,11 @@ class QwenVLConfig:
         return cls.from_dict(raw, source=path)
 
     # ------------------------------------------------------------------ writing
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The official transformers-4.x flat layout (what the released Qwen2.5-VL checkpoints ship)."""
+    def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The official transformers-4.x flat layout (what the released Qwen2.5-VL checkpoints ship).
+
+        ``torch_dtype`` should name the dtype the tensors are saved in (HF loads with ``dtype="auto"`` from it).
+        """
         t, v = self.text, self.vision
         return {
             "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -178,7 +181,7 @@ class QwenVLConfig:
             "max_window_layers": t.num_hidden_layers,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
-            "torch_dtype": "bfloat16",
+            "torch_dtype": torch_dtype,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,

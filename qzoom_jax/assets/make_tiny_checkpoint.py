@@ -1,0 +1,53 @@
+"""Write the embedded tiny Qwen2.5-VL checkpoint (HF layout) that every entry point runs on by default.
+
+    python -m qzoom_jax.assets.make_tiny_checkpoint [--out DIR]
+
+Random weights (``init_params`` with PRNGKey(0)) in the real architecture, a few MB in float32, with the tiny
+tokenizer and image processor config. Re-running writes identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+
+from qzoom_jax.config import QwenVLConfig, TextConfig, VisionConfig
+from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids, write_tiny_tokenizer
+from qzoom_jax.hf_checkpoint import save_params
+from qzoom_jax.models.vlm import init_params
+
+DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "tiny_qwen2_5_vl")
+
+
+def tiny_config() -> QwenVLConfig:
+    ids = tiny_special_token_ids()
+    vocab = -(-ids.pop("vocab_size") // 64) * 64  # round up: embedding rows divide any small mesh axis
+    text = TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, mrope_section=(4, 6, 6),
+                      tie_word_embeddings=False)
+    vision = VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          fullatt_block_indexes=(1, 3), out_hidden_size=text.hidden_size)
+    return QwenVLConfig(text=text, vision=vision, **ids)
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike = DEFAULT_OUT) -> str:
+    config = tiny_config()
+    write_tiny_tokenizer(out_dir)
+    params = init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    save_params(params, config, out_dir, dtype="float32")
+    return os.fspath(out_dir)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    out = make_tiny_checkpoint(parser.parse_args(argv).out)
+    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The public API end to end on the embedded default, against transformers loading the same directory."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import qzoom_jax
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    proc = qzoom_jax.Processor.from_pretrained(qzoom_jax.EMBEDDED_DEFAULT)
+    rng = np.random.default_rng(0)
+    # 308x420 and 140x560 px (W x H): 22x30 and 40x10 patch grids under the tiny budget.
+    images = [Image.fromarray(rng.integers(0, 255, (420, 308, 3), np.uint8)),
+              Image.fromarray(rng.integers(0, 255, (140, 560, 3), np.uint8))]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": q}]}]) for q in ("What is in the picture?", "Color?")]
+    return proc, proc(images=images, text=prompts)
+
+
+def test_embedded_default_matches_transformers(inputs):
+    proc, batch = inputs
+    assert batch["image_grid_thw"].tolist() == [[1, 30, 22], [1, 10, 40]]
+    model = qzoom_jax.load_pretrained()  # no path: the embedded default
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        qzoom_jax.EMBEDDED_DEFAULT, dtype=torch.float32, attn_implementation="eager").eval()
+    torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        ref = hf(**torch_batch).logits.numpy()
+        ref_tokens = hf.generate(**torch_batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    got = model.logits(**batch)
+    valid = batch["attention_mask"].astype(bool)
+    err = np.abs(got - ref)[valid].max() / np.abs(ref[valid]).max()
+    print(f"embedded default: max|dlogits|/max|logits| = {err:.2e}")
+    assert err <= 1e-4
+    tokens = model.generate(**batch, max_new_tokens=8)
+    np.testing.assert_array_equal(tokens, ref_tokens.numpy())
+    assert len(proc.batch_decode(tokens, skip_special_tokens=True)) == 2
+
+
+def test_bf16_load_runs_close_to_float32(inputs):
+    _, batch = inputs
+    f32 = qzoom_jax.load_pretrained(dtype="float32").logits(**batch)
+    bf16 = qzoom_jax.load_pretrained(dtype="bfloat16")
+    assert bf16.params["model"]["embed_tokens"]["embedding"].dtype == np.dtype("bfloat16")
+    got = bf16.logits(**batch)
+    valid = batch["attention_mask"].astype(bool)
+    assert np.abs(got - f32)[valid].max() <= 0.05 * np.abs(f32[valid]).max()

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2.5-VL checkpoints <-> our param pytree (layout in notes/PARAMS.md).
+"""Hugging Face Qwen2.5-VL checkpoints <-> our param pytree (layout in WORKSPACE.md, "Conventions").
 
 Everything goes through ONE table, :func:`checkpoint_table`: for every tensor of the official checkpoint
 (transformers-4.x names) it says which leaf of our pytree it becomes, at which layer index of a stacked leaf,

@@ -56,6 +56,21 @@ class GatedMLP(nn.Module):
         return dense(x.shape[-1], "down_proj")(h)
 
 
+def hf_init(shapes, key, leading: tuple[int, ...] = ()):
+    """Random params of the given shapes (a tree of ShapeDtypeStruct), as transformers initialises Qwen2.5-VL:
+    kernels and embeddings N(0, 0.02), norm scales 1, biases 0. ``leading`` prepends dims (a layer axis)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(path, leaf, k):
+        shape, name = tuple(leading) + tuple(leaf.shape), path[-1].key
+        if name in ("kernel", "embedding"):
+            return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(leaf.dtype)
+        return (jnp.ones if name == "scale" else jnp.zeros)(shape, leaf.dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [one(p, l, k) for (p, l), k in zip(leaves, keys)])
+
+
 def rotate_half(x):
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

@@ -15,7 +15,7 @@ import flax.linen as nn
 
 from qzoom_jax.config import TextConfig
 from qzoom_jax.models.attention import attention
-from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, scan_layers
+from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, hf_init, scan_layers
 
 
 class KVCache(NamedTuple):
@@ -70,40 +70,24 @@ class DecoderLayer(nn.Module):
 
 
 def init_layers(cfg: TextConfig, rng, num_layers: int, dtype=jnp.float32):
-    """Stacked params of ``num_layers`` decoder layers (leading layer axis), HF-like init (N(0, 0.02))."""
-    layer = DecoderLayer(cfg, dtype)
+    """Stacked params of ``num_layers`` decoder layers (leading layer axis), HF-like init."""
     x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
     cos = sin = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
     mask = jnp.ones((1, 1, 1, 1), bool)
-
-    def one(key):
-        params = layer.init(key, x, cos, sin, mask)["params"]
-        return _hf_init(params, key)
-
-    return jax.vmap(one)(jax.random.split(rng, num_layers))
+    shapes = jax.eval_shape(lambda: DecoderLayer(cfg, dtype).init(jax.random.key(0), x, cos, sin, mask))["params"]
+    return hf_init(shapes, rng, leading=(num_layers,))
 
 
 def init_text_params(cfg: TextConfig, rng, dtype=jnp.float32):
-    k_emb, k_layers, k_head = jax.random.split(rng, 3)
-    params = {
-        "embed_tokens": {"embedding": 0.02 * jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden_size), dtype)},
-        "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype),
-        "norm": {"scale": jnp.ones((cfg.hidden_size,), dtype)},
-    }
-    lm_head = None if cfg.tie_word_embeddings else {
-        "kernel": 0.02 * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), dtype)}
-    return params, lm_head
-
-
-def _hf_init(params, key):
-    """Kernels ~ N(0, 0.02), biases 0, norm scales 1 (transformers' Qwen2.5-VL init)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, leaf), k in zip(leaves, keys):
-        name = path[-1].key
-        out.append(0.02 * jax.random.normal(k, leaf.shape, leaf.dtype) if name == "kernel" else leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """(the ``"model"`` subtree, the ``"lm_head"`` subtree or None when embeddings are tied)."""
+    k_layers, k_rest = jax.random.split(rng)
+    shape = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+    rest = hf_init({"embed_tokens": {"embedding": shape(cfg.vocab_size, cfg.hidden_size)},
+                    "norm": {"scale": shape(cfg.hidden_size)},
+                    "lm_head": {"kernel": shape(cfg.hidden_size, cfg.vocab_size)}}, k_rest)
+    lm_head = None if cfg.tie_word_embeddings else rest.pop("lm_head")
+    rest.pop("lm_head", None)
+    return {**rest, "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype)}, lm_head
 
 
 def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,

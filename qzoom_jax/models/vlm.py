@@ -2,7 +2,7 @@
 
 ``QwenVL`` holds a config and a param pytree and takes exactly what the HF Qwen2.5-VL processor returns
 (NumPy arrays). Host-side work (3-D positions, vision window layout, bucket padding) happens in NumPy; the
-numerical work runs in a few jitted pure functions whose shapes are padded to power-of-two buckets, so
+numerical work runs in a few jitted pure functions whose shapes are padded to buckets (``buckets.bucket``), so
 repeated calls with similar inputs do not recompile.
 """
 
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qzoom_jax.buckets import bucket
 from qzoom_jax.config import QwenVLConfig
 from qzoom_jax.models import text as text_lib
 from qzoom_jax.models import vision as vision_lib
@@ -43,11 +44,6 @@ def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
     if lm_head is not None:
         params["lm_head"] = lm_head
     return params
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= n (and >= minimum): the padded size that keys a compilation."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------- pure functions

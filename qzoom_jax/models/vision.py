@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qzoom_jax.buckets import bucket, pow2
 from qzoom_jax.config import VisionConfig
 from qzoom_jax.models import attention as attn_lib
-from qzoom_jax.buckets import bucket, pow2
 from qzoom_jax.models import layers
 from qzoom_jax.models.layers import hf_init
 

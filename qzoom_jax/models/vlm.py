@@ -69,7 +69,8 @@ def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, 
             layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
     """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).
 
-    With ``cache_len`` the keys/values of every layer are written into a fresh cache of that length.
+    With ``cache_len`` (generation) the keys/values of every layer are written into a fresh cache of that
+    length and only the last position's logits are computed ([B, 1, V]).
     """
     dtype = params["model"]["embed_tokens"]["embedding"].dtype
     feats = None
@@ -87,7 +88,7 @@ def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, 
     mask = text_lib.causal_mask(key_valid, L)
     h, cache = text_lib.run_layers(params["model"]["layers"], t, x, cos, sin, mask, cache, 0, dtype=dtype,
                                    attn_impl=attn_impl)
-    return lm_logits(params, config, h), cache
+    return lm_logits(params, config, h if cache is None else h[:, -1:]), cache
 
 
 def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, next_position, limit, start: int,

@@ -98,3 +98,25 @@ def random_pixels(rng: np.random.Generator, grids, patch_dim: int = 1176) -> np.
 
 def to_torch(inputs: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+
+
+def official_config(size: str) -> dict:
+    """config.json of Qwen2.5-VL-{3B,7B}-Instruct, the values of reference §1.1 (4.x flat layout)."""
+    text = {
+        "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                   num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=70),
+        "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                   num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, max_window_layers=28),
+    }[size]
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **text,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "hidden_act": "silu",
+        "sliding_window": 32768, "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                          "in_chans": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                          "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                          "hidden_act": "silu", "out_hidden_size": text["hidden_size"]},
+    }

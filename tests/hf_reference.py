@@ -38,9 +38,12 @@ TINY_CONFIGS = {
 }
 
 
-def hf_config(name: str) -> transformers.Qwen2_5_VLConfig:
+def hf_config(name: str, text_layers: int | None = None) -> transformers.Qwen2_5_VLConfig:
+    """``text_layers`` overrides the decoder depth (the twig tests need a deeper stack)."""
     spec = TINY_CONFIGS[name]
     t = dict(spec["text"])
+    if text_layers is not None:
+        t["num_hidden_layers"] = text_layers
     mrope = t.pop("mrope_section")
     text_config = dict(vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=4096,
                        bos_token_id=IDS["bos_token_id"], eos_token_id=IDS["eos_token_id"],
@@ -53,13 +56,13 @@ def hf_config(name: str) -> transformers.Qwen2_5_VLConfig:
                                          tie_word_embeddings=spec["tie"], **IDS)
 
 
-def tiny_pair(name: str, seed: int = 0, init_scale: float = 4.0):
+def tiny_pair(name: str, seed: int = 0, init_scale: float = 4.0, text_layers: int | None = None):
     """(HF model in eval mode, eager attention, float32; our QwenVL with the same weights).
 
     Weights are scaled up from HF's N(0, 0.02) init so logits are O(1) and greedy choices are not near-ties.
     """
     torch.manual_seed(seed)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval()
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(name, text_layers)).eval()
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         for n, p in hf.named_parameters():

@@ -65,12 +65,13 @@ def lm_logits(params, config: QwenVLConfig, h):
     return h @ params["model"]["embed_tokens"]["embedding"].T  # tied embeddings (Qwen2.5-VL-3B)
 
 
-def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None,
-            layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
-    """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).
+def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None, layout=None,
+          num_layers: int | None = None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
+    """Vision + embed + decoder layers ``[:num_layers]`` (all when None), without the final norm.
 
-    With ``cache_len`` (generation) the keys/values of every layer are written into a fresh cache of that
-    length and only the last position's logits are computed ([B, 1, V]).
+    Returns ``(h [B, L, D], cos, sin, mask, cache)``: the hidden states after those layers, the M-RoPE tables and
+    the boolean causal mask they used (so a branch such as the Q-Zoom twig can continue from layer K with the
+    same positions and mask), and the KV cache of those layers (None without ``cache_len``).
     """
     dtype = params["model"]["embed_tokens"]["embedding"].dtype
     feats = None
@@ -79,15 +80,30 @@ def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, 
                                          attn_impl=attn_impl)
     x = embed(params, config, input_ids, feats)
     t = config.text
+    n = t.num_hidden_layers if num_layers is None else num_layers
     cos, sin = mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
     B, L = input_ids.shape
     cache, key_valid = None, attention_mask
     if cache_len is not None:
-        cache = text_lib.KVCache.zeros(t, t.num_hidden_layers, B, cache_len, dtype)
+        cache = text_lib.KVCache.zeros(t, n, B, cache_len, dtype)
         key_valid = jnp.pad(attention_mask, ((0, 0), (0, cache_len - L)))
     mask = text_lib.causal_mask(key_valid, L)
-    h, cache = text_lib.run_layers(params["model"]["layers"], t, x, cos, sin, mask, cache, 0, dtype=dtype,
-                                   attn_impl=attn_impl)
+    layers = params["model"]["layers"]
+    if n != t.num_hidden_layers:
+        layers = jax.tree_util.tree_map(lambda a: a[:n], layers)
+    h, cache = text_lib.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=dtype, attn_impl=attn_impl)
+    return h, cos, sin, mask, cache
+
+
+def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None,
+            layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
+    """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).
+
+    With ``cache_len`` (generation) the keys/values of every layer are written into a fresh cache of that
+    length and only the last position's logits are computed ([B, 1, V]).
+    """
+    h, _, _, _, cache = trunk(params, config, input_ids, attention_mask, positions, pixel_values, layout,
+                              cache_len=cache_len, attn_impl=attn_impl)
     return lm_logits(params, config, h if cache is None else h[:, -1:]), cache
 
 

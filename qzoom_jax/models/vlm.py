@@ -9,7 +9,6 @@ repeated calls with similar inputs do not recompile.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax

@@ -14,6 +14,7 @@ warm-up (JAX compile time is reported separately). The comparison needs ``transf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -95,7 +96,7 @@ def bench_generate(hf, ours, inputs, args):
     torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
     n = args.new_tokens
     eos = -1  # never stop early, so both produce exactly n tokens
-    ours_noeos = type(ours)(__import__("dataclasses").replace(ours.config, eos_token_id=eos), ours.params)
+    ours_noeos = type(ours)(dataclasses.replace(ours.config, eos_token_id=eos), ours.params)
     jax_first, jax_t = _time(lambda: ours_noeos.generate(**inputs, max_new_tokens=n), args.repeats)
     with torch.no_grad():
         _, torch_t = _time(lambda: hf.generate(**torch_inputs, max_new_tokens=n, min_new_tokens=n,

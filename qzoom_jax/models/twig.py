@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qzoom_jax.config import QwenVLConfig, TextConfig
+from qzoom_jax.config import TextConfig
 from qzoom_jax.models import text as text_lib
 from qzoom_jax.models import vlm as vlm_lib
 from qzoom_jax.models.layers import RMSNorm, apply_rotary
@@ -33,17 +33,6 @@ def init_twig_params(base_layers, K: int, T: int):
         raise ValueError(f"twig needs 1 <= K and 1 <= T and K + T <= depth; got K={K}, T={T}, depth={depth}")
     # jnp.array copies, so training the twig never aliases the (frozen) base weights.
     return jax.tree_util.tree_map(lambda a: jnp.array(a[K:K + T]), base_layers)
-
-
-def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values, layout, K: int, *,
-          attn_impl: str = "einsum"):
-    """H_K (output of base layers 0..K-1, no final norm), cos, sin and the boolean causal mask [B, 1, L, L]."""
-    depth = config.text.num_hidden_layers
-    if not 1 <= K <= depth:
-        raise ValueError(f"branch layer K={K} outside 1..{depth}")
-    h, cos, sin, mask, _ = vlm_lib.trunk(params, config, input_ids, attention_mask, positions, pixel_values,
-                                         layout, num_layers=K, attn_impl=attn_impl)
-    return h, cos, sin, mask
 
 
 def roi_logits(twig_params, text_config: TextConfig, h_k, cos, sin, mask, query_index, image_mask, *,
@@ -88,16 +77,17 @@ def grid_map(logits_row, image_mask_row, h: int, w: int, first: int = 0):
 
 @functools.partial(jax.jit, static_argnames=("config", "K", "attn_impl"))
 def _roi_forward(params, twig_params, config, ids, am, positions, pv, layout, query_index, K, attn_impl):
-    h, cos, sin, mask = trunk(params, config, ids, am, positions, pv, layout, K, attn_impl=attn_impl)
+    h, cos, sin, mask, _ = vlm_lib.trunk(params, config, ids, am, positions, pv, layout, num_layers=K,
+                                         attn_impl=attn_impl)
     return roi_logits(twig_params, config.text, h, cos, sin, mask, query_index, ids == config.image_token_id,
                       attn_impl=attn_impl)
 
 
 def roi_map(model: vlm_lib.QwenVL, twig_params, K: int, input_ids, attention_mask=None, pixel_values=None,
-            image_grid_thw=None, **unused) -> list:
+            image_grid_thw=None, mm_token_type_ids=None) -> list:
     """Inference RoI maps from HF-processor arrays: per sample the [h, w] float32 logit map of its first image
     (None for a sample without images), queried at the last valid prompt token."""
-    del unused
+    del mm_token_type_ids
     cfg = model.config
     _, ids, am, positions, _, pv, layout = model._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     L = ids.shape[1]

@@ -72,14 +72,16 @@ def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pi
     the boolean causal mask they used (so a branch such as the Q-Zoom twig can continue from layer K with the
     same positions and mask), and the KV cache of those layers (None without ``cache_len``).
     """
+    t = config.text
+    n = t.num_hidden_layers if num_layers is None else num_layers
+    if not 1 <= n <= t.num_hidden_layers:
+        raise ValueError(f"num_layers={n} outside 1..{t.num_hidden_layers}")
     dtype = params["model"]["embed_tokens"]["embedding"].dtype
     feats = None
     if pixel_values is not None:
         feats = vision_lib.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout,
                                          attn_impl=attn_impl)
     x = embed(params, config, input_ids, feats)
-    t = config.text
-    n = t.num_hidden_layers if num_layers is None else num_layers
     cos, sin = mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
     B, L = input_ids.shape
     cache, key_valid = None, attention_mask
@@ -184,9 +186,9 @@ class QwenVL:
         return pad, ids, am, positions, next_position, pv, layout
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-               mm_token_type_ids=None, **unused):
+               mm_token_type_ids=None):
         """Logits [B, L, vocab] (float32 NumPy) for a batch as returned by the HF processor."""
-        del mm_token_type_ids, unused  # image tokens are found from input_ids, as HF does for images
+        del mm_token_type_ids  # image tokens are found from input_ids, as HF does for images
         pad, ids, am, positions, _, pv, layout = self._prepare(input_ids, attention_mask, pixel_values,
                                                                 image_grid_thw)
         logits, _ = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
@@ -194,9 +196,9 @@ class QwenVL:
         return np.asarray(logits[:, pad:], np.float32)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, max_new_tokens: int = 32, **unused):
+                 mm_token_type_ids=None, max_new_tokens: int = 32):
         """Greedy generation with a KV cache; stops at ``<|im_end|>``. Returns new tokens [B, <=max_new]."""
-        del mm_token_type_ids, unused
+        del mm_token_type_ids
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         new_b = bucket(max_new_tokens, 8)

@@ -13,7 +13,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_mod
 
-from qzoom_jax.models import twig
+from qzoom_jax.models import twig, vlm
 from tests.hf_reference import IDS, batch, prompt_ids, random_pixels, tiny_pair, to_torch
 
 GRIDS = [(1, 22, 30), (1, 10, 40)]
@@ -81,7 +81,7 @@ def hf_reference(hf, torch_layers, inputs):
 def ours_forward(ours, twig_params, inputs):
     pad, ids, am, positions, _, pv, layout = ours._prepare(inputs["input_ids"], inputs["attention_mask"],
                                                            inputs["pixel_values"], inputs["image_grid_thw"])
-    h, cos, sin, mask = twig.trunk(ours.params, ours.config, ids, am, positions, pv, layout, K)
+    h, cos, sin, mask, _ = vlm.trunk(ours.params, ours.config, ids, am, positions, pv, layout, num_layers=K)
     qi = jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32)
     img = jnp.asarray(ids == ours.config.image_token_id)
     return pad, np.asarray(h), (h, cos, sin, mask, qi, img)
@@ -120,7 +120,7 @@ def test_init_twig_params_copies_layers(setup):
     with pytest.raises(ValueError, match="K=3, T=3, depth=5"):
         twig.init_twig_params(layers, 3, 3)
     with pytest.raises(ValueError, match="outside"):
-        twig.trunk(ours.params, ours.config, None, None, None, None, None, DEPTH + 1)
+        vlm.trunk(ours.params, ours.config, None, None, None, None, None, num_layers=DEPTH + 1)
 
 
 def test_gradients_reach_exactly_the_used_params(setup):

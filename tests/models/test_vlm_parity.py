@@ -1,9 +1,12 @@
 """Parity of the full model (vision + splice + decoder + lm_head, and greedy generation) with transformers."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from qzoom_jax.models.vlm import QwenVL
 from tests.hf_reference import TINY_CONFIGS, IDS, batch, prompt_ids, random_pixels, tiny_pair, to_torch
 
 # Two images of different odd sizes: 308x420 px -> 22x30 patches, 140x560 px -> 10x40 patches.
@@ -88,6 +91,4 @@ def test_generation_stops_at_eos(pair):
 
 
 def _with_eos(model, eos):
-    import dataclasses
-    from qzoom_jax.models.vlm import QwenVL
     return QwenVL(dataclasses.replace(model.config, eos_token_id=eos), model.params)

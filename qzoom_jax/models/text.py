@@ -34,6 +34,7 @@ class Attention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     attn_impl: str = "einsum"
+    sow_probs: bool = False  # record the attention probabilities in "intermediates" (einsum path only)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
@@ -49,7 +50,11 @@ class Attention(nn.Module):
             k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
             kv, k, v = (k_all, v_all), k_all, v_all
-        out = attention(q, k, v, mask, impl=self.attn_impl)
+        if self.sow_probs:
+            out, probs = attention(q, k, v, mask, impl="einsum", return_probs=True)
+            self.sow("intermediates", "probs", probs)
+        else:
+            out = attention(q, k, v, mask, impl=self.attn_impl)
         return dense(c.hidden_size, False, "o_proj")(out.reshape(B, L, -1)), kv
 
 
@@ -57,11 +62,12 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     attn_impl: str = "einsum"
+    sow_probs: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
         c = self.cfg
-        h, kv = Attention(c, self.dtype, self.attn_impl, name="self_attn")(
+        h, kv = Attention(c, self.dtype, self.attn_impl, self.sow_probs, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, kv, cache_index)
         x = x + h
         y = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
@@ -105,6 +111,35 @@ def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache 
 
     x, new_kv = scan_layers(apply, layer_params, x, None if cache is None else tuple(cache), remat=remat)
     return x, (None if cache is None else KVCache(*new_kv))
+
+
+def run_layers_capturing(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache, cache_index,
+                         capture: tuple[int, ...], *, dtype=jnp.float32, attn_impl: str = "einsum"):
+    """``run_layers`` over the whole stack that also returns the attention probabilities of the layers in
+    ``capture`` (sorted layer indices): (x, cache, probs [len(capture), B, H, Lq, S] float32).
+
+    Only the captured layers take the einsum path (the one that materialises probabilities); the runs of layers
+    between them are ordinary scanned slices with ``attn_impl``.
+    """
+    depth = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+    if list(capture) != sorted(set(capture)) or not all(0 <= i < depth for i in capture):
+        raise ValueError(f"capture layers must be sorted, distinct and in 0..{depth - 1}; got {capture}")
+    probe = DecoderLayer(cfg, dtype, "einsum", sow_probs=True)
+    bounds = sorted({0, depth, *capture, *(i + 1 for i in capture)})
+    ks, vs, probs = [], [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        p, kv = jax.tree_util.tree_map(lambda t: t[a:b], (layer_params, tuple(cache)))
+        if a in capture:  # a single layer (b == a + 1)
+            (x, kv), state = probe.apply({"params": jax.tree_util.tree_map(lambda t: t[0], p)}, x, cos, sin, mask,
+                                         (kv[0][0], kv[1][0]), cache_index, mutable=["intermediates"])
+            probs.append(state["intermediates"]["self_attn"]["probs"][0])
+            kv = (kv[0][None], kv[1][None])
+        else:
+            x, kv = run_layers(p, cfg, x, cos, sin, mask, KVCache(*kv), cache_index, dtype=dtype,
+                               attn_impl=attn_impl)
+        ks.append(kv[0])
+        vs.append(kv[1])
+    return x, KVCache(jnp.concatenate(ks), jnp.concatenate(vs)), jnp.stack(probs)
 
 
 def causal_mask(key_valid, q_len: int, offset=0):

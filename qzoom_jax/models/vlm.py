@@ -47,11 +47,20 @@ def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------------------- pure functions
 def embed(params, config: QwenVLConfig, input_ids, image_features=None):
-    """Token embeddings with image features written, in order, at the ``<|image_pad|>`` positions."""
+    """Token embeddings with image features written, in order, at the ``<|image_pad|>`` positions.
+
+    ``image_features`` is [N, D] for the batch's images in order, or [B, N, D] with each row's own images
+    (a row then gathers from its own features only, so a batch-sharded input stays local to its devices).
+    """
     x = params["model"]["embed_tokens"]["embedding"][input_ids]
     if image_features is None:
         return x
-    is_img = (input_ids == config.image_token_id).reshape(-1)
+    is_img = input_ids == config.image_token_id
+    if image_features.ndim == 3:
+        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, image_features.shape[1] - 1)
+        feats = jnp.take_along_axis(image_features, idx[..., None], axis=1)
+        return jnp.where(is_img[..., None], feats.astype(x.dtype), x)
+    is_img = is_img.reshape(-1)
     idx = jnp.clip(jnp.cumsum(is_img) - 1, 0, image_features.shape[0] - 1)
     spliced = jnp.where(is_img[:, None], image_features[idx].astype(x.dtype), x.reshape(-1, x.shape[-1]))
     return spliced.reshape(x.shape)
@@ -72,27 +81,33 @@ def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pi
     the boolean causal mask they used (so a branch such as the Q-Zoom twig can continue from layer K with the
     same positions and mask), and the KV cache of those layers (None without ``cache_len``).
     """
+    feats = None
+    if pixel_values is not None:
+        dtype = params["model"]["embed_tokens"]["embedding"].dtype
+        feats = vision_lib.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout,
+                                         attn_impl=attn_impl)
+    x = embed(params, config, input_ids, feats)
+    return decoder_trunk(params, config, x, attention_mask, positions, num_layers, cache_len, attn_impl=attn_impl)
+
+
+def decoder_trunk(params, config: QwenVLConfig, x, attention_mask, positions, num_layers: int | None = None,
+                  cache_len: int | None = None, *, attn_impl: str = "einsum"):
+    """``trunk`` from the input embeddings ``x`` [B, L, D] on (image features already spliced in)."""
     t = config.text
     n = t.num_hidden_layers if num_layers is None else num_layers
     if not 1 <= n <= t.num_hidden_layers:
         raise ValueError(f"num_layers={n} outside 1..{t.num_hidden_layers}")
-    dtype = params["model"]["embed_tokens"]["embedding"].dtype
-    feats = None
-    if pixel_values is not None:
-        feats = vision_lib.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout,
-                                         attn_impl=attn_impl)
-    x = embed(params, config, input_ids, feats)
     cos, sin = mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
-    B, L = input_ids.shape
+    B, L = attention_mask.shape
     cache, key_valid = None, attention_mask
     if cache_len is not None:
-        cache = text_lib.KVCache.zeros(t, n, B, cache_len, dtype)
+        cache = text_lib.KVCache.zeros(t, n, B, cache_len, x.dtype)
         key_valid = jnp.pad(attention_mask, ((0, 0), (0, cache_len - L)))
     mask = text_lib.causal_mask(key_valid, L)
     layers = params["model"]["layers"]
     if n != t.num_hidden_layers:
         layers = jax.tree_util.tree_map(lambda a: a[:n], layers)
-    h, cache = text_lib.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=dtype, attn_impl=attn_impl)
+    h, cache = text_lib.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
     return h, cos, sin, mask, cache
 
 
@@ -109,37 +124,58 @@ def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, 
 
 
 def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, next_position, limit, start: int,
-                  max_new_tokens: int, *, attn_impl: str = "einsum"):
+                  max_new_tokens: int, image_index=None, *, capture: tuple[int, ...] = (), attn_impl: str = "einsum"):
     """Greedy decoding from a filled cache. Token t (t >= 1) is fed the previous token at 3-D position
     ``next_position + t - 1`` (same on t/h/w) and cache index ``start + t - 1``. Stops when every row has
     emitted ``eos`` or after ``limit`` tokens (traced, <= the static buffer size ``max_new_tokens``); later
-    tokens of a finished row are ``pad``. Returns (tokens [B, max_new_tokens], tokens produced).
+    tokens of a finished row are ``pad``.
+
+    ``capture`` (layer indices) with ``image_index`` [B, N] (cache indices of the image tokens): also average,
+    per row, the attention probabilities from each decode-step query to those keys, over the steps whose query
+    is one of the row's generated tokens 1..n-1 (the last token, usually eos, is never fed back; training
+    reference §1.2 step 5). Those layers alone take the einsum path.
+
+    Returns (tokens [B, max_new_tokens], tokens produced, attention [len(capture), B, H, N] float32 or None;
+    all zeros for a row that generated a single token).
     """
     t_cfg = config.text
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     B = first_token.shape[0]
     out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first_token)
+    n_img = 0 if image_index is None else image_index.shape[1]
+    acc = jnp.zeros((len(capture), B, t_cfg.num_attention_heads, n_img), jnp.float32)
 
     def cond(state):
-        step, _, _, done = state
+        step, _, _, done, _, _ = state
         return (step < limit) & ~jnp.all(done)
 
     def body(state):
-        step, out, cache, done = state
+        step, out, cache, done, acc, count = state
         prev = out[:, step - 1]
         x = embed(params, config, prev[:, None])
         pos = jnp.broadcast_to((next_position + step - 1).astype(jnp.float32)[None, :, None], (3, B, 1))
         cos, sin = mrope_tables(pos, t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
         mask = text_lib.causal_mask(key_valid, 1, start + step - 1)
-        h, cache = text_lib.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
-                                       start + step - 1, dtype=x.dtype, attn_impl=attn_impl)
+        if capture:
+            h, cache, probs = text_lib.run_layers_capturing(params["model"]["layers"], t_cfg, x, cos, sin, mask,
+                                                            cache, start + step - 1, capture, dtype=x.dtype,
+                                                            attn_impl=attn_impl)
+            on_image = jnp.take_along_axis(probs[:, :, :, 0], image_index[None, :, None, :], axis=-1)
+            acc = acc + jnp.where(done[None, :, None, None], 0.0, on_image)  # a finished row's query is pad
+        else:
+            h, cache = text_lib.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
+                                           start + step - 1, dtype=x.dtype, attn_impl=attn_impl)
+        count = count + (~done).astype(jnp.int32)
         tok = jnp.argmax(lm_logits(params, config, h)[:, -1], axis=-1).astype(jnp.int32)
         tok = jnp.where(done, pad, tok)
-        return step + 1, out.at[:, step].set(tok), cache, done | (tok == eos)
+        return step + 1, out.at[:, step].set(tok), cache, done | (tok == eos), acc, count
 
-    step, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, first_token == eos))
-    return out, step
+    init = (jnp.int32(1), out, cache, first_token == eos, acc, jnp.zeros((B,), jnp.int32))
+    step, out, _, _, acc, count = jax.lax.while_loop(cond, body, init)
+    if not capture:
+        return out, step, None
+    return out, step, acc / jnp.maximum(count, 1)[None, :, None, None].astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------- the model object
@@ -154,7 +190,8 @@ class QwenVL:
     def __post_init__(self):
         statics = dict(static_argnames=("config", "cache_len", "attn_impl"))
         self._prefill = jax.jit(prefill, **statics)
-        self._decode = jax.jit(greedy_decode, static_argnames=("config", "start", "max_new_tokens", "attn_impl"))
+        self._decode = jax.jit(greedy_decode, static_argnames=("config", "start", "max_new_tokens", "capture",
+                                                               "attn_impl"))
 
     def _prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw):
         """Left-pad the batch to a bucketed length and lay out the images; returns device-ready arrays."""
@@ -199,19 +236,51 @@ class QwenVL:
                  mm_token_type_ids=None, max_new_tokens: int = 32):
         """Greedy generation with a KV cache; stops at ``<|im_end|>``. Returns new tokens [B, <=max_new]."""
         del mm_token_type_ids
+        tokens, _ = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, ())
+        return tokens
+
+    def generate_with_attention(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                                mm_token_type_ids=None, *, capture_layers, max_new_tokens: int = 128):
+        """Greedy generation that also returns, for each layer in ``capture_layers``, every head's attention
+        probabilities from the generated tokens to the image tokens, averaged over decode steps as the Stage-1
+        teacher does (``greedy_decode``). Every row must hold the same number N of image tokens.
+
+        Returns (tokens [B, <=max_new], attention float32 [len(capture_layers), B, heads, N]).
+        """
+        del mm_token_type_ids
+        capture = tuple(sorted(set(int(i) for i in capture_layers)))
+        if not capture:
+            raise ValueError("capture_layers is empty")
+        tokens, attn = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
+                                      capture)
+        order = [capture.index(int(i)) for i in capture_layers]
+        return tokens, attn[np.asarray(order)]
+
+    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens: int,
+                  capture: tuple[int, ...]):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         new_b = bucket(max_new_tokens, 8)
         pad, ids, am, positions, next_position, pv, layout = self._prepare(
             input_ids, attention_mask, pixel_values, image_grid_thw)
+        image_index = None
+        if capture:
+            rows, cols = np.nonzero((ids == self.config.image_token_id) & (am != 0))
+            counts = np.bincount(rows, minlength=ids.shape[0])
+            if counts.min() == 0 or counts.min() != counts.max():
+                raise ValueError(f"attention capture needs the same number of image tokens in every row, got "
+                                 f"{counts.tolist()}")
+            image_index = cols.reshape(ids.shape[0], -1).astype(np.int32)
         L = ids.shape[1]
         logits, cache = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
                                       cache_len=L + new_b, attn_impl=self.attn_impl)
         first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         key_valid = np.pad(am, ((0, 0), (0, new_b)), constant_values=1)
-        out, steps = self._decode(self.params, self.config, first, cache, key_valid, next_position,
-                                  max_new_tokens, start=L, max_new_tokens=new_b, attn_impl=self.attn_impl)
-        return np.asarray(out[:, :int(steps)])
+        out, steps, attn = self._decode(self.params, self.config, first, cache, key_valid, next_position,
+                                        max_new_tokens, image_index=image_index, start=L, max_new_tokens=new_b,
+                                        capture=capture, attn_impl=self.attn_impl)
+        tokens = np.asarray(out[:, :int(steps)])
+        return tokens, (None if attn is None else np.asarray(attn, np.float32))
 
 
 def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,

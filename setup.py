@@ -21,6 +21,7 @@ setup(
         "numpy",
         "pillow",
         "safetensors",
+        "tensorboardX",
         "tokenizers",
         "tqdm",
     ],

@@ -1,0 +1,160 @@
+"""Training observability: scalars to ``metrics.jsonl`` and TensorBoard, and model FLOPs utilisation (MFU).
+
+MFU = FLOPs of one step, all devices together / (seconds per step · devices · peak FLOP/s of one device).
+The FLOPs come from XLA's cost analysis of the compiled step. Under ``jit`` with shardings XLA compiles one
+SPMD-partitioned program that every device runs, and ``Compiled.cost_analysis()`` describes that program: it
+reports FLOPs **per device** (jax 0.10.2, checked with 8 host devices: a matmul split 8 ways over its rows
+reports 2·M·N·K / 8). :func:`step_flops` therefore multiplies by the number of devices the executable runs on
+and returns the total, which is what :func:`mfu` expects. Counting the compiled program has caveats: work
+replicated on several devices and recomputed (rematerialised) activations count every time they run, while
+custom calls (cuDNN attention, Pallas kernels) are invisible to XLA's cost model and count nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+from tensorboardX import SummaryWriter
+
+# Dense (no sparsity) bf16 peak FLOP/s of one TPU chip, by exact `device.device_kind`: a substring match would
+# take "TPU v4 lite" (an inference chip) for a v4, or "TPU v5 lite" (v5e) for a v5p, whose kind is "TPU v5".
+_TPU_PEAK_BF16 = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+# NVIDIA kinds carry memory and form factor ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"): matched by
+# substring, the lower-clocked PCIe / NVL variants first.
+_GPU_PEAK_BF16 = (
+    ("H100 PCIe", 756.5e12),
+    ("H100 NVL", 835.5e12),
+    ("H200 NVL", 835.5e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+)
+
+
+class MetricsWriter:
+    """Appends ``{"step": step, **metrics}`` to ``workdir/metrics.jsonl`` and the same scalars to TensorBoard.
+
+    Only one process should write a run's metrics, so by default only process 0 is enabled; the others get a
+    writer that does nothing, and callers need no ``if``. ``workdir`` is a local (or mounted) directory.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = Path(workdir)
+        self.jsonl_path = self.workdir / "metrics.jsonl"
+        self._tensorboard: SummaryWriter | None = None  # opened on the first write (see truncate_after)
+        self._purge_step: int | None = None
+        if self.enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records scalar ``metrics`` (Python, NumPy or 0-d JAX numbers) of ``step``; flushed when this returns."""
+        if not self.enabled:
+            return
+        if "step" in metrics:
+            raise ValueError("metrics may not contain a 'step' key: the step is given separately")
+        step = int(step)
+        scalars = {name: _scalar(name, value) for name, value in metrics.items()}
+        # Opened per call, so every line is flushed and closed before the next training step, and a crash loses
+        # at most the line being written (truncate_after drops such a partial line).
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self._tensorboard is None:
+            # tensorboardX names a file by the second and the host only, so a second writer in the same second
+            # would truncate the first one's file; the nanosecond suffix keeps names unique and in time order.
+            suffix = f".{time.time_ns()}"
+            self._tensorboard = SummaryWriter(str(self.workdir), purge_step=self._purge_step, filename_suffix=suffix)
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Forgets everything logged after ``step``; call it when resuming from the checkpoint of ``step``.
+
+        The JSONL file is rewritten without those lines. TensorBoard event files are append-only, so the next
+        event file starts with a restart marker at ``step + 1`` (tensorboardX ``purge_step``), which makes
+        TensorBoard hide the older events from that step on.
+        """
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        self._purge_step = step + 1
+        if not self.jsonl_path.exists():
+            return
+        kept = [line for line in self.jsonl_path.read_text().splitlines() if _logged_step(line) <= step]
+        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.jsonl_path)  # atomic: a crash here leaves the old file or the new, never half
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard file (the JSONL file is never held open)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _scalar(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {name!r} must be a scalar number, got {type(value).__name__}: {e}") from e
+
+
+def _logged_step(line: str) -> float:
+    # A line cut short by a crash has no step to keep it by: treat it as after every step, so it is dropped.
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def step_flops(compiled: jax.stages.Compiled) -> float | None:
+    """Total FLOPs of one call of ``compiled`` (``jax.jit(f).lower(...).compile()``), summed over its devices.
+
+    None when the backend gives no cost analysis or no FLOP count. See the module docstring for the convention.
+    """
+    cost = compiled.cost_analysis()
+    # Older jax returns a list with one dict per HLO module, newer jax the dict itself.
+    entries = cost if isinstance(cost, (list, tuple)) else [cost]
+    flops = [entry["flops"] for entry in entries if entry and "flops" in entry]
+    if not flops:
+        return None
+    shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
+    num_devices = max((s.num_devices for s in shardings), default=1)
+    return float(sum(flops)) * num_devices
+
+
+def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "bfloat16") -> float | None:
+    """Dense peak FLOP/s of one device (default: ``jax.devices()[0]``); None for CPUs and unknown accelerators."""
+    if dtype != "bfloat16":
+        raise ValueError(f"peak FLOP/s are tabulated for bfloat16 only, got dtype={dtype!r}")
+    kind = (device or jax.devices()[0]).device_kind
+    if kind in _TPU_PEAK_BF16:
+        return _TPU_PEAK_BF16[kind]
+    if kind.startswith("NVIDIA"):
+        return next((peak for model, peak in _GPU_PEAK_BF16 if model in kind), None)
+    return None
+
+
+def mfu(flops_per_step: float | None, seconds_per_step: float, num_devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: ``flops_per_step`` (all devices) / (seconds · devices · peak); None if unknown."""
+    if flops_per_step is None or peak is None:
+        return None
+    if seconds_per_step <= 0 or num_devices < 1:
+        raise ValueError(f"need seconds_per_step > 0 and num_devices >= 1, got {seconds_per_step}, {num_devices}")
+    return flops_per_step / (seconds_per_step * num_devices * peak)

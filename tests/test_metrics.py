@@ -1,0 +1,147 @@
+"""MetricsWriter (JSONL + TensorBoard event files read back from disk) and MFU from XLA's cost analysis
+(8 host devices from tests/conftest.py)."""
+
+import json
+import struct
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboardX.proto import event_pb2
+
+from qzoom_jax import metrics
+
+
+def _events(workdir):
+    """Every Event in the TensorBoard files of `workdir`, in file-name (= creation time) order.
+
+    Event files are TFRecords: u64 length, u32 CRC of the length, payload, u32 CRC of the payload.
+    """
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            yield event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+
+
+def _scalars(workdir):
+    return [(e.step, v.tag, v.simple_value) for e in _events(workdir) for v in e.summary.value]
+
+
+def _lines(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_writes_json_lines_and_tensorboard_scalars(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, {"loss": 2.5, "lr": np.float32(1e-3)})
+    writer.write(2, {"loss": jnp.float32(1.25)})
+    # On disk before close: a crash right after write() keeps the line.
+    assert _lines(tmp_path) == [{"step": 1, "loss": 2.5, "lr": pytest.approx(1e-3)}, {"step": 2, "loss": 1.25}]
+    writer.close()
+    assert _scalars(tmp_path) == [(1, "loss", 2.5), (1, "lr", pytest.approx(1e-3)), (2, "loss", 1.25)]
+    with pytest.raises(TypeError, match="'acc'"):
+        metrics.MetricsWriter(tmp_path, enabled=True).write(3, {"acc": np.ones(3)})
+
+
+def test_truncate_after_drops_later_steps_and_marks_the_restart(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, enabled=True)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # the line a crash cut short
+
+    resumed = metrics.MetricsWriter(tmp_path, enabled=True)
+    resumed.truncate_after(3)
+    assert [line["step"] for line in _lines(tmp_path)] == [1, 2, 3]
+    resumed.write(4, {"loss": 40.0})
+    resumed.close()
+    assert [(line["step"], line["loss"]) for line in _lines(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    # Event files are append-only: the first run's file is kept whole, and the resumed run's file starts with a
+    # SessionLog.START at 4, on which TensorBoard hides the older events from step 4 on.
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    restarts = [e.step for e in _events(tmp_path) if e.session_log.status == event_pb2.SessionLog.START]
+    assert restarts == [4]
+    assert _scalars(tmp_path) == [(step, "loss", float(step)) for step in range(1, 6)] + [(4, "loss", 40.0)]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    writer = metrics.MetricsWriter(workdir, enabled=False)
+    writer.write(1, {"loss": 1.0})
+    writer.truncate_after(0)
+    writer.close()
+    assert not workdir.exists()
+    # The default is "process 0 only"; this test runs as process 0.
+    assert metrics.MetricsWriter(tmp_path / "default").enabled == (jax.process_index() == 0)
+
+
+M, K, N = 256, 128, 512
+
+
+def _matmul(mesh=None):
+    a = jnp.ones((M, K), jnp.float32)
+    b = jnp.ones((K, N), jnp.float32)
+    if mesh is None:
+        return jax.jit(jnp.matmul).lower(a, b).compile()
+    rows = NamedSharding(mesh, P("d", None))
+    return jax.jit(jnp.matmul, in_shardings=(rows, NamedSharding(mesh, P())), out_shardings=rows).lower(a, b).compile()
+
+
+def test_step_flops_is_the_total_over_devices():
+    single = _matmul()
+    assert metrics.step_flops(single) == pytest.approx(2 * M * N * K, rel=0.05)
+
+    sharded = _matmul(jax.make_mesh((8,), ("d",)))
+    # The convention this module relies on: XLA costs the per-device SPMD program ...
+    assert sharded.cost_analysis()["flops"] == pytest.approx(2 * M * N * K / 8, rel=0.05)
+    # ... and step_flops turns it back into the whole step.
+    assert metrics.step_flops(sharded) == pytest.approx(2 * M * N * K, rel=0.05)
+
+
+def test_step_flops_accepts_both_cost_analysis_shapes():
+    replicated = SimpleNamespace(num_devices=4)
+
+    def compiled(cost):
+        return SimpleNamespace(cost_analysis=lambda: cost, input_shardings=((replicated,), {}), output_shardings=())
+
+    assert metrics.step_flops(compiled({"flops": 10.0})) == 40.0
+    assert metrics.step_flops(compiled([{"flops": 10.0, "bytes accessed": 3.0}])) == 40.0
+    assert metrics.step_flops(compiled(None)) is None
+    assert metrics.step_flops(compiled([{}])) is None
+
+
+def test_peak_flops_by_device_kind():
+    def peak(kind):
+        return metrics.peak_flops_per_device(SimpleNamespace(device_kind=kind))
+
+    assert peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak("NVIDIA H200") == 989.4e12
+    assert peak("NVIDIA H100 PCIe") == 756.5e12
+    assert peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak("TPU v4") == 275e12
+    assert peak("TPU v5 lite") == 197e12
+    assert peak("TPU v5") == 459e12  # v5p reports "TPU v5"
+    assert peak("TPU v6 lite") == 918e12
+    assert peak("TPU v4 lite") is None  # not a v4
+    assert peak("NVIDIA GeForce RTX 4090") is None
+    assert metrics.peak_flops_per_device() is None  # this test's CPU
+    with pytest.raises(ValueError, match="float8"):
+        metrics.peak_flops_per_device(dtype="float8")
+
+
+def test_mfu_from_a_sharded_matmul():
+    flops = metrics.step_flops(_matmul(jax.make_mesh((8,), ("d",))))
+    # 8 H100s doing the whole matmul in 1 µs: total FLOPs / (time · devices · peak).
+    got = metrics.mfu(flops, 1e-6, 8, 989.4e12)
+    assert got == pytest.approx(2 * M * N * K / (1e-6 * 8 * 989.4e12), rel=0.05)
+    assert metrics.mfu(None, 1.0, 8, 989.4e12) is None
+    assert metrics.mfu(flops, 1.0, 8, None) is None
+    with pytest.raises(ValueError, match="seconds_per_step"):
+        metrics.mfu(flops, 0.0, 8, 989.4e12)

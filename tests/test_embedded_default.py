@@ -48,4 +48,6 @@ def test_bf16_load_runs_close_to_float32(inputs):
     assert bf16.params["model"]["embed_tokens"]["embedding"].dtype == np.dtype("bfloat16")
     got = bf16.logits(**batch)
     valid = batch["attention_mask"].astype(bool)
-    assert np.abs(got - f32)[valid].max() <= 0.05 * np.abs(f32[valid]).max()
+    err, scale = np.abs(got - f32)[valid], np.abs(f32[valid]).max()
+    # The sharpened tiny checkpoint has peaked attention, where bf16 rounding moves a few logits the most.
+    assert err.max() <= 0.1 * scale and err.mean() <= 0.01 * scale

@@ -1,0 +1,145 @@
+"""grain input pipeline for Stage-1 training: records -> fixed-shape example batches of this process's share.
+
+source -> seeded shuffle (re-drawn every epoch) -> repeat -> per-process shard -> map(example_fn) -> worker
+processes -> drop skipped samples (counted) + batch.
+
+Dropping and batching run in the main process, after the workers: grain hands every worker a strided slice of
+the per-process stream and interleaves their outputs round-robin, which restores the exact single-process order
+only if each worker emits one output per input. So the workers only map (the expensive part: image decoding and
+preprocessing) and mark rejected samples; the batches are therefore identical for any ``worker_count``.
+
+The returned iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-serialisable,
+the skip count included) resume exactly where it was. Orbax: ``grain.checkpoint.CheckpointHandler`` with
+``grain.checkpoint.CheckpointSave``/``CheckpointRestore``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from qzoom_jax.data.stage1 import SkipSample
+
+log = logging.getLogger(__name__)
+
+# Skip reasons are logged individually for the first few, then only counted (a bad shard can hold thousands).
+_MAX_SKIP_WARNINGS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skipped:
+    """Stands in for a sample that ``example_fn`` rejected, so every input still gives one output."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _CatchSkip:
+    """``example_fn`` with SkipSample turned into a ``_Skipped`` marker (a picklable class, for the workers)."""
+
+    example_fn: Callable[[Any], Mapping[str, np.ndarray]]
+
+    def __call__(self, record):
+        try:
+            return self.example_fn(record)
+        except SkipSample as e:
+            return _Skipped(str(e))
+
+
+class _BatchValidIterator(grain.DatasetIterator):
+    """Stacks the next ``batch_size`` non-skipped examples; a final partial batch is dropped."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._skipped = 0
+
+    @property
+    def skipped(self) -> int:
+        """Samples dropped so far because ``example_fn`` raised SkipSample (restored by ``set_state``)."""
+        return self._skipped
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        while len(examples) < self._batch_size:
+            example = next(self._parent)  # StopIteration ends the data: the partial batch is dropped
+            if isinstance(example, _Skipped):
+                self._skipped += 1
+                level = logging.WARNING if self._skipped <= _MAX_SKIP_WARNINGS else logging.DEBUG
+                log.log(level, "skipped sample #%d: %s", self._skipped, example.reason)
+                continue
+            examples.append(example)
+        return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        # Batches pull exactly what they use, so the parent's position plus the count is the whole state.
+        return {"parent": self._parent.get_state(), "skipped": self._skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._skipped = int(state["skipped"])
+
+    def __str__(self) -> str:
+        return f"BatchValidIterator(batch_size={self._batch_size})"
+
+
+class _BatchValidDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __iter__(self) -> _BatchValidIterator:
+        return _BatchValidIterator(self._parent.__iter__(), self._batch_size)
+
+    def __str__(self) -> str:
+        return f"BatchValidDataset(batch_size={self._batch_size})"
+
+
+def stage1_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.ndarray]], *,
+                  global_batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                  process_index: int = 0, process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
+                  read_threads: int = 4) -> _BatchValidIterator:
+    """Iterator over dicts of stacked NumPy batches, ``global_batch_size // process_count`` rows each.
+
+    source: random access (len + __getitem__), e.g. ``tfds_stage1.open_source(...)``.
+    example_fn: record -> dict of fixed-shape arrays; raising SkipSample drops the sample (``iterator.skipped``).
+    num_epochs: None repeats forever. Process p takes rows p, p+P, p+2P, ... of the global stream, so the
+    processes' batch b together hold exactly the global batch b of a single-process run (without skips).
+    worker_count: grain worker processes for example_fn (0: threads of this process). prefetch: batches'
+    worth of examples prepared ahead (split across workers). read_threads: threads per process calling
+    example_fn.
+    """
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if len(source) == 0:
+        raise ValueError(f"the source ({type(source).__name__}) is empty")
+    batch_size = global_batch_size // process_count
+
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # repeat() re-seeds it per epoch
+    ds = ds.repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_CatchSkip(example_fn))
+
+    ahead = max(1, math.ceil(prefetch * batch_size / max(1, worker_count)))
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(ahead, read_threads))
+    it_ds = ds.to_iter_dataset(read)
+    if worker_count > 0:
+        # grain reads an absl flag when it starts workers; programs not run through absl.app have not parsed
+        # flags, which would make that read raise. Their defaults are what such a program wants.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                               per_worker_buffer_size=ahead))
+    return iter(_BatchValidDataset(it_ds, batch_size))

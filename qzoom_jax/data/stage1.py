@@ -1,0 +1,351 @@
+"""Stage-1 (SD-RPN) data: the upstream file formats, teacher/student prompts and fixed-shape training examples.
+
+Training reference §1.1-§1.4. Records are plain dicts:
+
+* input record: ``uid, question_id, dataset, mode ("textual"|"natural"), prompt, short_prompt, max_new_tokens,
+  answer ("" if unknown), image_path (relative, as given upstream), image (the encoded image file, bytes)``;
+* label record: an input record plus ``text`` (the teacher's generation) and the float32 [24, 24] maps
+  ``grounding_attn`` and ``sink_attn``.
+
+Bad inputs (missing or corrupt image, degenerate size, overlong prompt) are skipped and counted, never fatal;
+malformed files (bad JSON, missing keys) are errors naming the file and line or index.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from qzoom_jax import roi
+from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.data.image_processing import MAX_ASPECT_RATIO, ImageProcessor, to_rgb
+from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
+from qzoom_jax.models.rope import rope_index
+
+log = logging.getLogger(__name__)
+
+MODES = ("textual", "natural")
+DEFAULT_MAX_NEW_TOKENS = 128
+PAD_FILL = (127, 127, 127)
+# Per-file skip warnings stop after this many; the total is always logged at the end of the file.
+_MAX_SKIP_WARNINGS = 10
+# PIL signals undecodable or truncated files with any of these.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used (the message says why); loaders drop it and count it."""
+
+
+# ---- prompts -------------------------------------------------------------------------------------------
+
+def teacher_prompt(prompt: str, mode: str, short_prompt: bool) -> str:
+    """The prompt the frozen teacher answers when its attention is recorded (§1.2 step 2)."""
+    if mode == "natural":
+        # The teacher is asked for boxes: the attention of the box tokens is the grounding signal.
+        if ANSWER_SUFFIX in prompt:
+            return prompt.replace(ANSWER_SUFFIX, GROUNDING_INSTRUCTION)
+        return prompt + "\n" + GROUNDING_INSTRUCTION
+    if mode == "textual":
+        # Long-form documents (short_prompt=False) get a free-form answer; short OCR answers stay as asked.
+        return prompt if short_prompt else prompt.replace(ANSWER_SUFFIX, "")
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def student_prompt(prompt: str) -> str:
+    """The prompt the RoI predictor is trained on: older pickles carry a JSON grounding request instead of the
+    short-answer suffix (§1.4)."""
+    return prompt.replace(LEGACY_GROUNDING_INSTRUCTION, ANSWER_SUFFIX)
+
+
+def chat_text(prompt: str, processor: Processor) -> str:
+    """One user turn (image, then the prompt) in the Qwen2.5-VL chat template, with the generation prompt.
+
+    Deliberate deviation (reference §8 #6): upstream trains without the system prompt and with a stray literal
+    "<image>" before the image block, but evaluates with the default system prompt and without "<image>". We use
+    the inference format for teacher and student alike, so that the RoI head is trained on what it sees at test
+    time.
+    """
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+# ---- images --------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, min_side: int = 28) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image; SkipSample when corrupt, smaller than ``min_side`` px or more
+    elongated than the processor accepts (checked on the image before square padding, which would hide it)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = to_rgb(image)
+    except _IMAGE_ERRORS as e:
+        raise SkipSample(f"corrupt image ({type(e).__name__}: {e})") from None
+    w, h = image.size
+    if min(w, h) < min_side:
+        raise SkipSample(f"image of {w}x{h} px (WxH) is smaller than {min_side} px")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise SkipSample(f"image of {w}x{h} px (WxH) has aspect ratio above {MAX_ASPECT_RATIO}")
+    return image
+
+
+def expand2square(image: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:
+    """Pad to a square of side max(W, H) with ``fill``, the original centred (§1.2 step 1)."""
+    w, h = image.size
+    side = max(w, h)
+    if w == h:
+        return image
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def fixed_grid_budget(image_processor: ImageProcessor, grid: int = 24) -> int:
+    """Pixels of a grid x grid merged-token image: min_pixels = max_pixels = grid²·(patch·merge)²."""
+    return grid * grid * image_processor.factor ** 2
+
+
+def fixed_grid_image(image: Image.Image, image_processor: ImageProcessor, grid: int = 24) -> Image.Image:
+    """Square-pad, then resize to exactly grid·(patch·merge) px a side with the processor's resampling.
+
+    Upstream lets ``smart_resize`` pick the size from min = max = budget, but its float arithmetic lands on
+    grid±1 for about 5 % of square sides (e.g. 38 px -> 25x25 tokens). Resizing first makes the processor's own
+    resize a no-op at the exact size; for every other side the pixels are identical to upstream's.
+    """
+    side = grid * image_processor.factor
+    return expand2square(to_rgb(image)).resize((side, side), resample=image_processor.resample)
+
+
+def _check_grid(grid_thw, grid: int, merge: int) -> None:
+    expected = (1, grid * merge, grid * merge)
+    for row in np.asarray(grid_thw).reshape(-1, 3):
+        if tuple(int(v) for v in row) != expected:
+            raise AssertionError(f"fixed-grid preprocessing gave image_grid_thw {row.tolist()}, expected {expected}")
+
+
+def fixed_grid_pixels(image: Image.Image, image_processor: ImageProcessor, grid: int = 24):
+    """-> (pixel_values float32 [(grid·merge)², C], grid_thw (1, grid·merge, grid·merge)) of the square-padded
+    image at exactly grid x grid merged tokens."""
+    budget = fixed_grid_budget(image_processor, grid)
+    pixel_values, grid_thw = image_processor.preprocess_one(
+        fixed_grid_image(image, image_processor, grid), budget, budget)
+    _check_grid(grid_thw, grid, image_processor.merge_size)
+    return pixel_values, grid_thw
+
+
+def fixed_grid_inputs(images: Sequence[Image.Image], texts: Sequence[str], processor: Processor,
+                      grid: int = 24) -> dict[str, np.ndarray]:
+    """Processor outputs (left padded) for images at exactly grid x grid merged tokens each."""
+    image_processor = processor.image_processor
+    budget = fixed_grid_budget(image_processor, grid)
+    out = processor(images=[fixed_grid_image(im, image_processor, grid) for im in images], text=list(texts),
+                    min_pixels=budget, max_pixels=budget, padding_side="left")
+    _check_grid(out["image_grid_thw"], grid, image_processor.merge_size)
+    return out
+
+
+# ---- examples ------------------------------------------------------------------------------------------
+
+def teacher_inputs(records: Sequence[Mapping[str, Any]], processor: Processor, grid: int = 24):
+    """Processor outputs for the teacher's label-generation batch (§1.2 steps 1-3), left padded.
+
+    Raises SkipSample for the first unusable image; callers that cannot afford losing a batch filter records
+    with ``decode_image`` first.
+    """
+    images = [decode_image(r["image"], processor.image_processor.factor) for r in records]
+    texts = [chat_text(teacher_prompt(r["prompt"], r["mode"], r["short_prompt"]), processor) for r in records]
+    return fixed_grid_inputs(images, texts, processor, grid)
+
+
+def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVLConfig, max_len: int,
+                 grid: int = 24, binary_coff: float = 0.25, bg_coff: float = 0.05) -> dict[str, np.ndarray]:
+    """One Stage-1 training example with fixed shapes (§1.3-§1.4).
+
+    Returns ``input_ids``/``attention_mask`` int32 [max_len] left-padded (so the RoI query, the last prompt
+    token, sits at max_len-1 in every row), ``positions`` float32 [3, max_len], ``pixel_values`` float32
+    [(grid·merge)², C] and ``labels`` int32 [grid²] (1 fg, 0 bg, -100 ignore; raster order).
+
+    Only the prompt is tokenised: the teacher's answer comes after the query and attention is causal, so it
+    cannot change the RoI logits. Raises SkipSample for a corrupt/tiny/elongated image or a prompt longer than
+    max_len tokens.
+    """
+    uid = record.get("uid", "?")
+    try:
+        image = decode_image(record["image"], processor.image_processor.factor)
+    except SkipSample as e:
+        raise SkipSample(f"{uid}: {e}") from None
+    text = chat_text(student_prompt(record["prompt"]), processor)
+    out = fixed_grid_inputs([image], [text], processor, grid)
+    n = out["input_ids"].shape[1]
+    if n > max_len:
+        raise SkipSample(f"{uid}: prompt is {n} tokens, longer than max_len={max_len}")
+
+    pad_id = config.pad_token_id if config.pad_token_id is not None else config.bos_token_id
+    input_ids = np.full((max_len,), pad_id, np.int32)
+    input_ids[max_len - n:] = out["input_ids"][0]
+    attention_mask = np.zeros((max_len,), np.int32)
+    attention_mask[max_len - n:] = 1
+    positions, _ = rope_index(config, input_ids[None], attention_mask[None], out["image_grid_thw"])
+
+    grounding = np.asarray(record["grounding_attn"], np.float32)
+    if grounding.shape != (grid, grid):
+        raise ValueError(f"{uid}: grounding_attn has shape {grounding.shape}, expected ({grid}, {grid})")
+    # Padding cells are known background: the label map needs the size before square padding.
+    labels = roi.pseudo_label_map(grounding, record["sink_attn"], orig_size=image.size,
+                                  binary_coff=binary_coff, bg_coff=bg_coff)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "positions": positions[:, 0],
+        "pixel_values": out["pixel_values"].astype(np.float32),
+        "labels": labels.reshape(-1).astype(np.int32),
+    }
+
+
+# ---- upstream files ------------------------------------------------------------------------------------
+
+def _read_image_file(path: str) -> bytes | None:
+    """The file's bytes if PIL recognises them as an image (header only, cheap), else None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        Image.open(io.BytesIO(data))
+    except _IMAGE_ERRORS:
+        return None
+    return data
+
+
+class _SkipLog:
+    """Counts skipped samples of one file into ``counter`` and warns about the first few."""
+
+    def __init__(self, source: str, counter: collections.Counter | None):
+        self.source = source
+        self.counter = collections.Counter() if counter is None else counter
+        self.n = 0
+
+    def skip(self, where: str, reason: str) -> None:
+        self.n += 1
+        self.counter["missing_image"] += 1
+        if self.n <= _MAX_SKIP_WARNINGS:
+            log.warning("skipping %s: %s", where, reason)
+
+    def close(self) -> None:
+        if self.n:
+            log.warning("%s: skipped %d sample(s) in total", self.source, self.n)
+
+
+def _answer_text(value) -> str:
+    """``answer`` as given, or the most frequent of a list of ``answers`` (VQA-style; ties -> first)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    answers = [str(a.get("answer", "")) if isinstance(a, Mapping) else str(a) for a in value]
+    return collections.Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
+                         skipped: collections.Counter | None = None) -> Iterator[dict]:
+    """Input records from an upstream universal JSONL question pool (§1.1); images read from ``image_root``.
+
+    Records whose image is missing or unreadable are skipped and counted in ``skipped["missing_image"]``.
+    """
+    path, image_root = os.fspath(path), os.fspath(image_root)
+    skips = _SkipLog(path, skipped)
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            missing = [k for k in ("uid", "question_id", "dataset", "image", "text", "mode") if k not in row]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing}")
+            if row["mode"] not in MODES:
+                raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
+            answer = row.get("answer", row.get("answers", ""))
+            data = _read_image_file(os.path.join(image_root, row["image"]))
+            if data is None:
+                skips.skip(where, f"missing or unreadable image {row['image']!r}")
+                continue
+            yield {
+                "uid": str(row["uid"]),
+                "question_id": str(row["question_id"]),
+                "dataset": str(row["dataset"]),
+                "mode": row["mode"],
+                "prompt": str(row["text"]),
+                "short_prompt": bool(row.get("short_prompt", False)),
+                "max_new_tokens": int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                "answer": _answer_text(answer),
+                "image_path": str(row["image"]),
+                "image": data,
+            }
+    skips.close()
+
+
+_PICKLE_KEYS = ("uid", "question_id", "dataset", "mode", "prompt", "text", "image", "sink_attn",
+                "grounding_attn_o2i")
+
+
+def read_stage1_pickle(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                       skipped: collections.Counter | None = None) -> Iterator[dict]:
+    """Label records from an upstream released stage-1 pseudo-label pickle, as-is (§1.2 step 7).
+
+    The pickle is a list of dicts; ``grounding_attn_o2i`` becomes ``grounding_attn`` (``grounding_attn_q2i`` of
+    SD-RPN-era files is ignored). Images resolve against ``image_root``, by default the pickle's directory as
+    upstream does (§1.4). The pickle does not carry ``short_prompt``/``max_new_tokens``/``answer``: they get
+    False / 128 / "". Missing or unreadable images are skipped and counted in ``skipped["missing_image"]``.
+    Only open pickles you trust: unpickling can run arbitrary code.
+    """
+    path = os.fspath(path)
+    image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else os.fspath(image_root)
+    with open(path, "rb") as f:
+        rows = pickle.load(f)
+    if not isinstance(rows, list):
+        raise TypeError(f"{path}: expected a list of dicts, got {type(rows).__name__}")
+    skips = _SkipLog(path, skipped)
+    for i, row in enumerate(rows):
+        where = f"{path}[{i}]"
+        missing = [k for k in _PICKLE_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing}")
+        if row["mode"] not in MODES:
+            raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
+        grounding = np.asarray(row["grounding_attn_o2i"], np.float32)
+        sink = np.asarray(row["sink_attn"], np.float32)
+        if grounding.ndim != 2 or grounding.shape != sink.shape:
+            raise ValueError(f"{where}: grounding_attn_o2i {grounding.shape} and sink_attn {sink.shape} must be "
+                             "equal 2-D maps")
+        data = _read_image_file(os.path.join(image_root, row["image"]))
+        if data is None:
+            skips.skip(where, f"missing or unreadable image {row['image']!r}")
+            continue
+        yield {
+            "uid": str(row["uid"]),
+            "question_id": str(row["question_id"]),
+            "dataset": str(row["dataset"]),
+            "mode": row["mode"],
+            "prompt": str(row["prompt"]),
+            "short_prompt": False,
+            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+            "answer": "",
+            "image_path": str(row["image"]),
+            "image": data,
+            "text": str(row["text"]),
+            "grounding_attn": grounding,
+            "sink_attn": sink,
+        }
+    skips.close()

@@ -1,0 +1,77 @@
+"""Stage 1 — SD-RPN: train the twig (T decoder layers branching off base layer K) to predict the teacher's
+RoI map, backbone frozen (training reference §1.5-§1.7).
+
+    python -m qzoom_jax.train --config=configs/sdrpn.py          # embedded default: labels + training, minutes
+    python -m qzoom_jax.train --config=configs/sdrpn.py:qwen2_5vl_7b \\
+        --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct \\
+        --config.data.pickle=/data/qwen2_5vl_pseudo_7b_576res_185k.pkl --workdir=gs://bucket/runs/sdrpn_7b
+
+Labels come from, in this order: ``data.label_dirs`` (prepared label datasets, e.g. from
+``python -m qzoom_jax.labels``), ``data.pickle`` (an upstream released stage-1 pickle, images under its
+directory or ``data.image_root``), or else a label run with ``teacher`` (configs/labels.py) into the workdir.
+Every field can be overridden: ``--config.optim.lr=5e-5``.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# The paper's (K, T) per backbone (training reference §0); the paper's hyperparameters otherwise (§1.7).
+PRESETS = {
+    "tiny": {"K": 3, "T": 3},
+    "qwen2_5vl_3b": {"K": 24, "T": 3},
+    "qwen2_5vl_7b": {"K": 18, "T": 3},
+}
+
+
+def _labels_config():
+    spec = importlib.util.spec_from_file_location("labels_config", os.path.join(os.path.dirname(__file__), "labels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.name = "sdrpn" if not arg else f"sdrpn_{preset}"
+    c.seed = 42
+    # The frozen backbone: path None = the embedded tiny checkpoint. It is referenced by path from every
+    # checkpoint, never copied.
+    c.model = dict(path=None if tiny else "", dtype="bfloat16", attn_impl="xla", **PRESETS[preset])
+    c.teacher = _labels_config().teacher_config(preset)
+    # grid: the label grid, i.e. merged image tokens per side (must match the labels); max_len: prompt tokens.
+    c.data = {
+        "label_dirs": (),
+        "pickle": "",
+        "image_root": "",
+        "grid": c.teacher.grid,
+        "binary_coff": 0.25,
+        "bg_coff": 0.05,
+        "max_len": 384 if tiny else 768,
+        "worker_count": 0 if tiny else 4,
+    }
+    c.train = {
+        "global_batch_size": 8 if tiny else 128,
+        "num_epochs": 4 if tiny else 1,
+        "num_steps": 0,
+        "log_every": 1 if tiny else 10,
+        "checkpoint_every": 50 if tiny else 200,
+        "max_to_keep": 3,
+        "roi_threshold": 0.5,
+    }
+    c.optim = {
+        "lr": 1e-4,
+        "warmup_ratio": 0.03,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "clip_norm": 1.0,
+    }
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    return c

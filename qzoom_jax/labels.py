@@ -1,0 +1,130 @@
+"""Stage-1 pseudo-labels from the frozen teacher — ``python -m qzoom_jax.labels --config=configs/labels.py``.
+
+For every question the teacher (the frozen base model) answers greedily on the square-padded 576-token image;
+the attention probabilities from each generated token to the image tokens, averaged over decode steps, of the
+preset's grounding heads and sink heads give two 24x24 maps (training reference §1.2). Only the layers holding
+those heads take the einsum attention path; the rest use the fast one.
+
+Output: ``WORKDIR/labels/``, TFDS ArrayRecord label datasets in parts of ``part_size`` records per process
+(``labels_p{process}_c{part}``). A finished part is never redone, so an interrupted run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from qzoom_jax import cli, parallel
+from qzoom_jax.data import stage1, tfds_stage1
+from qzoom_jax.data.processor import Processor
+from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, QwenVL, load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def input_datasets(data, data_dir: str) -> list[str]:
+    """The prepared stage-1 input datasets named by ``config.data`` (built on first use)."""
+    if data.source == "synthetic":
+        return [tfds_stage1.build_synthetic_inputs(data_dir, data.synthetic_num, data.synthetic_seed)]
+    if data.source == "universal":
+        if not data.jsonl or not data.image_root:
+            raise ValueError("data.source='universal' needs --config.data.jsonl and --config.data.image_root")
+        name = "universal_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.basename(data.jsonl)).lower()
+        return [tfds_stage1.build_universal_inputs(data.jsonl, data.image_root, data_dir, name)]
+    if data.source == "tfds":
+        if not data.tfds_dirs:
+            raise ValueError("data.source='tfds' needs --config.data.tfds_dirs")
+        return list(data.tfds_dirs)
+    raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, universal or tfds")
+
+
+def head_maps(attn: np.ndarray, layers: tuple[int, ...], heads: Mapping, grid: int) -> tuple[np.ndarray, ...]:
+    """(grounding, sink) [grid, grid] of one sample: the mean over each (layer, head) set of the averaged
+    attention ``attn`` [len(layers), H, N]; an empty sink set gives zeros (§1.2 step 6)."""
+    def mean(pairs):
+        if not pairs:
+            return np.zeros((grid, grid), np.float32)
+        return np.mean([attn[layers.index(l), h] for l, h in pairs], axis=0).reshape(grid, grid).astype(np.float32)
+
+    return mean(tuple(heads["grounding"])), mean(tuple(heads["sink"]))
+
+
+def capture_layers(cfg) -> tuple[int, ...]:
+    pairs = [p for mode in cfg.heads.values() for kind in ("grounding", "sink") for p in mode[kind]]
+    return tuple(sorted({int(layer) for layer, _ in pairs}))
+
+
+def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, skipped, progress) -> Iterator[dict]:
+    layers = capture_layers(cfg)
+    for start in range(0, len(indices), cfg.batch_size):
+        records = []
+        for i in indices[start:start + cfg.batch_size]:
+            record = source[int(i)]
+            try:  # a bad image costs its own sample only, never the batch
+                stage1.decode_image(record["image"], processor.image_processor.factor)
+                records.append(record)
+            except stage1.SkipSample as e:
+                skipped[str(e).split(":")[-1].strip()] += 1
+                log.warning("skipping %s: %s", record["uid"], e)
+        progress.update(len(indices[start:start + cfg.batch_size]))
+        if not records:
+            continue
+        inputs = stage1.teacher_inputs(records, processor, cfg.grid)
+        tokens, attn = model.generate_with_attention(**inputs, capture_layers=layers,
+                                                     max_new_tokens=cfg.max_new_tokens)
+        for b, record in enumerate(records):
+            row = tokens[b]
+            eos = np.nonzero(row == model.config.eos_token_id)[0]
+            text = processor.decode(row[:eos[0]] if len(eos) else row, skip_special_tokens=True)
+            grounding, sink = head_maps(attn[:, b], layers, cfg.heads[record["mode"]], cfg.grid)
+            yield {**record, "text": text, "grounding_attn": grounding, "sink_attn": sink}
+
+
+def generate_labels(cfg, workdir: str) -> list[str]:
+    """Label every input record once; returns the label dataset parts of all processes (in order)."""
+    inputs = input_datasets(cfg.data, os.path.join(workdir, "data"))
+    source = tfds_stage1.open_source(inputs)
+    out_dir = os.path.join(workdir, "labels")
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = np.arange(pid, len(source), nproc)  # each process labels its own share
+    parts = [mine[i:i + cfg.part_size] for i in range(0, len(mine), cfg.part_size)]
+    names = [f"labels_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
+    todo = [(name, idx) for name, idx in zip(names, parts) if not _is_done(out_dir, name)]
+    if todo:
+        path = cfg.model.path or EMBEDDED_DEFAULT
+        mesh = parallel.make_mesh(**cfg.mesh)
+        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
+        processor = Processor.from_pretrained(path)
+        skipped = collections.Counter()
+        with tqdm(total=sum(len(idx) for _, idx in todo), desc="labels", unit="sample",
+                  disable=pid != 0) as progress:
+            for name, idx in todo:
+                tfds_stage1.write_label_dataset(_label_records(model, processor, source, idx, cfg, skipped,
+                                                               progress), out_dir, name)
+        if skipped:
+            log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
+    return label_parts(out_dir)
+
+
+def _is_done(out_dir: str, name: str) -> bool:
+    return bool(tfds_stage1.prepared_dirs(out_dir, name))
+
+
+def label_parts(out_dir: str) -> list[str]:
+    """All finished label dataset parts under ``out_dir``, ordered by (process, part)."""
+    return tfds_stage1.prepared_dirs(out_dir, "labels_p*")
+
+
+def main(cfg, workdir: str) -> None:
+    parts = generate_labels(cfg, workdir)
+    print(f"{len(parts)} label dataset part(s) under {os.path.join(workdir, 'labels')}")
+
+
+if __name__ == "__main__":
+    cli.run(main, "configs/labels.py", "label-generation")

@@ -1,0 +1,197 @@
+"""Training entry point — ``python -m qzoom_jax.train --config=configs/sdrpn.py``.
+
+Stage 1 (SD-RPN): only the twig is trained — T decoder layers initialised from base layers K..K+T-1 — to
+predict the frozen teacher's RoI map; the backbone is frozen, referenced by path, never copied.
+``main()`` is the whole story: config -> mesh -> labels -> data -> model -> restore -> step -> loop -> save.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from qzoom_jax import cli
+from qzoom_jax import labels as labels_lib
+from qzoom_jax import metrics as metrics_lib
+from qzoom_jax import parallel, sdrpn
+from qzoom_jax.checkpoint import TrainCheckpointer
+from qzoom_jax.data import pipeline, stage1, tfds_stage1
+from qzoom_jax.data.processor import Processor
+from qzoom_jax.models import twig as twig_lib
+from qzoom_jax.models import vision as vision_lib
+from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
+
+
+def lr_schedule(optim, num_steps: int) -> optax.Schedule:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine to 0 (HF Trainer's schedule, §1.7)."""
+    warmup = math.ceil(optim.warmup_ratio * num_steps)  # HF Trainer's rounding of warmup_ratio
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, num_steps, end_value=0.0)
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+    """AdamW on the trainable leaves with global-norm clipping."""
+    schedule = lr_schedule(optim, num_steps)
+    return optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                       optax.adamw(schedule, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay))
+
+
+def resolve_labels(cfg, workdir: str) -> list[str]:
+    """Label datasets: given directories, an upstream pickle converted once, or a teacher run in the workdir."""
+    if cfg.data.label_dirs:
+        return list(cfg.data.label_dirs)
+    if cfg.data.pickle:
+        name = "pickle_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(cfg.data.pickle)).lower()
+        return [tfds_stage1.build_pickle_labels(cfg.data.pickle, os.path.join(workdir, "data"), name,
+                                                cfg.data.image_root or None)]
+    teacher = cfg.teacher
+    if not teacher.model.path:  # the teacher is the frozen base model being extended
+        with teacher.unlocked():
+            teacher.model.path = cfg.model.path
+    return labels_lib.generate_labels(teacher, workdir)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(parallel.DEFAULT_RULES["batch"]))
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """This process's rows -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def make_train_step(config, tx, K: int, threshold: float, attn_impl: str):
+    def train_step(state, backbone, batch, layout):
+        grad_fn = jax.value_and_grad(sdrpn.loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], backbone, config, batch, layout, K, threshold=threshold,
+                                      attn_impl=attn_impl)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["tokens"] = batch["attention_mask"].sum().astype(jnp.float32)
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+               "step": state["step"] + 1}
+        return new, metrics
+
+    return train_step
+
+
+def compile_step(train_step, state, backbone, batch, layout, mesh):
+    """``train_step`` jitted with explicit NamedShardings — state and backbone keep theirs, the batch is split
+    over (data, fsdp), metrics and the vision layout are replicated; the state is donated — and compiled
+    ahead of time for these arguments."""
+    shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), batch_sharding(mesh), replicated),
+                   out_shardings=(shardings(state), replicated), donate_argnums=0)
+    return step.lower(state, backbone, batch, layout).compile()
+
+
+def init_state(backbone, K: int, T: int, tx, mesh) -> dict:
+    """fp32 twig (copies of base layers K..K+T-1) sharded by the rules, its AdamW state, step 0."""
+    twig = twig_lib.init_twig_params(backbone["model"]["layers"], K, T)
+    shardings = parallel.param_shardings(twig, mesh)
+    twig = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), twig), shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Moments are sharded like their params; counters are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, twig),
+                                          shardings, transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(twig)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return {"params": twig, "opt_state": opt_state, "step": step}
+
+
+def main(cfg, workdir: str, devices=None) -> dict:
+    """Train from ``cfg`` in ``workdir`` (resuming from its latest checkpoint) on ``devices`` (default: all);
+    returns the final state."""
+    train, m = cfg.train, cfg.model
+
+    # Mesh and labels (a teacher run first when the config names no label datasets).
+    mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
+    label_dirs = resolve_labels(cfg, workdir)
+    source = tfds_stage1.open_source(label_dirs)
+    num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
+
+    # Frozen backbone, sharded straight from the checkpoint.
+    backbone_path = m.path or EMBEDDED_DEFAULT
+    model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl)
+    config, backbone = model.config, model.params
+    processor = Processor.from_pretrained(backbone_path)
+
+    # Data: this process's share of each global batch, fixed shapes.
+    example_fn = functools.partial(stage1.make_example, processor=processor, config=config,
+                                   max_len=cfg.data.max_len, grid=cfg.data.grid,
+                                   binary_coff=cfg.data.binary_coff, bg_coff=cfg.data.bg_coff)
+    loader = pipeline.stage1_loader(source, example_fn, global_batch_size=train.global_batch_size, seed=cfg.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    worker_count=cfg.data.worker_count)
+    data_iter = iter(loader)
+    side = cfg.data.grid * config.vision.spatial_merge_size
+    layout = vision_lib.vision_layout(np.array([[1, side, side]]), config.vision)
+
+    # Trainable state, restored when the run directory already has a checkpoint.
+    tx = make_optimizer(cfg.optim, num_steps)
+    state = init_state(backbone, m.K, m.T, tx, mesh)
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=train.checkpoint_every,
+                             max_to_keep=train.max_to_keep)
+    writer = metrics_lib.MetricsWriter(workdir)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        state = ckpt.restore(start, abstract, data_iter)
+        writer.truncate_after(start)
+        print(f"resumed from step {start} in {ckpt.directory}")
+    meta = {"stage": "sdrpn", "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T,
+            "label_dirs": label_dirs, "config": json.loads(cfg.to_json_best_effort())}
+
+    # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
+    # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
+    batches = (global_batch(b, mesh) for b in data_iter)
+    first = next(batches)
+    compiled = compile_step(make_train_step(config, tx, m.K, train.roi_threshold, m.attn_impl), state, backbone,
+                            first, layout, mesh)
+    flops = metrics_lib.step_flops(compiled)
+    peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])
+    schedule = lr_schedule(cfg.optim, num_steps)
+
+    # The loop: log every log_every steps, checkpoint every checkpoint_every steps and at the end.
+    last_time, last_step = None, start
+    with tqdm(total=num_steps, initial=start, desc=cfg.name, unit="step", disable=jax.process_index() != 0) as bar:
+        for step, batch in zip(range(start, num_steps), itertools.chain([first], batches)):
+            state, metrics = compiled(state, backbone, batch, layout)
+            done = step + 1
+            if done % train.log_every == 0 or done == num_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values["lr"] = float(schedule(step))
+                now = time.perf_counter()
+                if last_time is not None:  # the first interval includes compilation: no rate for it
+                    per_step = (now - last_time) / (done - last_step)
+                    values["samples_per_s"] = train.global_batch_size / per_step
+                    values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
+                    values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
+                writer.write(done, {k: v for k, v in values.items() if v is not None})
+                bar.set_postfix(loss=f"{values['loss']:.4f}", iou=f"{values['roi_iou']:.3f}")
+                last_time, last_step = now, done
+            ckpt.save(done, state, data_iter, meta=meta, force=done == num_steps)
+            bar.update(1)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    print(f"trained {num_steps} steps; checkpoint {ckpt.directory / str(num_steps)}; metrics "
+          f"{os.path.join(workdir, 'metrics.jsonl')}")
+    return state
+
+
+if __name__ == "__main__":
+    cli.run(main, "configs/sdrpn.py", "training")

@@ -3,12 +3,16 @@
 Benchmarks (``--only NAME`` to pick some):
   forward   one prefill forward (vision + decoder + lm_head): our jitted JAX vs transformers (PyTorch, eager)
   generate  greedy generation of ``--new-tokens`` tokens with a KV cache: JAX vs transformers
+  train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
+            of our jitted step (JAX only: the upstream trainer is a DeepSpeed/GPU program), backbone in
+            ``--dtype``; ``--size qwen2_5vl_7b`` builds a 7B-shaped random-weight model (K=18, T=3)
 
 Both libraries get the same random weights and the same inputs; times are medians over ``--repeats`` after a
 warm-up (JAX compile time is reported separately). The comparison needs ``transformers`` and ``torch``
 (``pip install -e .[test]``). Example:
 
   python -m qzoom_jax.bench --size small --image 448 --repeats 5
+  python -m qzoom_jax.bench --only train --size qwen2_5vl_7b --dtype bfloat16 --batch 8   # on a GPU/TPU
 """
 
 from __future__ import annotations
@@ -31,8 +35,26 @@ SIZES = {
                  vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4,
                              fullatt_block_indexes=[1, 3])),
 }
+# Shapes only (random weights): the stage-1 train-step benchmark at the real size. Not compared with transformers.
+QWEN2_5VL_7B = dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                              num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24]),
+                    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                fullatt_block_indexes=[7, 15, 23, 31]))
+TWIG = {"tiny": (3, 3), "small": (4, 2), "qwen2_5vl_7b": (18, 3)}  # (K, T) of the train benchmark
 SPECIAL = dict(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003,
                bos_token_id=1004, eos_token_id=1005, pad_token_id=1004)
+
+
+def _hf_config(size: str):
+    import transformers
+
+    spec = {**SIZES, "qwen2_5vl_7b": QWEN2_5VL_7B}[size]
+    t = dict(spec["text"])
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": t.pop("mrope_section")}
+    return transformers.Qwen2_5_VLConfig(
+        text_config=dict(rope_parameters=rope, **t, **{k: SPECIAL[k] for k in ("bos_token_id", "eos_token_id",
+                                                                                  "pad_token_id")}),
+        vision_config=dict(out_hidden_size=t["hidden_size"], window_size=112, **spec["vision"]), **SPECIAL)
 
 
 def _models(size: str, seed: int):
@@ -42,15 +64,8 @@ def _models(size: str, seed: int):
     from qzoom_jax.hf_checkpoint import params_from_state_dict
     from qzoom_jax.models.vlm import QwenVL
 
-    spec = SIZES[size]
-    t = dict(spec["text"])
-    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": t.pop("mrope_section")}
-    hf_cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(rope_parameters=rope, **t, **{k: SPECIAL[k] for k in ("bos_token_id", "eos_token_id",
-                                                                                  "pad_token_id")}),
-        vision_config=dict(out_hidden_size=t["hidden_size"], window_size=112, **spec["vision"]), **SPECIAL)
     torch.manual_seed(seed)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(size)).eval()
     hf.set_attn_implementation("eager")
     config = QwenVLConfig.from_dict(hf.config.to_dict())
     return hf, QwenVL(config, params_from_state_dict(hf.state_dict(), config))
@@ -106,32 +121,98 @@ def bench_generate(hf, ours, inputs, args):
                 speedup=torch_t / jax_t)
 
 
-BENCHES = {"forward": bench_forward, "generate": bench_generate}
+def bench_train(args):
+    """Stage-1 train steps on random weights and labels, through ``qzoom_jax.train``'s own step and shardings."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from qzoom_jax import metrics, parallel, train
+    from qzoom_jax.config import QwenVLConfig
+    from qzoom_jax.models import vision
+    from qzoom_jax.models.rope import rope_index
+    from qzoom_jax.models.vlm import as_dtype, init_params
+
+    config = QwenVLConfig.from_dict(_hf_config(args.size).to_dict())
+    K, T = TWIG[args.size]
+    mesh = parallel.make_mesh()
+    dtype = as_dtype(args.dtype)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(args.seed), dtype))
+    backbone = jax.jit(lambda: init_params(config, jax.random.key(args.seed), dtype),
+                       out_shardings=parallel.param_shardings(shapes, mesh))()
+    optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                           clip_norm=1.0))
+    tx = train.make_optimizer(optim, 1000)
+    state = train.init_state(backbone, K, T, tx, mesh)
+
+    rng = np.random.default_rng(args.seed)
+    n_img, side = args.grid * args.grid, 2 * args.grid
+    row = ([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
+           + [int(x) for x in rng.integers(0, 900, args.text)])
+    ids = np.array([row] * args.batch, np.int32)
+    positions, _ = rope_index(config, ids, np.ones_like(ids), np.array([[1, side, side]] * args.batch))
+    batch = train.global_batch(dict(
+        input_ids=ids, attention_mask=np.ones_like(ids), positions=positions.transpose(1, 0, 2),
+        pixel_values=rng.standard_normal((args.batch, side * side, config.vision.patch_dim)).astype(np.float32),
+        labels=rng.choice(np.array([-100, 0, 1], np.int32), (args.batch, n_img))), mesh)
+    layout = vision.vision_layout(np.array([[1, side, side]]), config.vision)
+    t0 = time.perf_counter()
+    compiled = train.compile_step(train.make_train_step(config, tx, K, 0.5, args.attn_impl), state, backbone, batch,
+                                  layout, mesh)
+    compile_s = time.perf_counter() - t0
+
+    def run():
+        nonlocal state
+        state, m = compiled(state, backbone, batch, layout)
+        jnp.asarray(m["loss"]).block_until_ready()
+
+    _, step_s = _time(run, args.repeats)
+    flops = metrics.step_flops(compiled)
+    mfu = metrics.mfu(flops, step_s, mesh.size, metrics.peak_flops_per_device(mesh.devices.flat[0]))
+    return dict(K=K, T=T, grid=args.grid, step_s=step_s, samples_per_s=args.batch / step_s,
+                tflops_per_step=None if flops is None else flops / 1e12, mfu=mfu, devices=mesh.size,
+                device=jax.devices()[0].device_kind, jax_compile_s=compile_s)
+
+
+BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(BENCHES))
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b"]), default="small")
     p.add_argument("--image", type=int, default=448, help="square image side in px (multiple of 28)")
     p.add_argument("--text", type=int, default=32, help="text tokens after the image")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--grid", type=int, default=24, help="train: merged image tokens per side (24 = 576)")
+    p.add_argument("--dtype", default="float32", help="train: backbone dtype (float32, bfloat16)")
+    p.add_argument("--attn-impl", default="xla", help="train: attention implementation (einsum, xla, cudnn)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
     import jax
-    hf, ours = _models(args.size, args.seed)
-    inputs = _inputs(ours.config, args.image, args.text, args.batch, args.seed)
-    header = dict(size=args.size, image=args.image, batch=args.batch, seq_len=int(inputs["input_ids"].shape[1]),
-                  jax_backend=jax.default_backend(), dtype="float32")
-    print(f"{'bench':10s} {'jax (s)':>10s} {'torch (s)':>10s} {'torch/jax':>10s} {'jax compile (s)':>16s}")
-    for name in args.only:
-        row = {"bench": name, **header, **BENCHES[name](hf, ours, inputs, args)}
-        print(f"{name:10s} {row['jax_s']:10.4f} {row['torch_s']:10.4f} {row['speedup']:10.2f}x "
-              f"{row['jax_compile_s']:16.2f}")
+    header = dict(size=args.size, batch=args.batch, jax_backend=jax.default_backend())
+    rows = []
+    compared = [name for name in args.only if name != "train"]
+    if compared:
+        hf, ours = _models(args.size, args.seed)
+        inputs = _inputs(ours.config, args.image, args.text, args.batch, args.seed)
+        common = dict(header, image=args.image, seq_len=int(inputs["input_ids"].shape[1]), dtype="float32")
+        print(f"{'bench':10s} {'jax (s)':>10s} {'torch (s)':>10s} {'torch/jax':>10s} {'jax compile (s)':>16s}")
+        for name in compared:
+            row = {"bench": name, **common, **BENCHES[name](hf, ours, inputs, args)}
+            print(f"{name:10s} {row['jax_s']:10.4f} {row['torch_s']:10.4f} {row['speedup']:10.2f}x "
+                  f"{row['jax_compile_s']:16.2f}")
+            rows.append(row)
+    if "train" in args.only:
+        row = {"bench": "train", **header, "dtype": args.dtype, **bench_train(args)}
+        mfu = "n/a (no peak FLOPs for this device)" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        print(f"train      {row['step_s']:.4f} s/step  {row['samples_per_s']:.2f} samples/s  MFU {mfu}")
+        rows.append(row)
+    for row in rows:
         line = json.dumps(row)
         print(line)
         if args.out:

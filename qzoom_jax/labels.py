@@ -12,6 +12,7 @@ Output: ``WORKDIR/labels/``, TFDS ArrayRecord label datasets in parts of ``part_
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -105,8 +106,12 @@ def generate_labels(cfg, workdir: str) -> list[str]:
         with tqdm(total=sum(len(idx) for _, idx in todo), desc="labels", unit="sample",
                   disable=pid != 0) as progress:
             for name, idx in todo:
-                tfds_stage1.write_label_dataset(_label_records(model, processor, source, idx, cfg, skipped,
-                                                               progress), out_dir, name)
+                records = _label_records(model, processor, source, idx, cfg, skipped, progress)
+                first = next(records, None)
+                if first is None:  # every image of this part was unusable; there is nothing to write
+                    log.warning("label part %s: no usable sample", name)
+                    continue
+                tfds_stage1.write_label_dataset(itertools.chain([first], records), out_dir, name)
         if skipped:
             log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
     return label_parts(out_dir)

@@ -150,3 +150,19 @@ def test_kill_and_resume_matches_uninterrupted(label_dirs, sharded_run, tmp_path
     assert [s for s, _ in _losses(str(tmp_path))] == [1, 2, 3, 4, 5]
     train.main(_config(label_dirs, data=2, fsdp=2, tensor=2), str(tmp_path))  # the same command again
     np.testing.assert_array_equal(_losses(str(tmp_path)), _losses(workdir))
+
+
+def test_head_maps_average_the_named_heads():
+    attn = np.random.default_rng(0).random((3, 4, 16)).astype(np.float32)  # layers (2, 5, 7) x heads x cells
+    heads = {"grounding": ((5, 1), (7, 3)), "sink": ()}
+    grounding, sink = labels.head_maps(attn, (2, 5, 7), heads, 4)
+    np.testing.assert_allclose(grounding, ((attn[1, 1] + attn[2, 3]) / 2).reshape(4, 4), rtol=1e-6)
+    assert sink.shape == (4, 4) and not sink.any()
+    _, sink = labels.head_maps(attn, (2, 5, 7), {"grounding": ((2, 0),), "sink": ((2, 2),)}, 4)
+    np.testing.assert_array_equal(sink, attn[0, 2].reshape(4, 4))
+
+
+def test_finished_label_parts_are_not_redone(label_dirs, monkeypatch):
+    workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(label_dirs[0]))))
+    monkeypatch.setattr(labels, "load_pretrained", lambda *a, **k: pytest.fail("the teacher ran again"))
+    assert tuple(labels.generate_labels(sdrpn_config().teacher, workdir)) == label_dirs

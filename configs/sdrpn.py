@@ -74,4 +74,7 @@ def get_config(arg=None):
         "clip_norm": 1.0,
     }
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    # (logical axis, mesh axes) pairs replacing entries of qzoom_jax.parallel.DEFAULT_RULES, e.g.
+    # --config.sharding_rules="(('mlp', None),)" to stop tensor-sharding the MLPs.
+    c.sharding_rules = ()
     return c

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qzoom_jax import cli, parallel
@@ -114,6 +115,8 @@ def generate_labels(cfg, workdir: str) -> list[str]:
                 tfds_stage1.write_label_dataset(itertools.chain([first], records), out_dir, name)
         if skipped:
             log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
+    if nproc > 1:  # every process's parts must be finished before anyone lists them
+        multihost_utils.sync_global_devices("qzoom_jax.labels")
     return label_parts(out_dir)
 
 

@@ -85,6 +85,16 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str, ...]] = {
 }
 
 
+def rules_with(overrides=()) -> dict[str, Any]:
+    """DEFAULT_RULES with ``(logical axis, mesh axes)`` pairs replaced, e.g. ``(("embed", None),)`` (configs)."""
+    rules = dict(DEFAULT_RULES)
+    for name, target in overrides:
+        if name not in rules:
+            raise ValueError(f"unknown logical axis {name!r} in sharding rules; known: {sorted(rules)}")
+        rules[name] = tuple(target) if isinstance(target, list) else target
+    return rules
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all); one size may be -1 = the rest.
 

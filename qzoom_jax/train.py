@@ -61,13 +61,13 @@ def resolve_labels(cfg, workdir: str) -> list[str]:
     return labels_lib.generate_labels(teacher, workdir)
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(parallel.DEFAULT_RULES["batch"]))
+def batch_sharding(mesh, rules=parallel.DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(rules["batch"]))
 
 
-def global_batch(local: dict, mesh) -> dict:
+def global_batch(local: dict, mesh, rules=parallel.DEFAULT_RULES) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, rules)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
@@ -87,20 +87,20 @@ def make_train_step(config, tx, K: int, threshold: float, attn_impl: str):
 
 
 def compile_step(train_step, state, backbone, batch, layout, mesh):
-    """``train_step`` jitted with explicit NamedShardings — state and backbone keep theirs, the batch is split
-    over (data, fsdp), metrics and the vision layout are replicated; the state is donated — and compiled
-    ahead of time for these arguments."""
+    """``train_step`` jitted with explicit NamedShardings — state, backbone and batch keep theirs (the batch is
+    split over the batch axes), metrics and the vision layout are replicated; the state is donated — and
+    compiled ahead of time for these arguments."""
     shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
     replicated = NamedSharding(mesh, PartitionSpec())
-    step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), batch_sharding(mesh), replicated),
+    step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), shardings(batch), replicated),
                    out_shardings=(shardings(state), replicated), donate_argnums=0)
     return step.lower(state, backbone, batch, layout).compile()
 
 
-def init_state(backbone, K: int, T: int, tx, mesh) -> dict:
+def init_state(backbone, K: int, T: int, tx, mesh, rules=parallel.DEFAULT_RULES) -> dict:
     """fp32 twig (copies of base layers K..K+T-1) sharded by the rules, its AdamW state, step 0."""
     twig = twig_lib.init_twig_params(backbone["model"]["layers"], K, T)
-    shardings = parallel.param_shardings(twig, mesh)
+    shardings = parallel.param_shardings(twig, mesh, rules)
     twig = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), twig), shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Moments are sharded like their params; counters are replicated.
@@ -118,13 +118,14 @@ def main(cfg, workdir: str, devices=None) -> dict:
 
     # Mesh and labels (a teacher run first when the config names no label datasets).
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
+    rules = parallel.rules_with(cfg.sharding_rules)
     label_dirs = resolve_labels(cfg, workdir)
     source = tfds_stage1.open_source(label_dirs)
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Frozen backbone, sharded straight from the checkpoint.
     backbone_path = m.path or EMBEDDED_DEFAULT
-    model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl)
+    model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl, rules=rules)
     config, backbone = model.config, model.params
     processor = Processor.from_pretrained(backbone_path)
 
@@ -141,7 +142,7 @@ def main(cfg, workdir: str, devices=None) -> dict:
 
     # Trainable state, restored when the run directory already has a checkpoint.
     tx = make_optimizer(cfg.optim, num_steps)
-    state = init_state(backbone, m.K, m.T, tx, mesh)
+    state = init_state(backbone, m.K, m.T, tx, mesh, rules)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=train.checkpoint_every,
                              max_to_keep=train.max_to_keep)
     writer = metrics_lib.MetricsWriter(workdir)
@@ -155,9 +156,13 @@ def main(cfg, workdir: str, devices=None) -> dict:
     meta = {"stage": "sdrpn", "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T,
             "label_dirs": label_dirs, "config": json.loads(cfg.to_json_best_effort())}
 
+    if start >= num_steps:
+        print(f"{workdir} already holds the final checkpoint (step {start})")
+        return state
+
     # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
     # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
-    batches = (global_batch(b, mesh) for b in data_iter)
+    batches = (global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
     compiled = compile_step(make_train_step(config, tx, m.K, train.roi_threshold, m.attn_impl), state, backbone,
                             first, layout, mesh)
@@ -166,7 +171,7 @@ def main(cfg, workdir: str, devices=None) -> dict:
     schedule = lr_schedule(cfg.optim, num_steps)
 
     # The loop: log every log_every steps, checkpoint every checkpoint_every steps and at the end.
-    last_time, last_step = None, start
+    last_time, last_step = time.perf_counter(), start
     with tqdm(total=num_steps, initial=start, desc=cfg.name, unit="step", disable=jax.process_index() != 0) as bar:
         for step, batch in zip(range(start, num_steps), itertools.chain([first], batches)):
             state, metrics = compiled(state, backbone, batch, layout)
@@ -175,11 +180,10 @@ def main(cfg, workdir: str, devices=None) -> dict:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 values["lr"] = float(schedule(step))
                 now = time.perf_counter()
-                if last_time is not None:  # the first interval includes compilation: no rate for it
-                    per_step = (now - last_time) / (done - last_step)
-                    values["samples_per_s"] = train.global_batch_size / per_step
-                    values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
-                    values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
+                per_step = (now - last_time) / (done - last_step)  # wall clock, data loading included
+                values["samples_per_s"] = train.global_batch_size / per_step
+                values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
+                values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
                 writer.write(done, {k: v for k, v in values.items() if v is not None})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", iou=f"{values['roi_iou']:.3f}")
                 last_time, last_step = now, done

@@ -102,3 +102,13 @@ def test_sharded_arrays_place_and_compute():
     kernel = sharded["model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     x = jax.numpy.arange(2 * 128, dtype=jax.numpy.float32).reshape(2, 128)
     assert (jax.jit(lambda k: x @ k[0])(kernel) == x @ params["model"]["layers"]["mlp"]["gate_proj"]["kernel"][0]).all()
+
+
+def test_rules_overrides_from_config():
+    from qzoom_jax.parallel import DEFAULT_RULES, rules_with
+
+    rules = rules_with((("mlp", None), ("embed", ["data", "fsdp"])))
+    assert rules["mlp"] is None and rules["embed"] == ("data", "fsdp")
+    assert rules["heads"] == DEFAULT_RULES["heads"] and DEFAULT_RULES["mlp"] == "tensor"  # a copy
+    with pytest.raises(ValueError, match="unknown logical axis 'mpl'"):
+        rules_with((("mpl", None),))

@@ -284,11 +284,12 @@ class QwenVL:
 
 
 def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
-                    attn_impl: str = "einsum") -> QwenVL:
-    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json); None = the embedded default."""
+                    attn_impl: str = "einsum", rules=None) -> QwenVL:
+    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json); None = the embedded default.
+    With ``mesh`` every tensor lands on its shard under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
     from qzoom_jax import hf_checkpoint
 
     path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
     config = QwenVLConfig.from_json_file(path)
-    params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh)
+    params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
     return QwenVL(config, params, attn_impl)

@@ -19,6 +19,7 @@ starts from the last complete one.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -44,7 +45,9 @@ class TrainCheckpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-        self.directory = epath.Path(directory)
+        path = epath.Path(directory)
+        # Orbax's TensorStore writer needs an absolute path; a relative one means "under the current directory".
+        self.directory = path if "://" in os.fspath(directory) else epath.Path(os.path.abspath(path))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=True,
             # Every `save_interval_steps`, plus a save at the step the cluster agrees on when a preemption notice

@@ -163,3 +163,12 @@ def test_interrupted_save_is_never_the_latest(tmp_path):
     assert ckpt.latest_step() == 4
     assert int(ckpt.restore(4, abstract)["step"]) == 4
     ckpt.close()
+
+
+def test_relative_directory_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = TrainCheckpointer("runs/x/checkpoints", save_interval_steps=1)
+    ckpt.save(1, {"w": jnp.ones((2,))})
+    ckpt.wait()
+    assert ckpt.directory == tmp_path / "runs/x/checkpoints" and ckpt.latest_step() == 1
+    ckpt.close()

@@ -276,24 +276,25 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
                 raise ValueError(f"{where}: missing key(s) {missing}")
             if row["mode"] not in MODES:
                 raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
-            answer = row.get("answer", row.get("answers", ""))
-            data = _read_image_file(os.path.join(image_root, row["image"]))
-            if data is None:
-                skips.skip(where, f"missing or unreadable image {row['image']!r}")
-                continue
-            yield {
-                "uid": str(row["uid"]),
-                "question_id": str(row["question_id"]),
-                "dataset": str(row["dataset"]),
-                "mode": row["mode"],
-                "prompt": str(row["text"]),
-                "short_prompt": bool(row.get("short_prompt", False)),
-                "max_new_tokens": int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-                "answer": _answer_text(answer),
-                "image_path": str(row["image"]),
-                "image": data,
-            }
+            record = _input_record(row, where, image_root, skips, prompt=row["text"],
+                                   short_prompt=bool(row.get("short_prompt", False)),
+                                   max_new_tokens=int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                                   answer=_answer_text(row.get("answer", row.get("answers", ""))))
+            if record is not None:
+                yield record
     skips.close()
+
+
+def _input_record(row: Mapping[str, Any], where: str, image_root: str, skips: "_SkipLog", *, prompt: str,
+                  short_prompt: bool, max_new_tokens: int, answer: str) -> dict | None:
+    """An input record with the image file's bytes, or None (skipped and counted) when it cannot be read."""
+    data = _read_image_file(os.path.join(image_root, row["image"]))
+    if data is None:
+        skips.skip(where, f"missing or unreadable image {row['image']!r}")
+        return None
+    return {"uid": str(row["uid"]), "question_id": str(row["question_id"]), "dataset": str(row["dataset"]),
+            "mode": row["mode"], "prompt": str(prompt), "short_prompt": short_prompt,
+            "max_new_tokens": max_new_tokens, "answer": answer, "image_path": str(row["image"]), "image": data}
 
 
 _PICKLE_KEYS = ("uid", "question_id", "dataset", "mode", "prompt", "text", "image", "sink_attn",
@@ -329,23 +330,8 @@ def read_stage1_pickle(path: str | os.PathLike, image_root: str | os.PathLike | 
         if grounding.ndim != 2 or grounding.shape != sink.shape:
             raise ValueError(f"{where}: grounding_attn_o2i {grounding.shape} and sink_attn {sink.shape} must be "
                              "equal 2-D maps")
-        data = _read_image_file(os.path.join(image_root, row["image"]))
-        if data is None:
-            skips.skip(where, f"missing or unreadable image {row['image']!r}")
-            continue
-        yield {
-            "uid": str(row["uid"]),
-            "question_id": str(row["question_id"]),
-            "dataset": str(row["dataset"]),
-            "mode": row["mode"],
-            "prompt": str(row["prompt"]),
-            "short_prompt": False,
-            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-            "answer": "",
-            "image_path": str(row["image"]),
-            "image": data,
-            "text": str(row["text"]),
-            "grounding_attn": grounding,
-            "sink_attn": sink,
-        }
+        record = _input_record(row, where, image_root, skips, prompt=row["prompt"], short_prompt=False,
+                               max_new_tokens=DEFAULT_MAX_NEW_TOKENS, answer="")
+        if record is not None:
+            yield {**record, "text": str(row["text"]), "grounding_attn": grounding, "sink_attn": sink}
     skips.close()

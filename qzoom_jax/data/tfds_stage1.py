@@ -117,6 +117,7 @@ def _prepare(builder: _RecordsBuilder, exist_ok: bool) -> str:
             log.info("%s already prepared, reusing it", builder.data_dir)
             return builder.data_dir
         raise FileExistsError(f"{builder.data_dir} already exists; write the records under another name")
+    tfds.disable_progress_bar()  # the callers show their own progress (records come from a lazy iterable)
     builder.download_and_prepare()
     return builder.data_dir
 

@@ -40,7 +40,11 @@ def teacher_config(preset: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HEAD_TABLES)}")
     tiny = preset == "tiny"
     c = ml_collections.ConfigDict()
-    c.model = {"path": None if tiny else "", "dtype": "float32" if tiny else "bfloat16", "attn_impl": "xla"}
+    c.model = {
+        "path": ml_collections.config_dict.placeholder(str) if tiny else "",
+        "dtype": "float32" if tiny else "bfloat16",
+        "attn_impl": "xla",
+    }
     # source: "synthetic" (procedural, embedded default), "universal" (upstream JSONL + image root) or "tfds"
     # (prepared stage-1 input datasets, a list of directories).
     c.data = {

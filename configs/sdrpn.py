@@ -42,7 +42,12 @@ def get_config(arg=None):
     c.seed = 42
     # The frozen backbone: path None = the embedded tiny checkpoint. It is referenced by path from every
     # checkpoint, never copied.
-    c.model = dict(path=None if tiny else "", dtype="bfloat16", attn_impl="xla", **PRESETS[preset])
+    c.model = dict(
+        path=ml_collections.config_dict.placeholder(str) if tiny else "",
+        dtype="bfloat16",
+        attn_impl="xla",
+        **PRESETS[preset],
+    )
     c.teacher = _labels_config().teacher_config(preset)
     # grid: the label grid, i.e. merged image tokens per side (must match the labels); max_len: prompt tokens.
     c.data = {

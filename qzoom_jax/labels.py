@@ -99,7 +99,7 @@ def generate_labels(cfg, workdir: str) -> list[str]:
     names = [f"labels_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
     todo = [(name, idx) for name, idx in zip(names, parts) if not _is_done(out_dir, name)]
     if todo:
-        path = cfg.model.path or EMBEDDED_DEFAULT
+        path = model_path(cfg.model.path)
         mesh = parallel.make_mesh(**cfg.mesh)
         model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
         processor = Processor.from_pretrained(path)
@@ -118,6 +118,13 @@ def generate_labels(cfg, workdir: str) -> list[str]:
     if nproc > 1:  # every process's parts must be finished before anyone lists them
         multihost_utils.sync_global_devices("qzoom_jax.labels")
     return label_parts(out_dir)
+
+
+def model_path(path) -> str:
+    """None selects the embedded tiny checkpoint (the tiny preset); the real presets must name their backbone."""
+    if path == "":
+        raise ValueError("this preset needs the backbone checkpoint: pass --config.model.path=DIR")
+    return path or EMBEDDED_DEFAULT
 
 
 def _is_done(out_dir: str, name: str) -> bool:

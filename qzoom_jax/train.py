@@ -30,7 +30,7 @@ from qzoom_jax.data import pipeline, stage1, tfds_stage1
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.models import twig as twig_lib
 from qzoom_jax.models import vision as vision_lib
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
+from qzoom_jax.models.vlm import load_pretrained
 
 
 def lr_schedule(optim, num_steps: int) -> optax.Schedule:
@@ -124,7 +124,7 @@ def main(cfg, workdir: str, devices=None) -> dict:
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Frozen backbone, sharded straight from the checkpoint.
-    backbone_path = m.path or EMBEDDED_DEFAULT
+    backbone_path = labels_lib.model_path(m.path)
     model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl, rules=rules)
     config, backbone = model.config, model.params
     processor = Processor.from_pretrained(backbone_path)

@@ -72,7 +72,7 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
                 stage1.decode_image(record["image"], processor.image_processor.factor)
                 records.append(record)
             except stage1.SkipSample as e:
-                skipped[str(e).split(":")[-1].strip()] += 1
+                skipped["unusable image"] += 1
                 log.warning("skipping %s: %s", record["uid"], e)
         progress.update(len(indices[start:start + cfg.batch_size]))
         if not records:

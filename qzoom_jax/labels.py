@@ -77,7 +77,10 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
         progress.update(len(indices[start:start + cfg.batch_size]))
         if not records:
             continue
-        inputs = stage1.teacher_inputs(records, processor, cfg.grid)
+        # A short batch (the last one, or one with skipped images) is topped up with copies so every batch has
+        # the same shape and the teacher compiles once; the copies' outputs are dropped.
+        padded = records + [records[-1]] * (cfg.batch_size - len(records))
+        inputs = stage1.teacher_inputs(padded, processor, cfg.grid)
         tokens, attn = model.generate_with_attention(**inputs, capture_layers=layers,
                                                      max_new_tokens=cfg.max_new_tokens)
         for b, record in enumerate(records):

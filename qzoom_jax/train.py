@@ -54,10 +54,9 @@ def resolve_labels(cfg, workdir: str) -> list[str]:
         name = "pickle_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(cfg.data.pickle)).lower()
         return [tfds_stage1.build_pickle_labels(cfg.data.pickle, os.path.join(workdir, "data"), name,
                                                 cfg.data.image_root or None)]
-    teacher = cfg.teacher
+    teacher = cfg.teacher.copy_and_resolve_references()  # the run's config itself is never mutated
     if not teacher.model.path:  # the teacher is the frozen base model being extended
-        with teacher.unlocked():
-            teacher.model.path = cfg.model.path
+        teacher.model.path = cfg.model.path
     return labels_lib.generate_labels(teacher, workdir)
 
 

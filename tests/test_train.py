@@ -74,8 +74,9 @@ def test_frozen_backbone_gets_zero_gradient_and_no_optimizer_state(label_dirs):
     batch = next(iter(pipeline.stage1_loader(tfds_stage1.open_source(label_dirs), fn, global_batch_size=8, seed=0)))
     assert (batch["labels"] != IGNORE).any()
     layout = vision.vision_layout(np.array([[1, 16, 16]]), model.config.vision)
-    twig = train.init_state(model.params, 3, 3, train.make_optimizer(cfg.optim, 10),
-                            train.parallel.make_mesh(devices=jax.devices()[:1]))["params"]
+    state = train.init_state(model.params, 3, 3, train.make_optimizer(cfg.optim, 10),
+                             train.parallel.make_mesh(devices=jax.devices()[:1]))
+    twig = state["params"]
     grad = jax.grad(lambda t, b: sdrpn.loss_fn(t, b, model.config, batch, layout, 3, attn_impl="xla")[0],
                     argnums=(0, 1))
     g_twig, g_backbone = grad(twig, model.params)
@@ -88,7 +89,6 @@ def test_frozen_backbone_gets_zero_gradient_and_no_optimizer_state(label_dirs):
     assert not np.asarray(g_twig["mlp"]["down_proj"]["kernel"][-1]).any()
     assert not np.asarray(g_twig["self_attn"]["v_proj"]["kernel"][-1]).any()
 
-    state = train.init_state(model.params, 3, 3, train.make_optimizer(cfg.optim, 10), train.parallel.make_mesh(devices=jax.devices()[:1]))
     twig_shapes = sorted(a.shape for a in jax.tree_util.tree_leaves(state["params"]))
     moments = sorted(a.shape for a in jax.tree_util.tree_leaves(state["opt_state"]) if a.ndim > 0)
     assert moments == sorted(twig_shapes * 2)  # Adam's mu and nu of the twig, nothing of the backbone

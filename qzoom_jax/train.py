@@ -21,10 +21,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qzoom_jax import cli
+from qzoom_jax import cli, parallel, sdrpn
 from qzoom_jax import labels as labels_lib
 from qzoom_jax import metrics as metrics_lib
-from qzoom_jax import parallel, sdrpn
 from qzoom_jax.checkpoint import TrainCheckpointer
 from qzoom_jax.data import pipeline, stage1, tfds_stage1
 from qzoom_jax.data.processor import Processor

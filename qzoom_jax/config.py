@@ -89,6 +89,28 @@ class QZoomConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
 
+    def __post_init__(self):
+        if self.enable_twig and (not self.twig_K or not self.twig_T):
+            raise ConfigError(f"enable_twig=true needs positive twig_K and twig_T, got {self.twig_K}, {self.twig_T}")
+        if self.enable_twig and self.roi_source != "qk":
+            raise ConfigError(f"roi_source={self.roi_source!r} is not supported; upstream trains and infers 'qk' only")
+        if self.enable_high_res and not self.gate_K:
+            raise ConfigError("enable_high_res=true needs high_res_K or twig_K")
+        # Upstream silently skips base layers high_res_K..twig_K-1 when they differ (reference §7 #10).
+        if self.enable_high_res and self.enable_twig and self.gate_K != self.twig_K:
+            raise ConfigError(f"high_res_K={self.high_res_K} must equal twig_K={self.twig_K}: the gate and the twig "
+                              "branch off the same layer")
+
+    @property
+    def gate_K(self) -> int | None:
+        """The gate's branch layer: ``high_res_K``, defaulting to ``twig_K`` as upstream does."""
+        return self.high_res_K if self.high_res_K is not None else self.twig_K
+
+    @property
+    def gate_T(self) -> int | None:
+        """The gate's depth: ``high_res_T``, defaulting to ``twig_T``."""
+        return self.high_res_T if self.high_res_T is not None else self.twig_T
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QZoomConfig":
         names = {f.name for f in dataclasses.fields(cls)}

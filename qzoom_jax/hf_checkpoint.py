@@ -99,19 +99,29 @@ def checkpoint_table(config: QwenVLConfig) -> dict[str, TensorSpec]:
     linear("visual.merger.mlp.0", "visual/merger/mlp_0", merged, merged, True)
     linear("visual.merger.mlp.2", "visual/merger/mlp_2", v.out_hidden_size, merged, True)
 
+    def decoder_stack(name, depth):
+        for i in range(depth):
+            hf, ours = f"model.{name}.{i}", f"model/{name}"
+            add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", "none", (d,), i)
+            add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", "none", (d,), i)
+            linear(f"{hf}.self_attn.q_proj", f"{ours}/self_attn/q_proj", q_dim, d, True, i)
+            linear(f"{hf}.self_attn.k_proj", f"{ours}/self_attn/k_proj", kv_dim, d, True, i)
+            linear(f"{hf}.self_attn.v_proj", f"{ours}/self_attn/v_proj", kv_dim, d, True, i)
+            linear(f"{hf}.self_attn.o_proj", f"{ours}/self_attn/o_proj", d, q_dim, False, i)
+            linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", t.intermediate_size, d, False, i)
+            linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", t.intermediate_size, d, False, i)
+            linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", d, t.intermediate_size, False, i)
+
     add("model.embed_tokens.weight", "model/embed_tokens/embedding", "none", (t.vocab_size, d))
-    for i in range(t.num_hidden_layers):
-        hf, ours = f"model.layers.{i}", "model/layers"
-        add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", "none", (d,), i)
-        add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", "none", (d,), i)
-        linear(f"{hf}.self_attn.q_proj", f"{ours}/self_attn/q_proj", q_dim, d, True, i)
-        linear(f"{hf}.self_attn.k_proj", f"{ours}/self_attn/k_proj", kv_dim, d, True, i)
-        linear(f"{hf}.self_attn.v_proj", f"{ours}/self_attn/v_proj", kv_dim, d, True, i)
-        linear(f"{hf}.self_attn.o_proj", f"{ours}/self_attn/o_proj", d, q_dim, False, i)
-        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", t.intermediate_size, d, False, i)
-        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", t.intermediate_size, d, False, i)
-        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", d, t.intermediate_size, False, i)
+    decoder_stack("layers", t.num_hidden_layers)
     add("model.norm.weight", "model/norm/scale", "none", (d,))
+    # Q-Zoom branches (reference §5.1), present when the config enables them: the SD-RPN twig and the gate.
+    qz = config.qzoom
+    if qz.enable_twig:
+        decoder_stack("twig_layers", qz.twig_T)
+    if qz.enable_high_res:
+        decoder_stack("high_res_layers", qz.gate_T)
+        linear("model.high_res_head", "model/high_res_head", 1, d, True)
     if not t.tie_word_embeddings:
         linear("lm_head", "lm_head", t.vocab_size, d, False)
     return table

@@ -82,6 +82,8 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("text", "down_proj", "kernel"): ("mlp", "embed"),
     ("text", "norm", "scale"): ("norm",),
     ("text", "lm_head", "kernel"): ("embed", "vocab"),
+    ("text", "high_res_head", "kernel"): ("embed", None),  # the Q-Zoom gate's Linear(d -> 1)
+    ("text", "high_res_head", "bias"): (None,),
 }
 
 

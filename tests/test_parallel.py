@@ -37,8 +37,8 @@ def test_every_leaf_has_logical_axes_known_to_the_rules(tied):
 
 
 def test_unknown_leaf_is_named():
-    with pytest.raises(KeyError, match="model/high_res_head/kernel"):
-        parallel.logical_axes({"model": {"high_res_head": {"kernel": jax.ShapeDtypeStruct((8, 1), "float32")}}})
+    with pytest.raises(KeyError, match="model/roi_head/kernel"):
+        parallel.logical_axes({"model": {"roi_head": {"kernel": jax.ShapeDtypeStruct((8, 1), "float32")}}})
 
 
 def test_make_mesh_sizes():

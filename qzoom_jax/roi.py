@@ -168,17 +168,22 @@ def box_to_source(box, grid_hw, src_wh, min_side=28):
     return ax, ay, bx, by
 
 
-def roi_box(roi_logits, src_wh, threshold, min_side=28):
-    """RoI logits [h, w] -> source-pixel crop box (x0, y0, x1, y1), or None when no cell passes.
+def roi_grid_box(roi_logits, threshold):
+    """RoI logits [h, w] -> grid box (x0, y0, x1, y1), exclusive upper bounds, or None when no cell passes.
 
-    Inference ref §2.5 steps 1-6: sigmoid, sink mask, 3x3 blur, strict `>` threshold, tight box, mapping.
+    Inference ref §2.5 steps 1-5: sigmoid, sink mask, 3x3 blur, strict `>` threshold, tight box.
     """
     logits = np.asarray(roi_logits, np.float32)
     if logits.ndim != 2:
-        raise ValueError(f"roi_box: expected a 2-D [h, w] map, got shape {logits.shape}")
+        raise ValueError(f"expected a 2-D [h, w] RoI map, got shape {logits.shape}")
     h, w = logits.shape
     # Numerically stable sigmoid (no overflow warning for very negative logits).
     e = np.exp(-np.abs(logits))
     prob = np.where(logits >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32)
-    box = tight_box(gaussian_blur3x3(prob * sink_mask(h, w)) > np.float32(threshold))
-    return None if box is None else box_to_source(box, (h, w), src_wh, min_side)
+    return tight_box(gaussian_blur3x3(prob * sink_mask(h, w)) > np.float32(threshold))
+
+
+def roi_box(roi_logits, src_wh, threshold, min_side=28):
+    """RoI logits [h, w] -> source-pixel crop box (x0, y0, x1, y1), or None when no cell passes (§2.5 steps 1-6)."""
+    box = roi_grid_box(roi_logits, threshold)
+    return None if box is None else box_to_source(box, np.shape(roi_logits), src_wh, min_side)

@@ -89,7 +89,7 @@ def roi_map(model: vlm_lib.QwenVL, twig_params, K: int, input_ids, attention_mas
     (None for a sample without images), queried at the last valid prompt token."""
     del mm_token_type_ids
     cfg = model.config
-    _, ids, am, positions, _, pv, layout = model._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+    _, ids, am, positions, _, pv, layout = model.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     L = ids.shape[1]
     query_index = (L - 1 - np.argmax(am[:, ::-1] != 0, axis=1)).astype(np.int32)  # last valid token per row
     logits = np.asarray(_roi_forward(model.params, twig_params, cfg, ids, am, positions, pv, layout, query_index,

@@ -188,17 +188,18 @@ class QwenVL:
     attn_impl: str = "einsum"
 
     def __post_init__(self):
-        statics = dict(static_argnames=("config", "cache_len", "attn_impl"))
+        statics = {"static_argnames": ("config", "cache_len", "attn_impl")}
         self._prefill = jax.jit(prefill, **statics)
         self._decode = jax.jit(greedy_decode, static_argnames=("config", "start", "max_new_tokens", "capture",
                                                                "attn_impl"))
 
-    def _prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw):
-        """Left-pad the batch to a bucketed length and lay out the images; returns device-ready arrays."""
+    def prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """Left-pad the batch to a bucketed length and lay out the images. Returns the device-ready tuple
+        ``(pad, input_ids, attention_mask, positions [3, B, L], next_position [B], pixel_values, layout)``."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         n_img_tokens = int((input_ids == self.config.image_token_id).sum())
         if (pixel_values is None) != (image_grid_thw is None):
@@ -226,7 +227,7 @@ class QwenVL:
                mm_token_type_ids=None):
         """Logits [B, L, vocab] (float32 NumPy) for a batch as returned by the HF processor."""
         del mm_token_type_ids  # image tokens are found from input_ids, as HF does for images
-        pad, ids, am, positions, _, pv, layout = self._prepare(input_ids, attention_mask, pixel_values,
+        pad, ids, am, positions, _, pv, layout = self.prepare(input_ids, attention_mask, pixel_values,
                                                                 image_grid_thw)
         logits, _ = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
                                   attn_impl=self.attn_impl)
@@ -248,7 +249,7 @@ class QwenVL:
         Returns (tokens [B, <=max_new], attention float32 [len(capture_layers), B, heads, N]).
         """
         del mm_token_type_ids
-        capture = tuple(sorted(set(int(i) for i in capture_layers)))
+        capture = tuple(sorted({int(i) for i in capture_layers}))
         if not capture:
             raise ValueError("capture_layers is empty")
         tokens, attn = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
@@ -258,11 +259,15 @@ class QwenVL:
 
     def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens: int,
                   capture: tuple[int, ...]):
+        return self.generate_prepared(self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw),
+                                      max_new_tokens, capture)
+
+    def generate_prepared(self, prepared: tuple, max_new_tokens: int, capture: tuple[int, ...] = ()):
+        """Greedy generation from ``_prepare``'s output: (tokens [B, <=max_new], attention or None)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         new_b = bucket(max_new_tokens, 8)
-        pad, ids, am, positions, next_position, pv, layout = self._prepare(
-            input_ids, attention_mask, pixel_values, image_grid_thw)
+        _, ids, am, positions, next_position, pv, layout = prepared
         image_index = None
         if capture:
             rows, cols = np.nonzero((ids == self.config.image_token_id) & (am != 0))

@@ -79,7 +79,7 @@ def hf_reference(hf, torch_layers, inputs):
 
 
 def ours_forward(ours, twig_params, inputs):
-    pad, ids, am, positions, _, pv, layout = ours._prepare(inputs["input_ids"], inputs["attention_mask"],
+    pad, ids, am, positions, _, pv, layout = ours.prepare(inputs["input_ids"], inputs["attention_mask"],
                                                            inputs["pixel_values"], inputs["image_grid_thw"])
     h, cos, sin, mask, _ = vlm.trunk(ours.params, ours.config, ids, am, positions, pv, layout, num_layers=K)
     qi = jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32)

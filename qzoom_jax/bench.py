@@ -6,23 +6,31 @@ Benchmarks (``--only NAME`` to pick some):
   train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
             of our jitted step (JAX only: the upstream trainer is a DeepSpeed/GPU program), backbone in
             ``--dtype``; ``--size qwen2_5vl_7b`` builds a 7B-shaped random-weight model (K=18, T=3)
+  qzoom     per-sample latency (batch 1): baseline generation at ``--large`` visual tokens vs Q-Zoom at ``--small``
+            with the gate forced off and on, and the baseline in JAX vs transformers ``generate`` at both budgets
 
 Both libraries get the same random weights and the same inputs; times are medians over ``--repeats`` after a
 warm-up (JAX compile time is reported separately). The comparison needs ``transformers`` and ``torch``
 (``pip install -e .[test]``). Example:
 
   python -m qzoom_jax.bench --size small --image 448 --repeats 5
+  python -m qzoom_jax.bench --only qzoom --size small --large 1024 --small 256
   python -m qzoom_jax.bench --only train --size qwen2_5vl_7b --dtype bfloat16 --batch 8   # on a GPU/TPU
+  python -m qzoom_jax.bench --only qzoom --size qwen2_5vl_7b --dtype bfloat16 --large 4096 --small 576 \
+      --attn-impl cudnn                                                                  # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
 import numpy as np
+
+from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids
 
 SIZES = {
     # A model large enough that the math, not Python overhead, dominates on CPU.
@@ -41,8 +49,8 @@ QWEN2_5VL_7B = dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_
                     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                 fullatt_block_indexes=[7, 15, 23, 31]))
 TWIG = {"tiny": (3, 3), "small": (4, 2), "qwen2_5vl_7b": (18, 3)}  # (K, T) of the train benchmark
-SPECIAL = dict(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003,
-               bos_token_id=1004, eos_token_id=1005, pad_token_id=1004)
+# The embedded tokenizer's special-token ids, so its processor can feed every benchmark model.
+SPECIAL = {k: v for k, v in tiny_special_token_ids().items() if k != "vocab_size"}
 
 
 def _hf_config(size: str):
@@ -57,18 +65,22 @@ def _hf_config(size: str):
         vision_config=dict(out_hidden_size=t["hidden_size"], window_size=112, **spec["vision"]), **SPECIAL)
 
 
-def _models(size: str, seed: int):
+def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "einsum"):
+    """The same random weights in transformers (eager attention; on CUDA when torch has it) and in JAX."""
     import torch
     import transformers
+
     from qzoom_jax.config import QwenVLConfig
     from qzoom_jax.hf_checkpoint import params_from_state_dict
-    from qzoom_jax.models.vlm import QwenVL
+    from qzoom_jax.models.vlm import QwenVL, as_dtype
 
     torch.manual_seed(seed)
     hf = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(size)).eval()
     hf.set_attn_implementation("eager")
     config = QwenVLConfig.from_dict(hf.config.to_dict())
-    return hf, QwenVL(config, params_from_state_dict(hf.state_dict(), config))
+    ours = QwenVL(config, params_from_state_dict(hf.state_dict(), config, as_dtype(dtype)), attn_impl)
+    hf = hf.to(getattr(torch, dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
+    return hf, ours
 
 
 def _inputs(config, image: int, text: int, batch: int, seed: int):
@@ -97,9 +109,17 @@ def _time(fn, repeats: int):
     return first, float(np.median(times))
 
 
+def _to_torch(inputs: dict, hf) -> dict:
+    import torch
+
+    dtype = next(hf.parameters()).dtype
+    return {k: torch.from_numpy(np.asarray(v)).to(hf.device, dtype=dtype if k == "pixel_values" else None)
+            for k, v in inputs.items()}
+
+
 def bench_forward(hf, ours, inputs, args):
     import torch
-    torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    torch_inputs = _to_torch(inputs, hf)
     jax_first, jax_t = _time(lambda: ours.logits(**inputs), args.repeats)
     with torch.no_grad():
         _, torch_t = _time(lambda: hf(**torch_inputs).logits.numpy(), args.repeats)
@@ -108,7 +128,7 @@ def bench_forward(hf, ours, inputs, args):
 
 def bench_generate(hf, ours, inputs, args):
     import torch
-    torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    torch_inputs = _to_torch(inputs, hf)
     n = args.new_tokens
     eos = -1  # never stop early, so both produce exactly n tokens
     ours_noeos = type(ours)(dataclasses.replace(ours.config, eos_token_id=eos), ours.params)
@@ -174,7 +194,63 @@ def bench_train(args):
                 device=jax.devices()[0].device_kind, jax_compile_s=compile_s)
 
 
-BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train}
+def bench_qzoom(args):
+    """Per-sample latency at batch 1, wall clock around generation as the reference measures it (§6.4): the
+    baseline at ``--large`` tokens vs Q-Zoom at ``--small`` tokens with the gate forced off (answer from pass 1)
+    and forced on (RoI threshold 0: the crop is re-encoded at the same ``--small`` budget whatever its size, so
+    its cost does not depend on the random twig's map); and our JAX baseline vs transformers ``generate`` at the
+    same settings. Every run generates exactly ``--new-tokens`` tokens (eos disabled)."""
+    import jax
+    import torch
+
+    from qzoom_jax import qzoom_checkpoint
+    from qzoom_jax.data import synthetic
+    from qzoom_jax.data.processor import Processor
+    from qzoom_jax.models import gate, twig
+    from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, QwenVL
+    from qzoom_jax.qzoom import QZoom
+
+    hf, ours = _models(args.size, args.seed, args.dtype, args.attn_impl)
+    n = args.new_tokens
+    model = QwenVL(dataclasses.replace(ours.config, eos_token_id=-1), ours.params, ours.attn_impl)
+    K, T = TWIG[args.size]
+    layers = model.params["model"]["layers"]
+    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_DEFAULT, twig.init_twig_params(layers, K, T),
+                                        gate.init_gate_params(layers, K, T, jax.random.key(args.seed)), K, True)
+    engine = QZoom(parts, Processor.from_pretrained(EMBEDDED_DEFAULT))
+    sample = synthetic.make_sample(args.seed, 0)
+    budget = lambda tokens: {"min_pixels": tokens * 28 * 28, "max_pixels": tokens * 28 * 28}
+    large = engine.prepare([sample.image], [sample.prompt], **budget(args.large))
+    small = engine.prepare([sample.image], [sample.prompt], **budget(args.small))
+    run = lambda prepared, **kw: engine.run(prepared, max_new_tokens=n, roi_threshold=0.0, **kw)[0]
+    variants = {
+        "baseline_large": lambda: run(large, gate_threshold=0.0, zoom=False),
+        "baseline_small": lambda: run(small, gate_threshold=0.0, zoom=False),
+        "qzoom_small_gate_off": lambda: run(small, gate_threshold=2.0),
+        "qzoom_small_gate_on": lambda: run(small, gate_threshold=0.0),
+    }
+    out = {"large_tokens": args.large, "small_tokens": args.small, "new_tokens": n}
+    for name, fn in variants.items():
+        first, t = _time(fn, args.repeats)
+        answer = fn()
+        assert answer.num_tokens == n, (name, answer.num_tokens)
+        out[name] = {"latency_s": t, "jax_compile_s": first - t, "visual_tokens": answer.visual_tokens,
+                     "zoomed": answer.zoomed}
+    for name, prepared in (("torch_baseline_large", large), ("torch_baseline_small", small)):
+        inputs = _to_torch(prepared.inputs, hf)
+        with torch.no_grad():
+            _, t = _time(functools.partial(hf.generate, **inputs, max_new_tokens=n, min_new_tokens=n,
+                                           do_sample=False, pad_token_id=SPECIAL["pad_token_id"]), args.repeats)
+        out[name] = {"latency_s": t}
+    lat = {k: v["latency_s"] for k, v in out.items() if isinstance(v, dict)}
+    out["speedup_vs_baseline_large"] = {k: lat["baseline_large"] / lat[k] for k in
+                                        ("qzoom_small_gate_off", "qzoom_small_gate_on", "baseline_small")}
+    out["torch_over_jax"] = {"large": lat["torch_baseline_large"] / lat["baseline_large"],
+                             "small": lat["torch_baseline_small"] / lat["baseline_small"]}
+    return out
+
+
+BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train, "qzoom": bench_qzoom}
 
 
 def main(argv=None):
@@ -186,8 +262,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--grid", type=int, default=24, help="train: merged image tokens per side (24 = 576)")
-    p.add_argument("--dtype", default="float32", help="train: backbone dtype (float32, bfloat16)")
-    p.add_argument("--attn-impl", default="xla", help="train: attention implementation (einsum, xla, cudnn)")
+    p.add_argument("--large", type=int, default=1024, help="qzoom: the baseline's budget in visual tokens")
+    p.add_argument("--small", type=int, default=256, help="qzoom: Q-Zoom's budget in visual tokens")
+    p.add_argument("--dtype", default="float32", help="train, qzoom: model dtype (float32, bfloat16)")
+    p.add_argument("--attn-impl", default="xla", help="train, qzoom: JAX attention (einsum, xla, cudnn)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
@@ -196,7 +274,7 @@ def main(argv=None):
     import jax
     header = dict(size=args.size, batch=args.batch, jax_backend=jax.default_backend())
     rows = []
-    compared = [name for name in args.only if name != "train"]
+    compared = [name for name in args.only if name in ("forward", "generate")]
     if compared:
         hf, ours = _models(args.size, args.seed)
         inputs = _inputs(ours.config, args.image, args.text, args.batch, args.seed)
@@ -211,6 +289,16 @@ def main(argv=None):
         row = {"bench": "train", **header, "dtype": args.dtype, **bench_train(args)}
         mfu = "n/a (no peak FLOPs for this device)" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(f"train      {row['step_s']:.4f} s/step  {row['samples_per_s']:.2f} samples/s  MFU {mfu}")
+        rows.append(row)
+    if "qzoom" in args.only:
+        row = {"bench": "qzoom", **header, "dtype": args.dtype, **bench_qzoom(args)}
+        print(f"{'per-sample latency':24s} {'seconds':>8s} {'visual tokens':>14s}")
+        for name in ("baseline_large", "baseline_small", "qzoom_small_gate_off", "qzoom_small_gate_on",
+                     "torch_baseline_large", "torch_baseline_small"):
+            r = row[name]
+            print(f"{name:24s} {r['latency_s']:8.4f} {r.get('visual_tokens', '')!s:>14s}")
+        print("baseline_large / x: " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup_vs_baseline_large"].items()))
+        print("torch / jax (baseline): " + ", ".join(f"{k} {v:.2f}x" for k, v in row["torch_over_jax"].items()))
         rows.append(row)
     for row in rows:
         line = json.dumps(row)

@@ -64,6 +64,7 @@ class Prepared:
     """A preprocessed batch: the original images (crops are cut from them) and the pass-1 arrays."""
 
     images: list[Image.Image]
+    inputs: dict            # the processor's output (what transformers would be given)
     arrays: tuple           # QwenVL.prepare's tuple
     src_hw: list[tuple[int, int]]   # merged grid of each source image
     min_pixels: int
@@ -113,7 +114,7 @@ class QZoom:
                                     inputs["image_grid_thw"])
         m = self.config.vision.spatial_merge_size
         src_hw = [(int(g[1]) // m, int(g[2]) // m) for g in inputs["image_grid_thw"]]
-        return Prepared(images, arrays, src_hw, min_pixels, max_pixels)
+        return Prepared(images, inputs, arrays, src_hw, min_pixels, max_pixels)
 
     def answer(self, images, questions, *, min_pixels: int, max_pixels: int, **run_args) -> list[Answer]:
         return self.run(self.prepare(images, questions, min_pixels=min_pixels, max_pixels=max_pixels), **run_args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from qzoom_jax.data.image_processing import to_rgb
 
@@ -22,7 +22,8 @@ def overlay(image, roi_logits, box=None, caption: str = "", alpha: float = 0.45)
     if box is not None:
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(0, 255, 120), width=width)
     if caption:
-        left, top, right, bottom = draw.textbbox((width, width), caption)
+        font = ImageFont.load_default(size=max(12, min(image.size) // 40))
+        left, top, right, bottom = draw.textbbox((width, width), caption, font=font)
         draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(0, 0, 0))
-        draw.text((width, width), caption, fill=(255, 255, 255))
+        draw.text((width, width), caption, fill=(255, 255, 255), font=font)
     return out

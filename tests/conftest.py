@@ -1,10 +1,28 @@
-"""Test-wide setup: 8 host CPU devices for sharding tests, and full float32 matmul precision for parity."""
+"""Test-wide setup: 8 host CPU devices for sharding tests, full float32 matmul precision for parity, and a
+Q-Zoom checkpoint built from the embedded backbone."""
 
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402  (must come after XLA_FLAGS)
+import jax  # must come after XLA_FLAGS
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def qzoom_dir(tmp_path_factory):
+    """The embedded backbone with a copy-initialised twig and a fresh gate (K=3, T=3), as a HF Q-Zoom directory
+    (position mode b). Untrained branches: tests of the machinery, not of what the branches learned."""
+    from qzoom_jax import qzoom_checkpoint
+    from qzoom_jax.models import gate, twig
+    from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
+
+    model = load_pretrained(None)
+    layers = model.params["model"]["layers"]
+    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_DEFAULT, twig.init_twig_params(layers, 3, 3),
+                                        gate.init_gate_params(layers, 3, 3, jax.random.key(1)), 3, False)
+    return qzoom_checkpoint.save_hf(parts, str(tmp_path_factory.mktemp("qzoom")))

@@ -1,7 +1,6 @@
 """Q-Zoom inference: pass 2 with cache reuse against transformers' full forward of the spliced sequence, gate
 routing, per-sample routes in a batch, and static shapes."""
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -9,24 +8,12 @@ import transformers
 
 from qzoom_jax import qzoom_checkpoint, roi
 from qzoom_jax.data import synthetic
-from qzoom_jax.models import gate as gate_lib
-from qzoom_jax.models import twig as twig_lib
 from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, lm_logits, load_pretrained
 from qzoom_jax.qzoom import QZoom, ZoomPlan, pass2_arrays
 from qzoom_jax.splice import splice_roi
 
 TOKENS = 28 * 28
 BUDGET = {"min_pixels": 64 * TOKENS, "max_pixels": 128 * TOKENS}
-
-
-@pytest.fixture(scope="module")
-def qzoom_dir(tmp_path_factory):
-    """The embedded backbone with a copy-initialised twig and a fresh gate (K=3, T=3), as a HF Q-Zoom dir."""
-    model = load_pretrained(None)
-    layers = model.params["model"]["layers"]
-    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_DEFAULT, twig_lib.init_twig_params(layers, 3, 3),
-                                        gate_lib.init_gate_params(layers, 3, 3, jax.random.key(1)), 3, False)
-    return qzoom_checkpoint.save_hf(parts, str(tmp_path_factory.mktemp("qz")))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ setup(
         "grain",
         "tensorflow-datasets",
         "einops",
+        "matplotlib",
         "ml-collections",
         "numpy",
         "pillow",

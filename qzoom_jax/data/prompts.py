@@ -12,3 +12,6 @@ GROUNDING_INSTRUCTION = (
 
 # Older released pickles carry this instruction in `prompt`; the training dataset swaps it for ANSWER_SUFFIX.
 LEGACY_GROUNDING_INSTRUCTION = "Output grounding bounding box related to the question in JSON."
+
+# Follows the "(A) text" option lines of a multiple-choice evaluation question (LLaVA's wording).
+OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."

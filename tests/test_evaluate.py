@@ -1,0 +1,313 @@
+"""qzoom_jax.evaluate end to end with a stand-in engine (the QZoom interface: prepare untimed, run timed) whose
+answers and latencies are scripted, so every reported number can be checked by hand; plus the eval presets."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+from types import SimpleNamespace
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from qzoom_jax import evaluate
+from qzoom_jax.data import benchmarks
+from qzoom_jax.data.prompts import ANSWER_SUFFIX
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACTOR = 28
+ZOOM_TOKENS = 64  # RoI tokens the stand-in adds when it zooms
+
+
+def eval_config(preset=None):
+    spec = importlib.util.spec_from_file_location("eval_config", os.path.join(ROOT, "configs", "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(preset)
+
+
+@dataclasses.dataclass
+class Answer:
+    answer: str
+    num_tokens: int
+    gate_prob: float | None
+    zoomed: bool
+    box: tuple | None
+    visual_tokens: int
+    roi_logits: np.ndarray | None = None
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeEngine:
+    """Replies by the question's first line: script[question] = (reply, gate probability). A run takes
+    max_tokens / 1000 s on the clock, 1.5x that when it zooms (gate probability >= τ_gate)."""
+
+    processor = SimpleNamespace(image_processor=SimpleNamespace(factor=FACTOR))
+    has_gate = True
+
+    def __init__(self, clock, script=None, default=("A", 0.0)):
+        self.clock, self.script, self.default = clock, script or {}, default
+        self.prepared, self.runs = [], []
+
+    def prepare(self, images, questions, *, min_pixels, max_pixels):
+        assert len(images) == len(questions) == 1 and isinstance(images[0], Image.Image)
+        item = {"question": questions[0], "min_tokens": min_pixels // FACTOR**2,
+                "max_tokens": max_pixels // FACTOR**2}
+        self.prepared.append(item)
+        return item
+
+    def run(self, prepared, *, roi_threshold, gate_threshold, max_new_tokens, zoom=True):
+        self.runs.append((prepared["question"], zoom, roi_threshold, gate_threshold, max_new_tokens))
+        reply, gate = self.script.get(prepared["question"].split("\n")[0], self.default)
+        zoomed = zoom and gate >= gate_threshold
+        self.clock.now += prepared["max_tokens"] / 1000 * (1.5 if zoomed else 1.0)
+        tokens = prepared["max_tokens"] + (ZOOM_TOKENS if zoomed else 0)
+        return [Answer(reply, len(reply.split()) + 1, gate if zoom else None, zoomed,
+                       (0, 0, 28, 28) if zoomed else None, tokens)]
+
+
+DOCS = [  # question, answers, image name, scripted reply, gate probability
+    ("What is the title?", ["Annual Report"], "d1.png", "annual report", 0.9),   # ANLS 1, zooms
+    ("What is the date?", ["12 May 2020"], "d2.png", "12 may 2021", 0.1),       # ANLS 10/11, no zoom
+    ("Who signed?", ["J. Doe"], "missing.png", "J. Doe", 0.9),                   # image missing: skipped
+    ("What is the total?", ["$1,000"], "d4.png", "$1,000", 0.6),                 # ANLS 1, zooms, not timed
+]
+MC = [  # question, options, answer, category, reply, gate probability
+    ("Which animal?", ["dog", "cat"], "B", "attr", "(B) cat", 0.7),
+    ("Which colour?", ["red", "blue", "green"], "A", "spatial", "The answer is C", 0.2),
+]
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """A two-task benchmark folder (docs: ANLS, mc: multiple choice), the config and the stand-in's script."""
+    data = tmp_path / "data"
+    (data / "docs").mkdir(parents=True)
+    (data / "mc").mkdir()
+    for _, _, image, _, _ in DOCS:
+        if image != "missing.png":
+            Image.new("RGB", (120, 90), (200, 200, 200)).save(data / "docs" / image)
+    Image.new("RGB", (100, 100)).save(data / "mc" / "m.png")
+    with open(data / "docs.jsonl", "w") as f:
+        for i, (q, answers, image, _, _) in enumerate(DOCS):
+            f.write(json.dumps({"question_id": f"d{i}", "image": image, "question": q, "answers": answers}) + "\n")
+    with open(data / "mc.jsonl", "w") as f:
+        for i, (q, options, answer, category, _, _) in enumerate(MC):
+            f.write(json.dumps({"question_id": i, "image": "m.png", "question": q, "options": options,
+                                "answer": answer, "category": category}) + "\n")
+    module, cfg = eval_config()
+    cfg.data_dir = str(data)
+    # docs: 4-16 tokens, mc: 8-32 tokens; τ_gate 0.5; N_i 300 and 100
+    docs = module._task("docs", ("anls", 300, 32, 4, 16, 0.15, 0.5, "mean"), (0.1, 0.5, 0.1, 0.5, 4, 8), False)
+    mc = module._task("mc", ("option", 100, 16, 8, 32, 0.05, 0.5, "mean"), (0.1, 0.5, 0.1, 0.5, 4, 8), False)
+    cfg.tasks = ml_collections.ConfigDict({"docs": docs, "mc": mc})
+    cfg.task_names = ("docs", "mc")
+    cfg.groups = ml_collections.ConfigDict({"doc": {"tasks": ("docs",), "speedup_budget": 32},
+                                            "all": {"tasks": ("docs", "mc"), "speedup_budget": 32}})
+    cfg.throughput_limit = 2
+    cfg.warmup_runs = 1
+    script = {q: (reply, gate) for q, _, _, reply, gate in DOCS}
+    script.update({q: (reply, gate) for q, _, _, _, reply, gate in MC})
+    return cfg, script, tmp_path / "run"
+
+
+def test_evaluate_reports_hand_computed_numbers(bench):
+    cfg, script, workdir = bench
+    clock = Clock()
+    engine = FakeEngine(clock, script)
+    results = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+
+    qz, base = results["variants"]["qzoom"], results["variants"]["baseline"]
+    docs = qz["tasks"]["docs"]
+    assert docs["accuracy"] == pytest.approx(100 * (1 + 10 / 11 + 1) / 3)
+    assert (docs["num_samples"], docs["skipped"]) == (3, {"missing image": 1})
+    # timed: the first two usable samples, 0.016 s x 1.5 (zoomed) + 0.016 s
+    assert docs["throughput"]["samples"] == 2
+    assert docs["throughput"]["samples_per_s"] == pytest.approx(2 / 0.040)
+    assert docs["throughput"]["tokens_per_s"] == pytest.approx((3 + 4) / 0.040)
+    assert docs["mean_visual_tokens"] == pytest.approx((80 + 16 + 80) / 3)
+    assert docs["zoom_rate"] == pytest.approx(2 / 3) and docs["gate_fire_rate"] == pytest.approx(2 / 3)
+    assert docs["mean_gate_prob"] == pytest.approx((0.9 + 0.1 + 0.6) / 3)
+    assert (docs["min_tokens"], docs["max_tokens"], docs["full_size"]) == (4, 16, 300)
+
+    mc = qz["tasks"]["mc"]
+    assert mc["accuracy"] == 50.0 and mc["categories"] == {"attr": 100.0, "spatial": 0.0}
+    assert mc["throughput"]["samples_per_s"] == pytest.approx(2 / (0.048 + 0.032))
+    assert mc["mean_visual_tokens"] == pytest.approx((96 + 32) / 2)
+
+    assert base["tasks"]["docs"]["accuracy"] == docs["accuracy"]
+    assert base["tasks"]["docs"]["throughput"]["samples_per_s"] == pytest.approx(2 / 0.032)
+    assert base["tasks"]["docs"]["mean_gate_prob"] is None and base["tasks"]["docs"]["zoom_rate"] == 0.0
+    assert "roi_threshold" not in base["tasks"]["docs"]  # the baseline never zooms
+
+    # group "all": N = (300, 100) at (50, 25) samples/s -> 400 / (6 + 4) s
+    group = qz["groups"]["all"]
+    assert group["accuracy"] == pytest.approx((docs["accuracy"] + 50.0) / 2)
+    assert group["rectified_samples_per_s"] == pytest.approx(40.0)
+    assert group["rectified_visual_tokens"] == pytest.approx((300 * 176 / 3 + 100 * 64) / 400)
+    assert results["relative_throughput"]["tasks"]["docs"] == pytest.approx(50 / 62.5)
+
+    # batch 1; budgets in pixels; warm-up runs only for the timed samples; the task's thresholds and tokens
+    assert {(p["min_tokens"], p["max_tokens"]) for p in engine.prepared} == {(4, 16), (8, 32)}
+    docs_runs = [r for r in engine.runs if r[0].startswith("What is") or r[0].startswith("Who")]
+    assert len(docs_runs) == 2 * (3 + 2)  # per variant: 3 usable samples + 2 warm-up runs
+    assert {r[1:] for r in docs_runs} == {(True, 0.15, 0.5, 32), (False, 0.15, 0.5, 32)}
+    assert engine.runs[-1][0].endswith(ANSWER_SUFFIX)  # the suffix quirk on a MC prompt
+
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["variants"]["qzoom"]["groups"]["all"]["rectified_samples_per_s"] == pytest.approx(40.0)
+    assert saved["config"]["task_names"] == ["docs", "mc"]
+    lines = (workdir / "qzoom" / "docs.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["settings"]["max_tokens"] == 16
+    first = json.loads(lines[1])
+    assert first["prediction"] == "annual report" and first["score"] == 1.0 and first["zoomed"]
+    assert first["box"] == [0, 0, 28, 28] and first["visual_tokens"] == 80 and first["throughput"]
+    assert first["latency_s"] == pytest.approx(0.024) and first["answers"] == ["Annual Report"]
+    skipped = json.loads(lines[3])
+    assert set(skipped) == {"question_id", "skipped"} and skipped["question_id"] == "d2"
+    assert skipped["skipped"].startswith("missing image:")
+
+
+def test_evaluate_resumes_and_redoes_on_changed_settings(bench):
+    cfg, script, workdir = bench
+    clock = Clock()
+    first = evaluate.evaluate(cfg, str(workdir), FakeEngine(clock, script), evaluate.load_tasks(cfg), clock)
+
+    # an interrupted run: the last record and half a line are lost
+    path = workdir / "qzoom" / "docs.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + '\n{"question_id": "d3", "predi')
+    engine = FakeEngine(clock, script)
+    again = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert [r[0] for r in engine.runs] == ["What is the total?\n" + ANSWER_SUFFIX]
+    assert again["variants"]["qzoom"]["tasks"]["docs"] == first["variants"]["qzoom"]["tasks"]["docs"]
+    assert len(path.read_text().splitlines()) == len(lines)
+
+    engine = FakeEngine(clock, script)
+    cfg.tasks.docs.max_tokens = 20  # qzoom and baseline docs are redone, mc is kept
+    evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert len(engine.runs) == 2 * (3 + 2) and {p["max_tokens"] for p in engine.prepared} == {20}
+
+    engine = FakeEngine(clock, script)
+    cfg.tasks.mc.roi_threshold = 0.3  # only Q-Zoom depends on the thresholds
+    evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert {r[1] for r in engine.runs} == {True} and len(engine.runs) == 2 + 2
+
+    engine = FakeEngine(clock, script)
+    cfg.tasks.docs.metric = "relaxed"  # rescored, not regenerated: only "annual report" and "$1,000" match
+    out = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["accuracy"] == pytest.approx(200 / 3)
+    assert json.loads(path.read_text().splitlines()[2])["score"] == 0.0  # "12 may 2021", was 10/11
+
+    cfg.tasks.docs.limit = 2  # fewer samples: nothing to run, and the summary covers only those
+    out = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["num_samples"] == 2
+
+
+def test_main_prints_the_tables(tmp_path, monkeypatch, capsys):
+    _, cfg = eval_config()
+    monkeypatch.setattr(evaluate, "load_engine", lambda model: FakeEngine(Clock()))  # timed by perf_counter
+    evaluate.main(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "qzoom    synthetic_scenes     acc  33.33" in out and "baseline doc_ocr" in out
+    evaluate.main(cfg, str(tmp_path), run_sweep=True)
+    out = capsys.readouterr().out
+    assert "doc_ocr: Q-Zoom Max-128 vs baseline Max-256: speed-up " in out  # real clock: any speed
+    assert "visual-token reduction 50.0%; accuracy gain at Max-256 +0.0" in out
+    assert (tmp_path / "pareto.png").exists() and (tmp_path / "results.json").exists()
+
+
+def test_sweep_on_the_tiny_preset_writes_json_and_plot(tmp_path):
+    _, cfg = eval_config()
+    cfg.throughput_limit = 0
+    cfg.warmup_runs = 0
+    clock = Clock()
+    engine = FakeEngine(clock, default=("A", 0.0))  # always "A", never zooms
+    results = evaluate.sweep(cfg, str(tmp_path), engine, evaluate.load_tasks(cfg), clock)
+
+    assert sorted(results["runs"]["qzoom"]) == [64, 128, 256] and sorted(results["runs"]["baseline"]) == [128, 256]
+    # min-token rules of the tiny preset: max <= 64 -> 32; else 64 (= every rule's value here)
+    budgets = {(p["min_tokens"], p["max_tokens"]) for p in engine.prepared}
+    assert budgets == {(32, 64), (64, 128), (64, 256)}
+    samples = benchmarks.synthetic_samples("scenes", 0, cfg.tasks.synthetic_scenes.limit)
+    expected = 100 * np.mean([s.answers[0] == "A" for s in samples])
+    assert expected == pytest.approx(100 / 3)  # 2 of the 6 scenes have answer A
+    for by_budget in results["runs"].values():
+        for max_tokens, run in by_budget.items():
+            scenes = run["tasks"]["synthetic_scenes"]
+            assert scenes["accuracy"] == pytest.approx(expected)
+            assert scenes["throughput"]["samples_per_s"] == pytest.approx(1000 / max_tokens)
+            assert run["groups"]["hr"]["rectified_samples_per_s"] == pytest.approx(1000 / max_tokens)
+    # doc_ocr: Q-Zoom at Max-128 vs the baseline at Max-256; same model without zooming -> 2x, half the tokens
+    headline = results["headline"]["doc_ocr"]
+    assert headline["speedup"] == pytest.approx(2.0) and headline["token_reduction"] == pytest.approx(0.5)
+    assert headline["accuracy_gain"] == pytest.approx(0.0)
+
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(saved["runs"]["qzoom"]) == {"64", "128", "256"}
+    assert os.path.exists(tmp_path / "sweep" / "baseline" / "max128" / "synthetic_docs.json")
+    png = tmp_path / "pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        image.verify()
+
+
+def test_sweep_settings_follow_the_papers_min_token_rules():
+    _, cfg = eval_config("qwen2_5vl_7b")
+    s = cfg.sweep
+
+    def setting(task, variant, max_tokens):
+        out = evaluate.sweep_setting(cfg.tasks[task], variant, max_tokens, s)
+        return out["min_tokens"], out["roi_threshold"], out["gate_threshold"]
+
+    assert setting("docvqa", "qzoom", 256) == (128, 0.125, 0.05)      # max 256 -> min 128
+    assert setting("docvqa", "qzoom", 576) == (256, 0.125, 0.05)
+    assert setting("ocrbench", "qzoom", 576) == (128, 0.15, 0.05)     # Q-Zoom OCRBench min 128
+    assert setting("ocrbench", "baseline", 576)[0] == 256
+    assert setting("hrbench4k", "qzoom", 1024) == (256, 0.03, 0.025)
+    assert setting("hrbench4k", "qzoom", 2048) == (512, 0.04, 0.02)   # HR Q-Zoom min 512 from 2048 on
+    assert setting("hrbench4k", "baseline", 4096)[0] == 256           # the asymmetric baseline
+    assert setting("vstar", "qzoom", 4096) == (512, 0.03, 0.02)
+    assert setting("textvqa", "qzoom", 2048) == (256, 0.04, 0.02)
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5vl_7b", "qwen2_5vl_3b"])
+def test_real_presets_carry_the_papers_settings(preset):
+    _, cfg = eval_config(preset)
+    t = cfg.tasks
+    sizes = {n: t[n].full_size for n in cfg.task_names}
+    assert sizes == {"docvqa": 5301, "chartqa": 2500, "ocrbench": 1000, "infovqa": 2801, "textvqa": 5000,
+                     "vstar": 191, "mmerealworld_lite": 1920, "hrbench4k": 800, "hrbench8k": 800}
+    assert [t[n].max_new_tokens for n in cfg.task_names] == [32, 16, 128, 32, 128, 16, 16, 128, 128]
+    assert (t.ocrbench.min_tokens, t.ocrbench.max_tokens, t.vstar.min_tokens, t.vstar.max_tokens) == (128, 576,
+                                                                                                      512, 4096)
+    assert (t.textvqa.roi_threshold, t.chartqa.roi_threshold, t.vstar.roi_threshold, t.hrbench8k.roi_threshold,
+            t.docvqa.gate_threshold, t.vstar.gate_threshold) == (0.15, 0.125, 0.03, 0.04, 0.05, 0.02)
+    assert t.hrbench4k.aggregate == "category_mean" and t.vstar.metric == "option" and t.textvqa.metric == "vqa"
+    assert cfg.throughput_limit == 100 and cfg.suffix_on_options and cfg.model.path == ""
+    assert cfg.groups.doc_ocr.speedup_budget == 1024 and cfg.groups.hr.speedup_budget == 576
+    assert tuple(cfg.sweep.qzoom_budgets) == (256, 384, 576, 1024, 2048, 4096)
+    assert tuple(cfg.sweep.baseline_budgets) == (576, 1024, 2048, 4096)
+    assert cfg.name == f"eval_{preset}"
+    with pytest.raises(ValueError, match="--config.model.path"):
+        evaluate.load_engine(cfg.model)
+
+
+def test_bad_config_names_the_problem():
+    _, cfg = eval_config()
+    cfg.task_names = ("synthetic_docs", "docvqa")
+    with pytest.raises(ValueError, match=r"task_names \['docvqa'\]"):
+        evaluate.load_tasks(cfg)
+    cfg.task_names = ("synthetic_docs",)
+    cfg.variants = ("qzoom", "zoomier")
+    with pytest.raises(ValueError, match="unknown variant"):
+        evaluate.load_tasks(cfg)

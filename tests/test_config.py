@@ -54,6 +54,24 @@ def test_qzoom_keys_are_kept():
     assert QwenVLConfig.from_dict(raw).to_hf_dict()["twig_K"] == 18
 
 
+@pytest.mark.parametrize("keys, message", [
+    ({"enable_twig": True, "twig_K": 18}, "twig_K and twig_T"),
+    ({"enable_twig": True, "twig_K": 18, "twig_T": 3, "roi_source": "hidden_states"}, "'hidden_states'"),
+    # upstream silently skips base layers 16..17 here (reference §7 #10); we refuse the checkpoint
+    ({"enable_twig": True, "twig_K": 18, "twig_T": 3, "enable_high_res": True, "high_res_K": 16},
+     "high_res_K=16 must equal twig_K=18"),
+])
+def test_inconsistent_qzoom_keys_are_named(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        QwenVLConfig.from_dict({**OFFICIAL_7B, **keys})
+
+
+def test_gate_defaults_to_the_twig_branch():
+    q = QwenVLConfig.from_dict({**OFFICIAL_7B, "enable_twig": True, "twig_K": 18, "twig_T": 3,
+                                "enable_high_res": True}).qzoom
+    assert (q.gate_K, q.gate_T) == (18, 3)
+
+
 def test_unknown_model_type_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_7B, "model_type": "llava"}))
     with pytest.raises(ConfigError, match=r"unknown model_type 'llava'.*qwen2_5_vl"):

@@ -242,3 +242,14 @@ def test_roi_box_threshold_is_strict():
     top = float(blurred.max())
     assert roi.roi_box(logits, (672, 672), top) is None
     assert roi.roi_box(logits, (672, 672), np.nextafter(np.float32(top), np.float32(0))) is not None
+
+
+def test_roi_grid_box_is_the_box_before_the_pixel_mapping():
+    logits = np.full((12, 12), -10.0, np.float32)
+    logits[4:6, 7:10] = 10.0
+    # The blur spreads each hot cell one cell out with weight >= 0.27 * 0.27 of its value.
+    assert roi.roi_grid_box(logits, 0.05) == (6, 3, 11, 7)
+    assert roi.roi_grid_box(logits, 0.5) == (7, 4, 10, 6)
+    assert roi.roi_box(logits, (1200, 600), 0.5) == roi.box_to_source((7, 4, 10, 6), (12, 12), (1200, 600))
+    with pytest.raises(ValueError, match="2-D"):
+        roi.roi_grid_box(np.zeros(5), 0.1)

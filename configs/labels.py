@@ -1,15 +1,23 @@
-"""Stage-1 pseudo-label generation: the frozen teacher answers every question on the square-padded 576-token
-image; the decode-step-averaged attention of the preset's (layer, head) sets gives the grounding and sink maps
-(training reference §1.2).
+"""Label generation. Stage 1 (presets ``tiny``, ``qwen2_5vl_3b``, ``qwen2_5vl_7b``): the frozen teacher answers
+every question on the square-padded 576-token image; the decode-step-averaged attention of the preset's
+(layer, head) sets gives the grounding and sink maps (training reference §1.2). Stage 3 (presets ``gate_<preset>``):
+the model answers every question at each budget of a token ladder (§4.1); the gate's labels are drawn from those
+answers when training reads them (configs/gate.py).
 
     python -m qzoom_jax.labels --config=configs/labels.py                 # embedded tiny teacher, synthetic data
     python -m qzoom_jax.labels --config=configs/labels.py:qwen2_5vl_7b \\
         --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct \\
         --config.data.source=universal --config.data.jsonl=/data/stage1_universal.jsonl \\
         --config.data.image_root=/data --workdir=gs://bucket/runs/labels_7b
+    python -m qzoom_jax.labels --config=configs/labels.py:gate_tiny       # stage-3 answers (legibility oracle)
+    python -m qzoom_jax.labels --config=configs/labels.py:gate_qwen2_5vl_7b \\
+        --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct \\
+        --config.data.source=universal --config.data.jsonl=/data/stage3_universal.jsonl \\
+        --config.data.image_root=/data --workdir=gs://bucket/runs/gate_answers_7b
 
 Upstream's released pickles need no generation: point the training config at them instead
-(``--config.data.pickle=.../qwen2_5vl_pseudo_7b_576res_185k.pkl``, configs/sdrpn.py).
+(``--config.data.pickle=.../qwen2_5vl_pseudo_7b_576res_185k.pkl`` in configs/sdrpn.py,
+``--config.data.pickle=.../qwen2_5vl_7b_stage3.pkl`` in configs/gate.py).
 """
 
 import ml_collections
@@ -39,6 +47,42 @@ def teacher_config(preset: str) -> ml_collections.ConfigDict:
     if preset not in HEAD_TABLES:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HEAD_TABLES)}")
     tiny = preset == "tiny"
+    c = _common(tiny)
+    c.stage = "sdrpn"
+    # 576 merged tokens on the square-padded image (§1.2); the tiny default uses 256 so that it runs in minutes on
+    # two CPU cores (the vision tower's full-attention blocks are quadratic in the patch count).
+    c.grid = 16 if tiny else 24
+    # Upstream generates up to 128 tokens; the tiny teacher's answers are noise, so 32 keep the default quick.
+    c.max_new_tokens = 32 if tiny else 128
+    c.batch_size = 16 if tiny else 8  # per process
+    c.part_size = 128 if tiny else 4096  # records per output dataset part: the unit of resumption
+    c.heads = HEAD_TABLES[preset]
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    return c
+
+
+def answers_config(preset: str) -> ml_collections.ConfigDict:
+    """The stage-3 answer-generation settings; shared with configs/gate.py, which runs them when it has no labels."""
+    if preset not in HEAD_TABLES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HEAD_TABLES)}")
+    tiny = preset == "tiny"
+    c = _common(tiny)
+    c.stage = "gate"
+    # "model": the model answers (upstream ran the base model, §4.1). "oracle": synthetic.legibility_answers, only
+    # for the tiny preset, whose random-weight model cannot answer (its answers would all be filtered out).
+    c.answers = "oracle" if tiny else "model"
+    c.oracle_min_px = 3.5  # target short side (px, as the model sees it) from which the oracle reads it
+    # Merged visual tokens per image, increasing: the ladder inferred for the paper (§4.1); a small one for the
+    # tiny default so that gate training on it takes minutes on two CPU cores.
+    c.budgets = (16, 32, 64, 128) if tiny else (64, 128, 256, 512)
+    c.max_new_tokens = 8 if tiny else 32  # short answers: a word or a phrase
+    c.batch_size = 16 if tiny else 8  # per process
+    c.part_size = 128 if tiny else 4096  # records per output dataset part: the unit of resumption
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    return c
+
+
+def _common(tiny: bool) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = {
         "path": ml_collections.config_dict.placeholder(str) if tiny else "",
@@ -55,19 +99,14 @@ def teacher_config(preset: str) -> ml_collections.ConfigDict:
         "image_root": "",
         "tfds_dirs": (),
     }
-    # 576 merged tokens on the square-padded image (§1.2); the tiny default uses 256 so that it runs in minutes on
-    # two CPU cores (the vision tower's full-attention blocks are quadratic in the patch count).
-    c.grid = 16 if tiny else 24
-    # Upstream generates up to 128 tokens; the tiny teacher's answers are noise, so 32 keep the default quick.
-    c.max_new_tokens = 32 if tiny else 128
-    c.batch_size = 16 if tiny else 8  # per process
-    c.part_size = 128 if tiny else 4096  # records per output dataset part: the unit of resumption
-    c.heads = HEAD_TABLES[preset]
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
     return c
 
 
 def get_config(arg=None):
-    c = teacher_config(arg or "tiny")
+    preset = arg or "tiny"
+    if preset.startswith("gate_"):
+        c = answers_config(preset[len("gate_"):])
+    else:
+        c = teacher_config(preset)
     c.name = "labels" if not arg else f"labels_{arg}"
     return c

@@ -39,6 +39,7 @@ def get_config(arg=None):
     tiny = preset == "tiny"
     c = ml_collections.ConfigDict()
     c.name = "sdrpn" if not arg else f"sdrpn_{preset}"
+    c.stage = "sdrpn"  # qzoom_jax.stages: what train.main trains
     c.seed = 42
     # The frozen backbone: path None = the embedded tiny checkpoint. It is referenced by path from every
     # checkpoint, never copied.

@@ -1,5 +1,7 @@
 """Stage-1 pseudo-labels from the frozen teacher — ``python -m qzoom_jax.labels --config=configs/labels.py``.
 
+(``--config=configs/labels.py:gate_<preset>`` generates stage-3 answers instead: ``qzoom_jax.gate_labels``.)
+
 For every question the teacher (the frozen base model) answers greedily on the square-padded 576-token image;
 the attention probabilities from each generated token to the image tokens, averaged over decode steps, of the
 preset's grounding heads and sink heads give two 24x24 maps (training reference §1.2). Only the layers holding
@@ -140,7 +142,13 @@ def label_parts(out_dir: str) -> list[str]:
 
 
 def main(cfg, workdir: str) -> None:
-    parts = generate_labels(cfg, workdir)
+    """Stage-1 pseudo-labels, or stage-3 multi-resolution answers for a ``stage="gate"`` config."""
+    if cfg.get("stage", "sdrpn") == "gate":
+        from qzoom_jax import gate_labels  # imported here: it builds on this module
+
+        parts = gate_labels.generate_answers(cfg, workdir)
+    else:
+        parts = generate_labels(cfg, workdir)
     print(f"{len(parts)} label dataset part(s) under {os.path.join(workdir, 'labels')}")
 
 

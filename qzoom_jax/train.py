@@ -1,13 +1,14 @@
-"""Training entry point — ``python -m qzoom_jax.train --config=configs/sdrpn.py``.
+"""Training entry point — ``python -m qzoom_jax.train --config=configs/sdrpn.py`` (or ``configs/gate.py``).
 
-Stage 1 (SD-RPN): only the twig is trained — T decoder layers initialised from base layers K..K+T-1 — to
-predict the frozen teacher's RoI map; the backbone is frozen, referenced by path, never copied.
-``main()`` is the whole story: config -> mesh -> labels -> data -> model -> restore -> step -> loop -> save.
+Only a small head is trained on a frozen backbone that is referenced by path, never copied: stage 1 (SD-RPN)
+trains the twig to predict the teacher's RoI map, stage 3 the dynamic gate to predict when the low-resolution
+look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.stages`` holds
+what differs, picked by ``config.stage``). ``main()`` is the whole story for both: config -> mesh -> labels ->
+data -> model -> restore -> step -> loop -> save.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -21,14 +22,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qzoom_jax import cli, parallel, sdrpn
+from qzoom_jax import cli, parallel, sdrpn, stages
 from qzoom_jax import labels as labels_lib
 from qzoom_jax import metrics as metrics_lib
 from qzoom_jax.checkpoint import TrainCheckpointer
-from qzoom_jax.data import pipeline, stage1, tfds_stage1
+from qzoom_jax.data import pipeline
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.models import twig as twig_lib
-from qzoom_jax.models import vision as vision_lib
 from qzoom_jax.models.vlm import load_pretrained
 
 
@@ -45,20 +45,6 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
                        optax.adamw(schedule, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay))
 
 
-def resolve_labels(cfg, workdir: str) -> list[str]:
-    """Label datasets: given directories, an upstream pickle converted once, or a teacher run in the workdir."""
-    if cfg.data.label_dirs:
-        return list(cfg.data.label_dirs)
-    if cfg.data.pickle:
-        name = "pickle_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(cfg.data.pickle)).lower()
-        return [tfds_stage1.build_pickle_labels(cfg.data.pickle, os.path.join(workdir, "data"), name,
-                                                cfg.data.image_root or None)]
-    teacher = cfg.teacher.copy_and_resolve_references()  # the run's config itself is never mutated
-    if not teacher.model.path:  # the teacher is the frozen base model being extended
-        teacher.model.path = cfg.model.path
-    return labels_lib.generate_labels(teacher, workdir)
-
-
 def batch_sharding(mesh, rules=parallel.DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(rules["batch"]))
 
@@ -69,9 +55,10 @@ def global_batch(local: dict, mesh, rules=parallel.DEFAULT_RULES) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def make_train_step(config, tx, K: int, threshold: float, attn_impl: str):
+def make_train_step(config, tx, K: int, threshold: float, attn_impl: str, loss_fn=sdrpn.loss_fn):
+    """One optimizer step on the trainable params of ``state`` for the objective ``loss_fn`` (a stage's)."""
     def train_step(state, backbone, batch, layout):
-        grad_fn = jax.value_and_grad(sdrpn.loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state["params"], backbone, config, batch, layout, K, threshold=threshold,
                                       attn_impl=attn_impl)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -86,8 +73,8 @@ def make_train_step(config, tx, K: int, threshold: float, attn_impl: str):
 
 def compile_step(train_step, state, backbone, batch, layout, mesh):
     """``train_step`` jitted with explicit NamedShardings — state, backbone and batch keep theirs (the batch is
-    split over the batch axes), metrics and the vision layout are replicated; the state is donated — and
-    compiled ahead of time for these arguments."""
+    split over the batch axes), metrics and the shared vision layout (None when rows carry their own) are
+    replicated; the state is donated — and compiled ahead of time for these arguments."""
     shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
     replicated = NamedSharding(mesh, PartitionSpec())
     step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), shardings(batch), replicated),
@@ -95,30 +82,32 @@ def compile_step(train_step, state, backbone, batch, layout, mesh):
     return step.lower(state, backbone, batch, layout).compile()
 
 
-def init_state(backbone, K: int, T: int, tx, mesh, rules=parallel.DEFAULT_RULES) -> dict:
-    """fp32 twig (copies of base layers K..K+T-1) sharded by the rules, its AdamW state, step 0."""
-    twig = twig_lib.init_twig_params(backbone["model"]["layers"], K, T)
-    shardings = parallel.param_shardings(twig, mesh, rules)
-    twig = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), twig), shardings)
+def init_state(backbone, K: int, T: int, tx, mesh, rules=parallel.DEFAULT_RULES,
+               init=twig_lib.init_twig_params) -> dict:
+    """fp32 trainable params ``init(base layers, K, T)`` (default: the twig, copies of base layers K..K+T-1)
+    sharded by the rules, their AdamW state, step 0."""
+    params = init(backbone["model"]["layers"], K, T)
+    shardings = parallel.param_shardings(params, mesh, rules)
+    params = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params), shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Moments are sharded like their params; counters are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, twig),
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
                                           shardings, transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(twig)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return {"params": twig, "opt_state": opt_state, "step": step}
+    return {"params": params, "opt_state": opt_state, "step": step}
 
 
 def main(cfg, workdir: str, devices=None) -> dict:
     """Train from ``cfg`` in ``workdir`` (resuming from its latest checkpoint) on ``devices`` (default: all);
     returns the final state."""
     train, m = cfg.train, cfg.model
+    stage = stages.get(cfg)
 
-    # Mesh and labels (a teacher run first when the config names no label datasets).
+    # Mesh and labels (a label run first when the config names no label datasets).
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
     rules = parallel.rules_with(cfg.sharding_rules)
-    label_dirs = resolve_labels(cfg, workdir)
-    source = tfds_stage1.open_source(label_dirs)
+    source, label_meta = stage.training_source(workdir)
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Frozen backbone, sharded straight from the checkpoint.
@@ -128,19 +117,16 @@ def main(cfg, workdir: str, devices=None) -> dict:
     processor = Processor.from_pretrained(backbone_path)
 
     # Data: this process's share of each global batch, fixed shapes.
-    example_fn = functools.partial(stage1.make_example, processor=processor, config=config,
-                                   max_len=cfg.data.max_len, grid=cfg.data.grid,
-                                   binary_coff=cfg.data.binary_coff, bg_coff=cfg.data.bg_coff)
-    loader = pipeline.stage1_loader(source, example_fn, global_batch_size=train.global_batch_size, seed=cfg.seed,
+    loader = pipeline.stage1_loader(source, stage.example_fn(processor, config),
+                                    global_batch_size=train.global_batch_size, seed=cfg.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
-                                    worker_count=cfg.data.worker_count)
+                                    worker_count=cfg.data.worker_count, annotate=stage.annotate)
     data_iter = iter(loader)
-    side = cfg.data.grid * config.vision.spatial_merge_size
-    layout = vision_lib.vision_layout(np.array([[1, side, side]]), config.vision)
+    layout = stage.step_layout(config)
 
     # Trainable state, restored when the run directory already has a checkpoint.
     tx = make_optimizer(cfg.optim, num_steps)
-    state = init_state(backbone, m.K, m.T, tx, mesh, rules)
+    state = init_state(backbone, m.K, m.T, tx, mesh, rules, init=stage.init_params)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=train.checkpoint_every,
                              max_to_keep=train.max_to_keep)
     writer = metrics_lib.MetricsWriter(workdir)
@@ -151,8 +137,8 @@ def main(cfg, workdir: str, devices=None) -> dict:
         state = ckpt.restore(start, abstract, data_iter)
         writer.truncate_after(start)
         print(f"resumed from step {start} in {ckpt.directory}")
-    meta = {"stage": "sdrpn", "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T,
-            "label_dirs": label_dirs, "config": json.loads(cfg.to_json_best_effort())}
+    meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T, **label_meta,
+            "config": json.loads(cfg.to_json_best_effort())}
 
     if start >= num_steps:
         print(f"{workdir} already holds the final checkpoint (step {start})")
@@ -162,8 +148,8 @@ def main(cfg, workdir: str, devices=None) -> dict:
     # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
     batches = (global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
-    compiled = compile_step(make_train_step(config, tx, m.K, train.roi_threshold, m.attn_impl), state, backbone,
-                            first, layout, mesh)
+    compiled = compile_step(make_train_step(config, tx, m.K, stage.threshold, m.attn_impl, stage.loss_fn), state,
+                            backbone, first, layout, mesh)
     flops = metrics_lib.step_flops(compiled)
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])
     schedule = lr_schedule(cfg.optim, num_steps)
@@ -183,7 +169,7 @@ def main(cfg, workdir: str, devices=None) -> dict:
                 values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
                 values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
                 writer.write(done, {k: v for k, v in values.items() if v is not None})
-                bar.set_postfix(loss=f"{values['loss']:.4f}", iou=f"{values['roi_iou']:.3f}")
+                bar.set_postfix({label: f"{values[key]:.4f}" for label, key in stage.progress.items()})
                 last_time, last_step = now, done
             ckpt.save(done, state, data_iter, meta=meta, force=done == num_steps)
             bar.update(1)

@@ -53,3 +53,26 @@ def test_schedule_warms_up_linearly_then_cosine_to_zero():
     np.testing.assert_allclose(lr(mid), 1e-4 * 0.5 * (1 + math.cos(math.pi * (mid - warmup) / (steps - warmup))),
                                rtol=1e-4)
     assert float(lr(steps)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("preset, K", [("qwen2_5vl_3b", 24), ("qwen2_5vl_7b", 18)])
+def test_gate_presets_carry_the_paper_hyperparameters(preset, K):
+    cfg = load("gate").get_config(preset)
+    assert cfg.stage == "gate" and (cfg.model.K, cfg.model.T) == (K, 3) and cfg.model.dtype == "bfloat16"
+    assert cfg.train.global_batch_size == 256 and cfg.train.num_epochs == 1 and cfg.data.roi_samples == 20000
+    assert dict(cfg.optim) == {"lr": 1e-4, "warmup_ratio": 0.03, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                               "weight_decay": 0.0, "clip_norm": 1.0}
+    assert cfg.data.high == 2 and cfg.model.twig_run == "" and cfg.model.path == ""
+    assert cfg.answers.stage == "gate" and cfg.answers.answers == "model"
+    assert tuple(cfg.answers.budgets) == (64, 128, 256, 512)
+    tiny = load("gate").get_config()
+    assert tiny.name == "gate" and tiny.train.global_batch_size == 8 and tiny.answers.answers == "oracle"
+    assert tuple(tiny.answers.budgets) == (16, 32, 64, 128)
+
+
+def test_label_presets_pick_the_stage():
+    labels = load("labels")
+    assert labels.get_config().stage == "sdrpn" and labels.get_config("gate_qwen2_5vl_7b").stage == "gate"
+    assert labels.get_config("gate_tiny").name == "labels_gate_tiny"
+    with pytest.raises(ValueError, match="unknown preset"):
+        labels.get_config("gate_nope")

@@ -1,4 +1,4 @@
-"""grain input pipeline for Stage-1 training: records -> fixed-shape example batches of this process's share.
+"""grain input pipeline for training (every stage): records -> fixed-shape example batches of this process's share.
 
 source -> seeded shuffle (re-drawn every epoch) -> repeat -> per-process shard -> map(example_fn) -> worker
 processes -> drop skipped samples (counted) + batch.
@@ -53,6 +53,27 @@ class _CatchSkip:
             return _Skipped(str(e))
 
 
+@dataclasses.dataclass(frozen=True)
+class _WithIndex:
+    """Adds the record's position in the source (``size`` records) as ``index``."""
+
+    size: int
+
+    def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        # grain hands a source-level map the index asked of the repeated dataset (epoch * size + position).
+        return {**record, "index": index % self.size}
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithEpoch:
+    """Adds ``epoch`` from the position in the repeated stream (each epoch is ``size`` records long)."""
+
+    size: int
+
+    def __call__(self, position: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {**record, "epoch": position // self.size}
+
+
 class _BatchValidIterator(grain.DatasetIterator):
     """Stacks the next ``batch_size`` non-skipped examples; a final partial batch is dropped."""
 
@@ -105,7 +126,7 @@ class _BatchValidDataset(grain.IterDataset):
 def stage1_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.ndarray]], *,
                   global_batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                   process_index: int = 0, process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
-                  read_threads: int = 4) -> _BatchValidIterator:
+                  read_threads: int = 4, annotate: bool = False) -> _BatchValidIterator:
     """Iterator over dicts of stacked NumPy batches, ``global_batch_size // process_count`` rows each.
 
     source: random access (len + __getitem__), e.g. ``tfds_stage1.open_source(...)``.
@@ -114,7 +135,9 @@ def stage1_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.
     processes' batch b together hold exactly the global batch b of a single-process run (without skips).
     worker_count: grain worker processes for example_fn (0: threads of this process). prefetch: batches'
     worth of examples prepared ahead (split across workers). read_threads: threads per process calling
-    example_fn.
+    example_fn. annotate: records (dicts) reach example_fn with ``index`` (position in ``source``) and ``epoch``
+    added, so per-fetch randomness can be seeded from them: the same for any worker or process count, and
+    after a resume.
     """
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
@@ -126,9 +149,13 @@ def stage1_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.
     batch_size = global_batch_size // process_count
 
     ds = grain.MapDataset.source(source)
+    if annotate:
+        ds = ds.map_with_index(_WithIndex(len(source)))
     if shuffle:
         ds = ds.shuffle(seed=seed)  # repeat() re-seeds it per epoch
     ds = ds.repeat(num_epochs)
+    if annotate:  # before sharding, so the epoch comes from the global stream position
+        ds = ds.map_with_index(_WithEpoch(len(source)))
     ds = ds[process_index::process_count]
     ds = ds.map(_CatchSkip(example_fn))
 

@@ -214,7 +214,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
 
 # ---- upstream files ------------------------------------------------------------------------------------
 
-def _read_image_file(path: str) -> bytes | None:
+def read_image_file(path: str) -> bytes | None:
     """The file's bytes if PIL recognises them as an image (header only, cheap), else None."""
     try:
         with open(path, "rb") as f:
@@ -225,7 +225,7 @@ def _read_image_file(path: str) -> bytes | None:
     return data
 
 
-class _SkipLog:
+class SkipLog:
     """Counts skipped samples of one file into ``counter`` and warns about the first few."""
 
     def __init__(self, source: str, counter: collections.Counter | None):
@@ -261,7 +261,7 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
     Records whose image is missing or unreadable are skipped and counted in ``skipped["missing_image"]``.
     """
     path, image_root = os.fspath(path), os.fspath(image_root)
-    skips = _SkipLog(path, skipped)
+    skips = SkipLog(path, skipped)
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -285,10 +285,10 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
     skips.close()
 
 
-def _input_record(row: Mapping[str, Any], where: str, image_root: str, skips: "_SkipLog", *, prompt: str,
+def _input_record(row: Mapping[str, Any], where: str, image_root: str, skips: SkipLog, *, prompt: str,
                   short_prompt: bool, max_new_tokens: int, answer: str) -> dict | None:
     """An input record with the image file's bytes, or None (skipped and counted) when it cannot be read."""
-    data = _read_image_file(os.path.join(image_root, row["image"]))
+    data = read_image_file(os.path.join(image_root, row["image"]))
     if data is None:
         skips.skip(where, f"missing or unreadable image {row['image']!r}")
         return None
@@ -317,7 +317,7 @@ def read_stage1_pickle(path: str | os.PathLike, image_root: str | os.PathLike | 
         rows = pickle.load(f)
     if not isinstance(rows, list):
         raise TypeError(f"{path}: expected a list of dicts, got {type(rows).__name__}")
-    skips = _SkipLog(path, skipped)
+    skips = SkipLog(path, skipped)
     for i, row in enumerate(rows):
         where = f"{path}[{i}]"
         missing = [k for k in _PICKLE_KEYS if k not in row]

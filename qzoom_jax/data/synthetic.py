@@ -1,4 +1,5 @@
-"""Procedural synthetic data for stage-1 (SD-RPN) training on the embedded tiny model.
+"""Procedural synthetic data for training on the embedded tiny model (stage 1, and stage 3 through the
+legibility oracle, :func:`legibility_answers`).
 
 Each sample is a high-resolution image holding ONE small target region and a question that can only be answered
 by looking at that region, the situation Q-Zoom's RoI predictor is trained for. Even indices are scenes (natural
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 
 # The stage-1 input record schema (universal input, training reference §1.1, plus the answer and the image bytes).
@@ -114,6 +116,42 @@ def synthetic_records(num: int, seed: int = 0) -> Iterator[dict]:
             "image_path": f"synthetic/{sample.kind}_{index:06d}.png",
             "image": encode_png(sample.image),
         }
+
+
+# The oracle reads the target when its short side, in pixels of the image the model would see, reaches this. On the
+# tiny stage-3 ladder (16/32/64/128 tokens) about half of the samples (seed 0) turn legible within the ladder.
+ORACLE_MIN_PX = 3.5
+
+
+def legibility_answers(seed: int, index: int, budgets, factor: int = 28, min_px: float = ORACLE_MIN_PX) -> list[str]:
+    """Answers of a *legibility oracle* to sample ``(seed, index)`` at each visual-token budget.
+
+    This exists only because the embedded tiny model has random weights and cannot answer questions, so its own
+    multi-resolution answers would all be filtered out of stage-3 training. The oracle answers correctly iff the
+    target region is legible at that budget -- its short side, after resizing the image to ``budget·factor²``
+    pixels exactly as the answering model's processor does (``smart_resize`` with min = max, aspect kept), is at
+    least ``min_px`` -- and otherwise gives a deterministic wrong answer of the same kind. Real presets answer
+    with the model (``qzoom_jax.gate_labels``); both go through the same records, filter and draw.
+    """
+    sample = make_sample(seed, index)
+    width, height = sample.image.size
+    x0, y0, x1, y1 = sample.box
+    answers = []
+    for budget in budgets:
+        pixels = int(budget) * factor * factor
+        h, w = smart_resize(height, width, factor, pixels, pixels)
+        legible = min((x1 - x0) * w / width, (y1 - y0) * h / height) >= min_px
+        answers.append(sample.answer if legible else wrong_answer(sample.answer))
+    return answers
+
+
+def wrong_answer(answer: str) -> str:
+    """A deterministic wrong answer of the same kind (the next colour, shape or word; the number plus one): never
+    a substring of the right one nor the reverse, so the stage-3 matching rules see it as wrong."""
+    for options in (tuple(PALETTE), SHAPES, TARGET_WORDS):
+        if answer in options:
+            return options[(options.index(answer) + 1) % len(options)]
+    return str(int(answer) + 1)
 
 
 def encode_png(image: Image.Image) -> bytes:

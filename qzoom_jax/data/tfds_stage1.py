@@ -56,7 +56,7 @@ def _label_features() -> dict[str, tfds.features.FeatureConnector]:
     }
 
 
-class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Writes the records of one iterable, in order, as the single split "train".
 
     ``skip_registration``: these builders are constructed with their records, never looked up by name; reading
@@ -97,21 +97,21 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise ValueError(f"{where}: no records to write (TFDS cannot store an empty dataset)")
 
 
-class Stage1Inputs(_RecordsBuilder, skip_registration=True):
+class Stage1Inputs(RecordsBuilder, skip_registration=True):
     """Input records: the question pool of the teacher run."""
 
     def _features(self):
         return _input_features()
 
 
-class Stage1Labels(_RecordsBuilder, skip_registration=True):
+class Stage1Labels(RecordsBuilder, skip_registration=True):
     """Label records: input records plus the teacher's text and attention maps."""
 
     def _features(self):
         return _label_features()
 
 
-def _prepare(builder: _RecordsBuilder, exist_ok: bool) -> str:
+def prepare(builder: RecordsBuilder, exist_ok: bool) -> str:
     if builder.is_prepared():
         if exist_ok:
             log.info("%s already prepared, reusing it", builder.data_dir)
@@ -129,7 +129,7 @@ def build_universal_inputs(jsonl_path: str | os.PathLike, image_root: str | os.P
     builder = Stage1Inputs(records=read_universal_jsonl(jsonl_path, image_root), name=name,
                            description=f"universal JSONL {os.fspath(jsonl_path)}, images under "
                                        f"{os.fspath(image_root)}", data_dir=data_dir)
-    return _prepare(builder, exist_ok=True)
+    return prepare(builder, exist_ok=True)
 
 
 def build_pickle_labels(pickle_path: str | os.PathLike, data_dir: str | os.PathLike, name: str,
@@ -138,7 +138,7 @@ def build_pickle_labels(pickle_path: str | os.PathLike, data_dir: str | os.PathL
     returns its directory. Reuses a prepared dataset of the same name."""
     builder = Stage1Labels(records=read_stage1_pickle(pickle_path, image_root), name=name,
                            description=f"stage-1 pickle {os.fspath(pickle_path)}", data_dir=data_dir)
-    return _prepare(builder, exist_ok=True)
+    return prepare(builder, exist_ok=True)
 
 
 def build_synthetic_inputs(data_dir: str | os.PathLike, num: int, seed: int = 0) -> str:
@@ -146,7 +146,7 @@ def build_synthetic_inputs(data_dir: str | os.PathLike, num: int, seed: int = 0)
     directory. Reuses a prepared dataset with the same num and seed (the records are a pure function of them)."""
     builder = Stage1Inputs(records=synthetic_records(num, seed), name=f"synthetic_n{num}_s{seed}",
                            description=f"synthetic_records(num={num}, seed={seed})", data_dir=data_dir)
-    return _prepare(builder, exist_ok=True)
+    return prepare(builder, exist_ok=True)
 
 
 def write_label_dataset(records: Iterable[dict], data_dir: str | os.PathLike, name: str) -> str:
@@ -155,23 +155,23 @@ def write_label_dataset(records: Iterable[dict], data_dir: str | os.PathLike, na
     Unlike the build_* functions an existing dataset of that name is an error: the records would be dropped.
     """
     builder = Stage1Labels(records=records, name=name, description="teacher pseudo-labels", data_dir=data_dir)
-    return _prepare(builder, exist_ok=False)
+    return prepare(builder, exist_ok=False)
 
 
 def prepared_dirs(data_dir: str | os.PathLike, name: str) -> list[str]:
     """Directories of the finished datasets (either schema) under ``data_dir`` whose name matches the glob
     ``name``, sorted by name. An interrupted write leaves no such directory (TFDS renames it into place last)."""
-    pattern = os.path.join(glob.escape(os.fspath(data_dir)), "*", name, str(_RecordsBuilder.VERSION),
+    pattern = os.path.join(glob.escape(os.fspath(data_dir)), "*", name, str(RecordsBuilder.VERSION),
                            "dataset_info.json")
     found = [os.path.dirname(p) for p in glob.glob(pattern)]
     return sorted(found, key=lambda p: (os.path.basename(os.path.dirname(p)), p))
 
 
 class Stage1Source:
-    """Random access (len + __getitem__) over one or more prepared stage-1 datasets, concatenated in order.
+    """Random access (len + __getitem__) over one or more prepared datasets of one schema, concatenated in order.
 
-    Items are plain dicts of the record schemas: text decoded to str, flags bool, counts int, the image bytes,
-    maps float32. Picklable, so it can feed grain worker processes.
+    Items are plain dicts of the record schemas: text (and lists of text) decoded to str, flags bool, counts int,
+    the image bytes, maps float32. Picklable, so it can feed grain worker processes.
     """
 
     def __init__(self, paths: Sequence[str]):
@@ -186,6 +186,8 @@ class Stage1Source:
             if keys is None:
                 keys = set(features.keys())
                 self._text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+                self._text_list_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Sequence)
+                                        and isinstance(f.feature, tfds.features.Text)]
             elif set(features.keys()) != keys:
                 raise ValueError(f"open_source: {path} has features {sorted(features.keys())}, but "
                                  f"{self._paths[0]} has {sorted(keys)}")
@@ -203,6 +205,8 @@ class Stage1Source:
         item = dict(self._sources[which][index - self._starts[which]])
         for key in self._text_keys:
             item[key] = item[key].decode("utf-8")
+        for key in self._text_list_keys:
+            item[key] = [text.decode("utf-8") for text in item[key]]
         return item
 
     def __repr__(self) -> str:

@@ -74,7 +74,8 @@ def _segment_table(segments: np.ndarray, n: int, num_segments: int, slots: int):
     return table.reshape(num_segments, slots).astype(np.int32), slot.astype(np.int32)
 
 
-def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None) -> VisionLayout:
+def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min_window_rows: int = 1,
+                  min_frame_slots: int = 64) -> VisionLayout:
     """Window layout of a packed image batch, as HF ``get_vision_window_index`` & co. define it.
 
     ``grid_thw``: int [n_images, 3] patch grids. ``pad_to``: total patch rows to pad to (a multiple of the merge
@@ -82,8 +83,11 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None) -> Vis
     ``pixel_values`` and of the output.
 
     Table buckets (static shapes): the window table has exactly ``(window_size / patch_size)^2`` slots and a
-    power-of-two row count, at least ``N / slots`` (so for typical inputs it depends on ``pad_to`` alone); the
-    frame table has a power-of-two row count and ``2^k`` or ``1.5 * 2^k`` slots (>= 64, >= the longest frame).
+    power-of-two row count, at least ``N / slots`` and ``min_window_rows`` (so for typical inputs it depends on
+    ``pad_to`` alone); the frame table has a power-of-two row count and ``2^k`` or ``1.5 * 2^k`` slots (at least
+    ``min_frame_slots`` and the longest frame). Raising the minima lets layouts of differently shaped images
+    (e.g. one per batch row, vmapped) share array shapes: ``min_frame_slots=pad_to`` fixes the frame table of
+    one image; elongated grids can still need more window rows than ``min_window_rows``.
     """
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m, mu = cfg.spatial_merge_size, cfg.merge_unit
@@ -122,9 +126,11 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None) -> Vis
     win_seg, frame_seg = expand(win_seg), expand(frame_seg)
 
     win_slots = (cfg.window_size // cfg.patch_size) ** 2  # = ws^2 merged tokens x merge_unit patches
-    window_table, window_slot = _segment_table(win_seg, n, pow2(max(1, n_windows, -(-n // win_slots))), win_slots)
+    window_rows = pow2(max(min_window_rows, n_windows, -(-n // win_slots)))
+    window_table, window_slot = _segment_table(win_seg, n, window_rows, win_slots)
     frame_len = np.bincount(frame_seg) if n_real else np.zeros(1, np.int64)
-    full_table, full_slot = _segment_table(frame_seg, n, pow2(max(1, n_frames)), bucket(frame_len.max(), 64))
+    full_table, full_slot = _segment_table(frame_seg, n, pow2(max(1, n_frames)),
+                                           bucket(frame_len.max(), min_frame_slots))
     return VisionLayout(
         patch_index=patch_index.astype(np.int32),
         positions=positions.astype(np.int32),

@@ -233,3 +233,29 @@ def test_segment_attention_matches_dense_mask():
             out2 = segment_attention(q.at[n_real:].set(1e3), k.at[n_real:].set(-1e3), v.at[n_real:].set(7.0),
                                      table, slot, impl=impl)
             np.testing.assert_array_equal(np.asarray(out2)[:n_real], out[:n_real])
+
+
+def test_layout_minima_give_equal_shapes_and_vmap_matches():
+    # One image per batch row, of different sizes (as stage-3 examples): with the minima every row's layout has
+    # the same array shapes, so the rows stack and the tower vmaps over (pixels, layout).
+    cfg = vision_config("w112_full13")
+    params = jax.jit(init_vision_params, static_argnums=0)(cfg, jax.random.key(0))
+    grids, pad_to = [(1, 8, 8), (1, 4, 24), (1, 14, 6)], 192
+    plain = [vision_layout([g], cfg, pad_to=pad_to) for g in grids]
+    assert len({lay.full_table.shape for lay in plain}) > 1  # without minima the frame tables differ
+    # The defaults are the old behaviour.
+    for a, b in zip(vision_layout(TWO_IMAGES, cfg, min_window_rows=1, min_frame_slots=64),
+                    vision_layout(TWO_IMAGES, cfg)):
+        np.testing.assert_array_equal(a, b)
+    layouts = [vision_layout([g], cfg, pad_to=pad_to, min_window_rows=8, min_frame_slots=pad_to) for g in grids]
+    assert len({tuple(a.shape for a in lay) for lay in layouts}) == 1
+    assert layouts[0].window_table.shape == (8, 64) and layouts[0].full_table.shape == (1, 192)
+    rng = np.random.default_rng(0)
+    pvs = [rng.standard_normal((t * h * w, cfg.patch_dim)).astype(np.float32) for t, h, w in grids]
+    stacked = jax.tree.map(lambda *a: np.stack(a), *layouts)
+    padded = np.stack([np.pad(pv, ((0, pad_to - len(pv)), (0, 0))) for pv in pvs])
+    encode = jax.jit(lambda pv, lay: encode_images(params, cfg, pv, lay))
+    out = np.asarray(jax.vmap(encode)(padded, stacked))
+    for row, (pv, (t, h, w)) in enumerate(zip(pvs, grids)):
+        ref = np.asarray(encode(pv, vision_layout([(t, h, w)], cfg)))
+        np.testing.assert_allclose(out[row, :h * w // 4], ref, rtol=0, atol=1e-5 * np.abs(ref).max())

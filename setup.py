@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["qzoom_jax", "qzoom_jax.*"]),
-    package_data={"qzoom_jax": ["assets/tiny_qwen2_5_vl/*"]},
+    package_data={"qzoom_jax": ["assets/tiny_qwen2_5_vl/*", "assets/tiny_qzoom/*"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -50,3 +50,15 @@ def test_plain_answer_and_bad_image(qzoom_dir, image_path, tmp_path):
     bad.write_bytes(b"not an image")
     failed = subprocess.run([*base, "--image", str(bad)], capture_output=True, text=True, check=False)
     assert failed.returncode != 0 and "cannot read image" in failed.stderr
+
+
+def test_embedded_default_has_a_trained_twig_and_gate(image_path, capsys):
+    """No --checkpoint: the embedded tiny Q-Zoom checkpoint (assets/tiny_qzoom), which carries both branches."""
+    out = infer.main(["--image", image_path, "--question", "Which shape is drawn in red?", "--json",
+                      "--max-new-tokens", "4", "--min-pixels", "200704", "--max-pixels", "200704"])
+    assert json.loads(capsys.readouterr().out)["visual_tokens"] == out["visual_tokens"]
+    assert 0.0 < out["gate_prob"] < 1.0
+    logits = np.array(out["roi_logits"])
+    assert 192 <= logits.size <= 256 and np.isfinite(logits).all() and logits.std() > 0.1  # a map, not a constant
+    # Source tokens alone, or source + RoI tokens (the crop is re-encoded at the same 256-token budget).
+    assert out["visual_tokens"] == logits.size if not out["zoomed"] else out["visual_tokens"] > logits.size + 128

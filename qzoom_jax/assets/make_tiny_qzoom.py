@@ -1,0 +1,56 @@
+"""Write the embedded Q-Zoom default (``assets/tiny_qzoom``) that ``qzoom_jax.infer`` and ``qzoom_jax.evaluate``
+run on when no checkpoint is given.
+
+    python -m qzoom_jax.assets.make_tiny_qzoom [--workdir DIR]     # from a clone (reads configs/), a few minutes
+
+It runs the two training stages on the embedded tiny backbone with their default (tiny) configs -- stage 1
+(``configs/sdrpn.py``: teacher labels on synthetic images, then the twig) and stage 3 (``configs/gate.py``: the
+gate) -- and writes the result as one Hugging Face directory: the backbone, ``model.twig_layers.*``,
+``model.high_res_layers.*``, ``model.high_res_head.*`` and the Q-Zoom keys in config.json, as upstream releases
+its checkpoints. Positions use mode (b) (``reuse_src_pos=false``): the backbone was never post-trained on RoI
+inputs (no stage 2), so its RoI tokens get the positions of an ordinary second image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import tempfile
+
+from qzoom_jax import qzoom_checkpoint, train
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def _config(name: str):
+    path = os.path.join(CONFIGS, f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run this script from a clone of the repository")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=None, help="where the two training runs go (default: a temporary dir)")
+    p.add_argument("--out", default=qzoom_checkpoint.EMBEDDED_QZOOM)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or tmp
+        sdrpn_run, gate_run = os.path.join(workdir, "sdrpn"), os.path.join(workdir, "gate")
+        train.main(_config("sdrpn"), sdrpn_run)
+        gate = _config("gate")
+        gate.model.twig_run = sdrpn_run
+        train.main(gate, gate_run)
+        parts = qzoom_checkpoint.load(gate_run, dtype="float32", reuse_src_pos=False)
+        parts.backbone_path = qzoom_checkpoint.EMBEDDED_DEFAULT  # tokenizer/processor files come from here
+        qzoom_checkpoint.save_hf(parts, args.out)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

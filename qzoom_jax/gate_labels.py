@@ -15,16 +15,11 @@ tiny model has random weights and cannot answer, so its answers would all be fil
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import os
 from collections.abc import Iterator
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from qzoom_jax import labels, parallel
 from qzoom_jax.data import stage1, stage3, synthetic, tfds_stage1, tfds_stage3
@@ -108,25 +103,10 @@ def generate_answers(cfg, workdir: str) -> list[str]:
         raise ValueError(f"budgets must be more than {stage3.HIGH} increasing token counts, got {cfg.budgets}")
     source = tfds_stage1.open_source(labels.input_datasets(cfg.data, os.path.join(workdir, "data")))
     out_dir = os.path.join(workdir, "labels")
-    pid, nproc = jax.process_index(), jax.process_count()
-    mine = np.arange(pid, len(source), nproc)  # each process answers its own share
-    parts = [mine[i:i + cfg.part_size] for i in range(0, len(mine), cfg.part_size)]
-    names = [f"answers_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
-    todo = [(name, idx) for name, idx in zip(names, parts) if not tfds_stage1.prepared_dirs(out_dir, name)]
-    if todo:
+
+    def start():
         answer_fn, factor = _answer_fn(cfg)
-        skipped = collections.Counter()
-        with tqdm(total=sum(len(idx) for _, idx in todo), desc="answers", unit="sample",
-                  disable=pid != 0) as progress:
-            for name, idx in todo:
-                records = _answer_records(answer_fn, source, idx, cfg, factor, skipped, progress)
-                first = next(records, None)
-                if first is None:
-                    log.warning("answer part %s: no usable sample", name)
-                    continue
-                tfds_stage3.write_answer_dataset(itertools.chain([first], records), out_dir, name)
-        if skipped:
-            log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
-    if nproc > 1:  # every process's parts must be finished before anyone lists them
-        multihost_utils.sync_global_devices("qzoom_jax.gate_labels")
+        return lambda idx, skipped, progress: _answer_records(answer_fn, source, idx, cfg, factor, skipped, progress)
+
+    labels.write_in_parts(len(source), out_dir, "answers", cfg.part_size, start, tfds_stage3.write_answer_dataset)
     return tfds_stage3.answer_parts(out_dir)

@@ -16,7 +16,6 @@ import optax
 from qzoom_jax.config import QwenVLConfig
 from qzoom_jax.data import stage3
 from qzoom_jax.models import gate as gate_lib
-from qzoom_jax.models import vision as vision_lib
 from qzoom_jax.models import vlm
 from qzoom_jax.roi import IGNORE
 
@@ -31,16 +30,11 @@ def gate_logits(gate, backbone, config: QwenVLConfig, batch, K: int, *, attn_imp
     """
     backbone = jax.lax.stop_gradient(backbone)
     dtype = backbone["model"]["embed_tokens"]["embedding"].dtype
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    encode = lambda pv, layout: vision_lib.encode_images(backbone["visual"], config.vision, pv.astype(dtype), layout,
-                                                         attn_impl=attn_impl)
-    feats = jax.vmap(encode)(batch["pixel_values"], stage3.layout_of(batch))
-    x = vlm.embed(backbone, config, ids, feats)
-    positions = jnp.transpose(batch["positions"], (1, 0, 2))
-    h, cos, sin, mask, _ = vlm.decoder_trunk(backbone, config, x, am, positions, num_layers=K, attn_impl=attn_impl)
+    h, cos, sin, mask = vlm.batch_trunk(backbone, config, batch, stage3.layout_of(batch), K, attn_impl=attn_impl,
+                                        per_row_layout=True)
     h = jax.lax.stop_gradient(h)
     gate = jax.tree_util.tree_map(lambda p: p.astype(dtype), gate)
-    B, L = ids.shape
+    B, L = batch["input_ids"].shape
     return gate_lib.gate_logits(gate, config.text, h, cos, sin, mask, jnp.full((B,), L - 1), attn_impl=attn_impl)
 
 

@@ -17,7 +17,7 @@ import collections
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -95,34 +95,47 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
 
 def generate_labels(cfg, workdir: str) -> list[str]:
     """Label every input record once; returns the label dataset parts of all processes (in order)."""
-    inputs = input_datasets(cfg.data, os.path.join(workdir, "data"))
-    source = tfds_stage1.open_source(inputs)
+    source = tfds_stage1.open_source(input_datasets(cfg.data, os.path.join(workdir, "data")))
     out_dir = os.path.join(workdir, "labels")
-    pid, nproc = jax.process_index(), jax.process_count()
-    mine = np.arange(pid, len(source), nproc)  # each process labels its own share
-    parts = [mine[i:i + cfg.part_size] for i in range(0, len(mine), cfg.part_size)]
-    names = [f"labels_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
-    todo = [(name, idx) for name, idx in zip(names, parts) if not _is_done(out_dir, name)]
-    if todo:
+
+    def start():
         path = model_path(cfg.model.path)
-        mesh = parallel.make_mesh(**cfg.mesh)
-        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
+        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=parallel.make_mesh(**cfg.mesh),
+                                attn_impl=cfg.model.attn_impl)
         processor = Processor.from_pretrained(path)
+        return lambda idx, skipped, progress: _label_records(model, processor, source, idx, cfg, skipped, progress)
+
+    write_in_parts(len(source), out_dir, "labels", cfg.part_size, start, tfds_stage1.write_label_dataset)
+    return label_parts(out_dir)
+
+
+def write_in_parts(num_records: int, out_dir: str, prefix: str, part_size: int,
+                   start: Callable[[], Callable[..., Iterator[dict]]], write: Callable[..., str]) -> None:
+    """This process's share of records ``0..num_records-1`` (every ``process_count``-th), in datasets of
+    ``part_size`` records named ``{prefix}_p{process}_c{part}`` under ``out_dir``. A finished part is never
+    redone, so an interrupted run resumes. ``start()`` (called only when some part is left) loads what is needed
+    and returns ``records(indices, skipped counter, progress bar)``; ``write(records, out_dir, name)`` saves one
+    part. Every process waits until all parts of all processes exist."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = np.arange(pid, num_records, nproc)
+    parts = [mine[i:i + part_size] for i in range(0, len(mine), part_size)]
+    names = [f"{prefix}_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
+    todo = [(name, idx) for name, idx in zip(names, parts) if not tfds_stage1.prepared_dirs(out_dir, name)]
+    if todo:
+        records_of = start()
         skipped = collections.Counter()
-        with tqdm(total=sum(len(idx) for _, idx in todo), desc="labels", unit="sample",
-                  disable=pid != 0) as progress:
+        with tqdm(total=sum(len(idx) for _, idx in todo), desc=prefix, unit="sample", disable=pid != 0) as progress:
             for name, idx in todo:
-                records = _label_records(model, processor, source, idx, cfg, skipped, progress)
+                records = records_of(idx, skipped, progress)
                 first = next(records, None)
                 if first is None:  # every image of this part was unusable; there is nothing to write
-                    log.warning("label part %s: no usable sample", name)
+                    log.warning("%s part %s: no usable sample", prefix, name)
                     continue
-                tfds_stage1.write_label_dataset(itertools.chain([first], records), out_dir, name)
+                write(itertools.chain([first], records), out_dir, name)
         if skipped:
             log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
     if nproc > 1:  # every process's parts must be finished before anyone lists them
-        multihost_utils.sync_global_devices("qzoom_jax.labels")
-    return label_parts(out_dir)
+        multihost_utils.sync_global_devices(f"qzoom_jax {prefix} parts")
 
 
 def model_path(path) -> str:
@@ -130,10 +143,6 @@ def model_path(path) -> str:
     if path == "":
         raise ValueError("this preset needs the backbone checkpoint: pass --config.model.path=DIR")
     return path or EMBEDDED_DEFAULT
-
-
-def _is_done(out_dir: str, name: str) -> bool:
-    return bool(tfds_stage1.prepared_dirs(out_dir, name))
 
 
 def label_parts(out_dir: str) -> list[str]:

@@ -13,7 +13,6 @@ import optax
 
 from qzoom_jax.config import QwenVLConfig
 from qzoom_jax.models import twig as twig_lib
-from qzoom_jax.models import vision as vision_lib
 from qzoom_jax.models import vlm
 from qzoom_jax.roi import IGNORE
 
@@ -28,20 +27,16 @@ def roi_logits(twig, backbone, config: QwenVLConfig, batch, layout, K: int, *, a
     """
     backbone = jax.lax.stop_gradient(backbone)
     dtype = backbone["model"]["embed_tokens"]["embedding"].dtype
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    feats = jax.vmap(lambda pv: vision_lib.encode_images(backbone["visual"], config.vision, pv.astype(dtype),
-                                                         layout, attn_impl=attn_impl))(batch["pixel_values"])
-    x = vlm.embed(backbone, config, ids, feats)
-    positions = jnp.transpose(batch["positions"], (1, 0, 2))
-    h, cos, sin, mask, _ = vlm.decoder_trunk(backbone, config, x, am, positions, num_layers=K, attn_impl=attn_impl)
+    h, cos, sin, mask = vlm.batch_trunk(backbone, config, batch, layout, K, attn_impl=attn_impl)
     h = jax.lax.stop_gradient(h)
     # fp32 master weights, computed in the backbone's dtype (the cast is differentiable).
     twig = jax.tree_util.tree_map(lambda p: p.astype(dtype), twig)
+    ids = batch["input_ids"]
     B, L = ids.shape
     image_mask = ids == config.image_token_id
     s = twig_lib.roi_logits(twig, config.text, h, cos, sin, mask, jnp.full((B,), L - 1), image_mask,
                             attn_impl=attn_impl)
-    n = feats.shape[1]
+    n = layout.merged_valid.shape[0]  # image tokens per row (the fixed grid has no padding rows)
     idx = jax.vmap(lambda m: jnp.nonzero(m, size=n)[0])(image_mask)
     return jnp.take_along_axis(s, idx, axis=1)
 

@@ -111,6 +111,23 @@ def decoder_trunk(params, config: QwenVLConfig, x, attention_mask, positions, nu
     return h, cos, sin, mask, cache
 
 
+def batch_trunk(params, config: QwenVLConfig, batch, layout, num_layers: int, *, attn_impl: str,
+                per_row_layout: bool = False):
+    """``decoder_trunk`` over a fixed-shape training batch: ``input_ids``/``attention_mask`` [B, L],
+    ``positions`` [B, 3, L], ``pixel_values`` [B, P, C] of one image per row. Each row's image is encoded on its own
+    (vmap), so a batch-sharded input never gathers across devices; ``layout`` is shared by every row or, with
+    ``per_row_layout``, stacked with a leading batch axis. Returns ``(h, cos, sin, mask)``."""
+    dtype = params["model"]["embed_tokens"]["embedding"].dtype
+    encode = lambda pv, lay: vision_lib.encode_images(params["visual"], config.vision, pv.astype(dtype), lay,
+                                                      attn_impl=attn_impl)
+    feats = jax.vmap(encode, in_axes=(0, 0 if per_row_layout else None))(batch["pixel_values"], layout)
+    x = embed(params, config, batch["input_ids"], feats)
+    positions = jnp.transpose(batch["positions"], (1, 0, 2))
+    h, cos, sin, mask, _ = decoder_trunk(params, config, x, batch["attention_mask"], positions, num_layers,
+                                         attn_impl=attn_impl)
+    return h, cos, sin, mask
+
+
 def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None,
             layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
     """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).

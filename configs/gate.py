@@ -20,19 +20,17 @@ import os
 
 import ml_collections
 
-# The paper's (K, T) per backbone (training reference §0); the gate branches where the twig does.
-PRESETS = {
-    "tiny": {"K": 3, "T": 3},
-    "qwen2_5vl_3b": {"K": 24, "T": 3},
-    "qwen2_5vl_7b": {"K": 18, "T": 3},
-}
 
-
-def _labels_config():
-    spec = importlib.util.spec_from_file_location("labels_config", os.path.join(os.path.dirname(__file__), "labels.py"))
+def _sibling(name: str):
+    """Another config file of this directory, as a module (config files are loaded by path, not imported)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The paper's (K, T) per backbone (training reference §0): the gate branches where the twig does.
+PRESETS = _sibling("sdrpn").PRESETS
 
 
 def get_config(arg=None):
@@ -53,7 +51,7 @@ def get_config(arg=None):
         twig_run="",
         **PRESETS[preset],
     )
-    c.answers = _labels_config().answers_config(preset)
+    c.answers = _sibling("labels").answers_config(preset)
     # roi_samples: cap on the pool (upstream keeps 20K); high: the consensus group (the top answers that must
     # agree); max_len: prompt tokens incl. up to 1.5x the largest drawn budget of image tokens.
     c.data = {

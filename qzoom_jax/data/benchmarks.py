@@ -26,7 +26,6 @@ evaluator counts and skips the sample.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
-from qzoom_jax.data.stage1 import SkipSample, decode_image
+from qzoom_jax.data.stage1 import SkipSample, decode_image, jsonl_rows
 from qzoom_jax.data.synthetic import PALETTE, SHAPES, make_sample
 from qzoom_jax.eval_metrics import METRICS, option_letters
 
@@ -58,22 +57,14 @@ def read_jsonl(path: str | os.PathLike, image_root: str | os.PathLike, metric: s
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     path, image_root = os.fspath(path), os.fspath(image_root)
     samples, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            sample = _sample(row, where, image_root, metric)
-            if sample.question_id in seen:
-                raise ValueError(f"{where}: duplicate question_id {sample.question_id!r}")
-            seen.add(sample.question_id)
-            samples.append(sample)
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        sample = _sample(row, where, image_root, metric)
+        if sample.question_id in seen:
+            raise ValueError(f"{where}: duplicate question_id {sample.question_id!r}")
+        seen.add(sample.question_id)
+        samples.append(sample)
     return samples
 
 

@@ -29,7 +29,11 @@ from qzoom_jax import roi
 from qzoom_jax.config import QwenVLConfig
 from qzoom_jax.data.image_processing import MAX_ASPECT_RATIO, ImageProcessor, to_rgb
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
+from qzoom_jax.data.prompts import (
+    ANSWER_SUFFIX,
+    GROUNDING_INSTRUCTION,
+    LEGACY_GROUNDING_INSTRUCTION,
+)
 from qzoom_jax.models.rope import rope_index
 
 log = logging.getLogger(__name__)
@@ -254,6 +258,19 @@ def _answer_text(value) -> str:
     return collections.Counter(answers).most_common(1)[0][0] if answers else ""
 
 
+def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, parsed value) of every non-blank line of a JSON-lines file; bad JSON names the line."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+
+
 def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
                          skipped: collections.Counter | None = None) -> Iterator[dict]:
     """Input records from an upstream universal JSONL question pool (§1.1); images read from ``image_root``.
@@ -262,26 +279,18 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
     """
     path, image_root = os.fspath(path), os.fspath(image_root)
     skips = SkipLog(path, skipped)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            missing = [k for k in ("uid", "question_id", "dataset", "image", "text", "mode") if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}")
-            if row["mode"] not in MODES:
-                raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
-            record = _input_record(row, where, image_root, skips, prompt=row["text"],
-                                   short_prompt=bool(row.get("short_prompt", False)),
-                                   max_new_tokens=int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-                                   answer=_answer_text(row.get("answer", row.get("answers", ""))))
-            if record is not None:
-                yield record
+    for where, row in jsonl_rows(path):
+        missing = [k for k in ("uid", "question_id", "dataset", "image", "text", "mode") if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing}")
+        if row["mode"] not in MODES:
+            raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
+        record = _input_record(row, where, image_root, skips, prompt=row["text"],
+                               short_prompt=bool(row.get("short_prompt", False)),
+                               max_new_tokens=int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                               answer=_answer_text(row.get("answer", row.get("answers", ""))))
+        if record is not None:
+            yield record
     skips.close()
 
 

@@ -117,7 +117,16 @@ class QZoomConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The keys for config.json. With the twig enabled, also the keys upstream's training script writes
+        (reference §5.2) and ``roi_enable2stage: true``: upstream's model, loaded outside its eval wrapper, would
+        otherwise skip the RoI path and the upper layers when the gate fires (reference §4.9)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.enable_twig:
+            fixed_576 = 576 * 28 * 28  # upstream's training budget, only read by its fallback crop processor
+            out = {"roi_super_type": "v1", "roi_skip_ffn": False, "roi_keep_ffn_mod_ratio": 1000,
+                   "roi_post_training": False, "add_noise_to_roi": False, "roi_enable2stage": True,
+                   "min_pixels": fixed_576, "max_pixels": fixed_576, **out}
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Everything goes through ONE table, :func:`checkpoint_table`: for every tensor of the official checkpoint
 (transformers-4.x names) it says which leaf of our pytree it becomes, at which layer index of a stacked leaf,
 and how the array is rearranged. Import (:func:`params_from_state_dict`, :func:`load_params`) and export
-(:func:`state_dict_from_params`, :func:`save_params`) both read that table, so they cannot drift apart.
+(:func:`hf_tensor`, :func:`state_dict_from_params`, and ``hf_export`` on top) both read that table, so they cannot
+drift apart.
 
 transformers-5.x checkpoints nest the towers under ``model.`` (``model.visual.*``,
 ``model.language_model.*``); :func:`hf_key_v5` maps a 4.x name to its 5.x spelling and the readers accept both.
@@ -297,17 +298,19 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: QwenVLConfig, 
     return _build(source, config, dtype, shardings)
 
 
+def hf_tensor(params: Params, spec: TensorSpec, dtype=None) -> np.ndarray:
+    """One HF tensor of ``params`` on the host: only that tensor (one layer of a stacked leaf) leaves the
+    devices, so a sharded model can be written out one tensor at a time. ``dtype`` None keeps the params'."""
+    leaf = _get(params, spec.path)
+    value = np.asarray(jax.device_get(leaf if spec.layer is None else leaf[spec.layer]))
+    if dtype is not None:
+        value = value.astype(np.dtype(jnp.dtype(dtype)))
+    return np.ascontiguousarray(_TRANSFORMS[spec.transform][1](value, spec.hf_shape))
+
+
 def state_dict_from_params(params: Params, config: QwenVLConfig, dtype=None) -> dict[str, np.ndarray]:
     """The official 4.x-named HF state dict (numpy) of ``params``; ``dtype`` None keeps the params' dtype."""
-    out = {}
-    for leaf in _leaves(checkpoint_table(config)):
-        value = np.asarray(jax.device_get(_get(params, leaf.path)))  # once per leaf, not once per layer
-        if dtype is not None:
-            value = value.astype(np.dtype(jnp.dtype(dtype)))
-        for key, spec in zip(leaf.keys, leaf.specs):
-            one = value[spec.layer] if leaf.stacked else value
-            out[key] = np.ascontiguousarray(_TRANSFORMS[spec.transform][1](one, spec.hf_shape))
-    return out
+    return {key: hf_tensor(params, spec, dtype) for key, spec in checkpoint_table(config).items()}
 
 
 # --------------------------------------------------------------------------------------------- safetensors files
@@ -400,17 +403,3 @@ def load_params(path: str | os.PathLike, config: QwenVLConfig | None = None, dty
         shardings = parallel.param_shardings(param_shapes(config, dtype), mesh,
                                              parallel.DEFAULT_RULES if rules is None else rules)
     return _build(source, config, dtype, shardings)
-
-
-def save_params(params: Params, config: QwenVLConfig, out_dir: str | os.PathLike, dtype="float32") -> None:
-    """Write ``model.safetensors`` (official 4.x names) and ``config.json`` to ``out_dir``."""
-    from safetensors.numpy import save_file
-
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    # "format: pt" is what transformers expects in the metadata of files it loads.
-    save_file(state_dict_from_params(params, config, dtype), os.path.join(out_dir, SAFETENSORS_FILE),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf_dict(torch_dtype=jnp.dtype(dtype).name), f, indent=2, sort_keys=True)
-        f.write("\n")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from qzoom_jax import hf_checkpoint
+from qzoom_jax import hf_export
 from qzoom_jax.config import QZoomConfig
 from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, QwenVL, load_pretrained
 
@@ -64,19 +63,20 @@ def read_run(run: str) -> tuple[dict, dict]:
 
 
 def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="float32", attn_impl: str = "xla",
-         reuse_src_pos: bool | None = None) -> QZoomParts:
+         reuse_src_pos: bool | None = None, mesh=None) -> QZoomParts:
     """The parts of ``checkpoint`` (None: the embedded default). ``twig_run`` supplies (or replaces) the twig
-    from a stage-1 run; ``reuse_src_pos`` overrides the checkpoint's position mode."""
+    from a stage-1 run; ``reuse_src_pos`` overrides the checkpoint's position mode. With ``mesh`` the backbone
+    is sharded over it (the branches stay on the default device)."""
     path = os.fspath(checkpoint) if checkpoint is not None else EMBEDDED_QZOOM
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
     if is_run_dir(path):
-        parts = _from_run(path, dtype, attn_impl)
+        parts = _from_run(path, dtype, attn_impl, mesh)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        parts = _from_hf(path, dtype, attn_impl)
+        parts = _from_hf(path, dtype, attn_impl, mesh)
     else:
-        raise FileNotFoundError(f"{path}: neither a Hugging Face checkpoint (config.json) nor a training run "
-                                "(checkpoints/)")
+        raise FileNotFoundError(f"{path}: neither a model directory (config.json: Hugging Face or ours) nor a "
+                                "training run (checkpoints/)")
     if twig_run is not None:
         twig, meta = read_run(twig_run)
         _expect_stage(twig_run, meta, "sdrpn")
@@ -87,8 +87,8 @@ def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="f
     return parts
 
 
-def _from_hf(path: str, dtype, attn_impl: str) -> QZoomParts:
-    model = load_pretrained(path, dtype=dtype, attn_impl=attn_impl)
+def _from_hf(path: str, dtype, attn_impl: str, mesh) -> QZoomParts:
+    model = load_pretrained(path, dtype=dtype, attn_impl=attn_impl, mesh=mesh)
     qz = model.config.qzoom
     branches = model.params["model"]
     twig = branches.pop("twig_layers", None)
@@ -113,10 +113,10 @@ def _check_branch(parts: QZoomParts, meta: dict, where: str) -> None:
                          f"{parts.backbone_path}")
 
 
-def _from_run(run: str, dtype, attn_impl: str) -> QZoomParts:
+def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
     params, meta = read_run(run)
     backbone = meta["backbone"]
-    model = load_pretrained(backbone, dtype=dtype, attn_impl=attn_impl)
+    model = load_pretrained(backbone, dtype=dtype, attn_impl=attn_impl, mesh=mesh)
     parts = QZoomParts(model, backbone, None, None, meta["K"], model.config.qzoom.reuse_src_pos)
     if meta.get("stage") == "sdrpn":
         parts.twig = params
@@ -132,26 +132,24 @@ def _from_run(run: str, dtype, attn_impl: str) -> QZoomParts:
     return parts
 
 
-# Files of a backbone directory that a Q-Zoom directory needs besides the weights and config.json.
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json")
-
-
-def save_hf(parts: QZoomParts, out_dir: str, dtype="float32") -> str:
-    """Write ``parts`` as one Hugging Face Q-Zoom directory (single safetensors file; upstream's key names and
-    config keys, reference §5), with the backbone's tokenizer and processor files."""
-    if parts.twig is None:
-        raise ValueError("a Q-Zoom directory needs a twig")
-    T = jax.tree_util.tree_leaves(parts.twig)[0].shape[0]
+def qzoom_config(parts: QZoomParts):
+    """The backbone's config with the Q-Zoom keys of ``parts`` (twig, gate, K, T, position mode)."""
+    T = None if parts.twig is None else jax.tree_util.tree_leaves(parts.twig)[0].shape[0]
     gate_T = None if parts.gate is None else jax.tree_util.tree_leaves(parts.gate["high_res_layers"])[0].shape[0]
-    qz = QZoomConfig(enable_twig=True, twig_K=parts.K, twig_T=T, enable_high_res=parts.gate is not None,
-                     high_res_K=None if parts.gate is None else parts.K, high_res_T=gate_T,
-                     reuse_src_pos=parts.reuse_src_pos)
-    config = dataclasses.replace(parts.model.config, qzoom=qz)
-    branches = {"twig_layers": parts.twig, **(parts.gate or {})}
-    params = {**parts.model.params, "model": {**parts.model.params["model"], **branches}}
-    hf_checkpoint.save_params(params, config, out_dir, dtype=dtype)
-    for name in PROCESSOR_FILES:
-        src = os.path.join(parts.backbone_path, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-    return out_dir
+    qz = QZoomConfig(enable_twig=parts.twig is not None, twig_K=None if T is None else parts.K, twig_T=T,
+                     enable_high_res=parts.gate is not None, high_res_K=None if gate_T is None else parts.K,
+                     high_res_T=gate_T, reuse_src_pos=parts.reuse_src_pos)
+    return dataclasses.replace(parts.model.config, qzoom=qz)
+
+
+def branch_params(parts: QZoomParts) -> dict:
+    """The backbone's params with the branches added under their checkpoint names (``model/twig_layers`` ...)."""
+    branches = {**({"twig_layers": parts.twig} if parts.twig is not None else {}), **(parts.gate or {})}
+    return {**parts.model.params, "model": {**parts.model.params["model"], **branches}}
+
+
+def save_hf(parts: QZoomParts, out_dir: str, dtype="float32", **export_args) -> str:
+    """Write ``parts`` as one Hugging Face Q-Zoom directory (upstream's key names and config keys, reference §5),
+    with the backbone's tokenizer and processor files."""
+    return hf_export.export_params(branch_params(parts), qzoom_config(parts), out_dir, dtype=dtype,
+                                   files_from=parts.backbone_path, **export_args)

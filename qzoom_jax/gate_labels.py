@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
 from qzoom_jax import labels, parallel
@@ -84,8 +85,9 @@ def _answer_fn(cfg):
         return (lambda records: [_oracle_answers(r, cfg, factor) for r in records]), factor
     if cfg.answers != "model":
         raise ValueError(f"unknown answers={cfg.answers!r}; choose 'model' or 'oracle' (tiny preset)")
-    model = load_pretrained(path, dtype=cfg.model.dtype, mesh=parallel.make_mesh(**cfg.mesh),
-                            attn_impl=cfg.model.attn_impl)
+    # Each process answers its own records on its own devices (see labels.generate_labels).
+    mesh = parallel.make_mesh(**cfg.mesh, devices=jax.local_devices())
+    model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
 
     def answer(records):
         # A short batch is topped up with copies so every generation has the same batch size.

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from qzoom_jax import cli, parallel
+from qzoom_jax import cli, distributed, parallel
 from qzoom_jax.data import stage1, tfds_stage1
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, QwenVL, load_pretrained
@@ -33,14 +33,16 @@ log = logging.getLogger(__name__)
 
 
 def input_datasets(data, data_dir: str) -> list[str]:
-    """The prepared stage-1 input datasets named by ``config.data`` (built on first use)."""
+    """The prepared stage-1 input datasets named by ``config.data`` (built on first use, by process 0)."""
     if data.source == "synthetic":
-        return [tfds_stage1.build_synthetic_inputs(data_dir, data.synthetic_num, data.synthetic_seed)]
+        build = lambda: tfds_stage1.build_synthetic_inputs(data_dir, data.synthetic_num, data.synthetic_seed)
+        return [distributed.main_process_first(build, "synthetic inputs")]
     if data.source == "universal":
         if not data.jsonl or not data.image_root:
             raise ValueError("data.source='universal' needs --config.data.jsonl and --config.data.image_root")
         name = "universal_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.basename(data.jsonl)).lower()
-        return [tfds_stage1.build_universal_inputs(data.jsonl, data.image_root, data_dir, name)]
+        build = lambda: tfds_stage1.build_universal_inputs(data.jsonl, data.image_root, data_dir, name)
+        return [distributed.main_process_first(build, "universal inputs")]
     if data.source == "tfds":
         if not data.tfds_dirs:
             raise ValueError("data.source='tfds' needs --config.data.tfds_dirs")
@@ -100,8 +102,10 @@ def generate_labels(cfg, workdir: str) -> list[str]:
 
     def start():
         path = model_path(cfg.model.path)
-        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=parallel.make_mesh(**cfg.mesh),
-                                attn_impl=cfg.model.attn_impl)
+        # Each process labels its own records on its own devices: a mesh over every process's devices would make
+        # the processes run one program on different inputs (and different numbers of decode steps).
+        mesh = parallel.make_mesh(**cfg.mesh, devices=jax.local_devices())
+        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
         processor = Processor.from_pretrained(path)
         return lambda idx, skipped, progress: _label_records(model, processor, source, idx, cfg, skipped, progress)
 
@@ -158,7 +162,7 @@ def main(cfg, workdir: str) -> None:
         parts = gate_labels.generate_answers(cfg, workdir)
     else:
         parts = generate_labels(cfg, workdir)
-    print(f"{len(parts)} label dataset part(s) under {os.path.join(workdir, 'labels')}")
+    distributed.print0(f"{len(parts)} label dataset part(s) under {os.path.join(workdir, 'labels')}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 
 # Dense (no sparsity) bf16 peak FLOP/s of one TPU chip, by exact `device.device_kind`: a substring match would
@@ -49,20 +51,45 @@ class MetricsWriter:
     """Appends ``{"step": step, **metrics}`` to ``workdir/metrics.jsonl`` and the same scalars to TensorBoard.
 
     Only one process should write a run's metrics, so by default only process 0 is enabled; the others get a
-    writer that does nothing, and callers need no ``if``. ``workdir`` is a local (or mounted) directory.
+    writer that does nothing, and callers need no ``if``.
+
+    ``workdir`` is a local directory or an ``etils.epath`` URL (``gs://...``). Locally both files are written in
+    place and every JSON line is on disk when :meth:`write` returns. Object stores cannot append to a file, and
+    tensorboardX writes local files only (its own GCS writer needs ``google-cloud-storage``), so for a URL both
+    files are kept in a local staging directory and copied whole (one atomic upload each) to ``workdir`` by
+    :meth:`flush`: at most every ``flush_secs`` on a write, at :meth:`close`, and whenever the caller asks --
+    ``qzoom_jax.train`` flushes at every checkpoint save, so the run directory always holds every step up to its
+    latest checkpoint, which is all a resumed run keeps (:meth:`truncate_after`).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+    def __init__(self, workdir: epath.PathLike, *, enabled: bool | None = None, flush_secs: float = 60.0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.jsonl_path = self.workdir / "metrics.jsonl"
+        self.flush_secs = flush_secs
+        self._remote = "://" in os.fspath(workdir)
         self._tensorboard: SummaryWriter | None = None  # opened on the first write (see truncate_after)
         self._purge_step: int | None = None
-        if self.enabled:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+        self._staging: tempfile.TemporaryDirectory | None = None
+        self._last_flush = time.monotonic()
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._remote:
+            self._staging = tempfile.TemporaryDirectory(prefix="qzoom_metrics_")
+            if self.jsonl_path.exists():  # lines of an earlier run go on, as a local file's would
+                self._local_jsonl.write_bytes(self.jsonl_path.read_bytes())
+
+    @property
+    def _local_dir(self) -> Path:
+        return Path(self._staging.name) if self._staging else Path(self.workdir)
+
+    @property
+    def _local_jsonl(self) -> Path:
+        return self._local_dir / self.jsonl_path.name
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Records scalar ``metrics`` (Python, NumPy or 0-d JAX numbers) of ``step``; flushed when this returns."""
+        """Records scalar ``metrics`` (Python, NumPy or 0-d JAX numbers) of ``step``."""
         if not self.enabled:
             return
         if "step" in metrics:
@@ -71,15 +98,29 @@ class MetricsWriter:
         scalars = {name: _scalar(name, value) for name, value in metrics.items()}
         # Opened per call, so every line is flushed and closed before the next training step, and a crash loses
         # at most the line being written (truncate_after drops such a partial line).
-        with self.jsonl_path.open("a") as f:
+        with self._local_jsonl.open("a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
         if self._tensorboard is None:
             # tensorboardX names a file by the second and the host only, so a second writer in the same second
             # would truncate the first one's file; the nanosecond suffix keeps names unique and in time order.
             suffix = f".{time.time_ns()}"
-            self._tensorboard = SummaryWriter(str(self.workdir), purge_step=self._purge_step, filename_suffix=suffix)
+            self._tensorboard = SummaryWriter(str(self._local_dir), purge_step=self._purge_step,
+                                              filename_suffix=suffix)
         for name, value in scalars.items():
             self._tensorboard.add_scalar(name, value, step)
+        if self._remote and time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Flushes TensorBoard and, for a URL ``workdir``, uploads both files whole."""
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        if self._remote:
+            for local in sorted(self._local_dir.iterdir()):
+                (self.workdir / local.name).write_bytes(local.read_bytes())
+        self._last_flush = time.monotonic()
 
     def truncate_after(self, step: int) -> None:
         """Forgets everything logged after ``step``; call it when resuming from the checkpoint of ``step``.
@@ -94,18 +135,21 @@ class MetricsWriter:
             self._tensorboard.close()
             self._tensorboard = None
         self._purge_step = step + 1
-        if not self.jsonl_path.exists():
-            return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if _logged_step(line) <= step]
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.jsonl_path)  # atomic: a crash here leaves the old file or the new, never half
+        if self._local_jsonl.exists():
+            kept = [line for line in self._local_jsonl.read_text().splitlines() if _logged_step(line) <= step]
+            tmp = self._local_jsonl.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self._local_jsonl)  # atomic: a crash here leaves the old file or the new, never half
+        self.flush()
 
     def close(self) -> None:
-        """Flushes and closes the TensorBoard file (the JSONL file is never held open)."""
+        """Closes the TensorBoard file (the JSONL file is never held open) and uploads both files for a URL."""
+        if not self.enabled:
+            return
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        self.flush()  # the staging directory is removed with the writer (TemporaryDirectory)
 
 
 def _scalar(name: str, value: Any) -> float:

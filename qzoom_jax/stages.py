@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from qzoom_jax import gate_labels, gate_objective, sdrpn
+from qzoom_jax import distributed, gate_labels, gate_objective, sdrpn
 from qzoom_jax import labels as labels_lib
 from qzoom_jax.checkpoint import TrainCheckpointer
 from qzoom_jax.data import stage1, stage3, tfds_stage1, tfds_stage3
@@ -58,8 +58,9 @@ class Sdrpn:
         if d.label_dirs:
             label_dirs = list(d.label_dirs)
         elif d.pickle:
-            label_dirs = [tfds_stage1.build_pickle_labels(d.pickle, os.path.join(workdir, "data"),
-                                                          _dataset_name("pickle_", d.pickle), d.image_root or None)]
+            build = lambda: tfds_stage1.build_pickle_labels(d.pickle, os.path.join(workdir, "data"),
+                                                            _dataset_name("pickle_", d.pickle), d.image_root or None)
+            label_dirs = [distributed.main_process_first(build, "stage-1 pickle")]
         else:
             label_dirs = labels_lib.generate_labels(_label_run(self.cfg.teacher, self.cfg.model.path), workdir)
         return tfds_stage1.open_source(label_dirs), {"label_dirs": label_dirs}
@@ -99,17 +100,18 @@ class Gate:
         if d.label_dirs:
             label_dirs = list(d.label_dirs)
         elif d.pickle:
-            label_dirs = [tfds_stage3.build_pickle_answers(d.pickle, os.path.join(workdir, "data"),
-                                                           _dataset_name("stage3_", d.pickle), d.image_root or None)]
+            build = lambda: tfds_stage3.build_pickle_answers(d.pickle, os.path.join(workdir, "data"),
+                                                             _dataset_name("stage3_", d.pickle), d.image_root or None)
+            label_dirs = [distributed.main_process_first(build, "stage-3 pickle")]
         else:
             label_dirs = gate_labels.generate_answers(_label_run(self.cfg.answers, self.cfg.model.path), workdir)
         source, self.summary = tfds_stage3.training_pool(
             label_dirs, os.path.join(workdir, "data", "gate_pool.json"), seed=self.cfg.seed,
             roi_samples=self.cfg.data.roi_samples, high=self.cfg.data.high, write_cache=jax.process_index() == 0)
         counts = self.summary["counts"]
-        if jax.process_index() == 0:
-            print(f"gate pool: {len(source)} samples = {counts['hard']} hard + {self.summary['pool_easy']} of "
-                  f"{counts['easy']} easy; dropped: " + ", ".join(f"{c} {counts[c]}" for c in stage3.CATEGORIES[2:]))
+        distributed.print0(f"gate pool: {len(source)} samples = {counts['hard']} hard + {self.summary['pool_easy']} "
+                           f"of {counts['easy']} easy; dropped: "
+                           + ", ".join(f"{c} {counts[c]}" for c in stage3.CATEGORIES[2:]))
         twig_run = self.cfg.model.twig_run
         if twig_run and "://" not in twig_run:
             twig_run = os.path.abspath(twig_run)

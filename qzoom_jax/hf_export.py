@@ -36,27 +36,21 @@ def export_params(params, config: QwenVLConfig, out_dir: str | os.PathLike, *, d
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     table = hf_checkpoint.checkpoint_table(config)
-    shards: list[list[str]] = [[]]
-    weight_map, total, pending, pending_bytes = {}, 0, {}, 0
-
-    def flush():
-        save_file(pending, os.path.join(out_dir, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-        shards.append([])
-
+    shards: list[list[str]] = []  # the tensor names of each written shard
+    pending, pending_bytes, total = {}, 0, 0
     with tqdm(total=len(table), desc="exporting", unit="tensor", disable=not sys.stderr.isatty()) as bar:
         for key, spec in table.items():
             tensor = hf_checkpoint.hf_tensor(params, spec, dtype)
             if pending and pending_bytes + tensor.nbytes > max_shard_bytes:
-                flush()
+                shards.append(_write_shard(out_dir, len(shards) + 1, pending))
                 pending, pending_bytes = {}, 0
             pending[key] = tensor
             pending_bytes += tensor.nbytes
             total += tensor.nbytes
-            shards[-1].append(key)
             bar.update(1)
-    save_file(pending, os.path.join(out_dir, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+    shards.append(_write_shard(out_dir, len(shards) + 1, pending))
 
-    n = len(shards)
+    n, weight_map = len(shards), {}
     for i, keys in enumerate(shards, 1):
         name = hf_checkpoint.SAFETENSORS_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         os.replace(os.path.join(out_dir, f"shard-{i:05d}.tmp"), os.path.join(out_dir, name))
@@ -74,6 +68,12 @@ def export_params(params, config: QwenVLConfig, out_dir: str | os.PathLike, *, d
     if files_from is not None:
         copy_processor_files(files_from, out_dir)
     return out_dir
+
+
+def _write_shard(out_dir: str, i: int, tensors: dict) -> list[str]:
+    """Shard ``i`` under a temporary name (the final names need the shard count); returns its tensor names."""
+    save_file(tensors, os.path.join(out_dir, f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
+    return list(tensors)
 
 
 def copy_processor_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:

@@ -226,9 +226,8 @@ def pass2_arrays(config, plans: list[ZoomPlan], starts: list[int]) -> dict:
     P = bucket(max(p.splice.prefix for p in plans))
     Ln = bucket(max(len(p.splice.ids) - p.splice.prefix for p in plans))
     B = len(plans)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else config.bos_token_id
     prefix_index = np.full((B, P), -1, np.int32)
-    new_ids = np.full((B, Ln), pad_id, np.int32)
+    new_ids = np.full((B, Ln), config.input_pad_id, np.int32)
     new_valid = np.zeros((B, Ln), bool)
     positions = np.zeros((3, B, P + Ln), np.float32)
     for r, (p, start) in enumerate(zip(plans, starts)):

@@ -30,6 +30,18 @@ def _dataset_name(prefix: str, path: str) -> str:
     return prefix + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)).lower()
 
 
+def _label_dirs(data, workdir: str, build_pickle, prefix: str, generate) -> list[str]:
+    """The stage's label datasets: ``data.label_dirs`` as given, else ``data.pickle`` (upstream's file) converted
+    once into the workdir by ``build_pickle`` (process 0 first), else ``generate()`` (a label run)."""
+    if data.label_dirs:
+        return list(data.label_dirs)
+    if data.pickle:
+        build = lambda: build_pickle(data.pickle, os.path.join(workdir, "data"), _dataset_name(prefix, data.pickle),
+                                     data.image_root or None)
+        return [distributed.main_process_first(build, f"{prefix}pickle")]
+    return generate()
+
+
 def _label_run(cfg_labels, backbone_path):
     """The run's label-generation config, resolved (the run's config itself is never mutated); it labels with
     the frozen backbone being extended unless it names another model."""
@@ -54,15 +66,9 @@ class Sdrpn:
     def training_source(self, workdir: str):
         """(random-access records, checkpoint meta): given label datasets, an upstream pickle converted once, or
         a teacher run in the workdir."""
-        d = self.cfg.data
-        if d.label_dirs:
-            label_dirs = list(d.label_dirs)
-        elif d.pickle:
-            build = lambda: tfds_stage1.build_pickle_labels(d.pickle, os.path.join(workdir, "data"),
-                                                            _dataset_name("pickle_", d.pickle), d.image_root or None)
-            label_dirs = [distributed.main_process_first(build, "stage-1 pickle")]
-        else:
-            label_dirs = labels_lib.generate_labels(_label_run(self.cfg.teacher, self.cfg.model.path), workdir)
+        label_dirs = _label_dirs(self.cfg.data, workdir, tfds_stage1.build_pickle_labels, "pickle_",
+                                 lambda: labels_lib.generate_labels(_label_run(self.cfg.teacher, self.cfg.model.path),
+                                                                    workdir))
         return tfds_stage1.open_source(label_dirs), {"label_dirs": label_dirs}
 
     def init_params(self, base_layers, K: int, T: int):
@@ -96,15 +102,9 @@ class Gate:
     def training_source(self, workdir: str):
         """(the consistency-filtered pool, checkpoint meta). Answers come from given datasets, an upstream
         stage-3 pickle converted once, or an answer run in the workdir."""
-        d = self.cfg.data
-        if d.label_dirs:
-            label_dirs = list(d.label_dirs)
-        elif d.pickle:
-            build = lambda: tfds_stage3.build_pickle_answers(d.pickle, os.path.join(workdir, "data"),
-                                                             _dataset_name("stage3_", d.pickle), d.image_root or None)
-            label_dirs = [distributed.main_process_first(build, "stage-3 pickle")]
-        else:
-            label_dirs = gate_labels.generate_answers(_label_run(self.cfg.answers, self.cfg.model.path), workdir)
+        label_dirs = _label_dirs(self.cfg.data, workdir, tfds_stage3.build_pickle_answers, "stage3_",
+                                 lambda: gate_labels.generate_answers(_label_run(self.cfg.answers, self.cfg.model.path),
+                                                                      workdir))
         source, self.summary = tfds_stage3.training_pool(
             label_dirs, os.path.join(workdir, "data", "gate_pool.json"), seed=self.cfg.seed,
             roi_samples=self.cfg.data.roi_samples, high=self.cfg.data.high, write_cache=jax.process_index() == 0)

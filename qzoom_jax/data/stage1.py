@@ -171,6 +171,18 @@ def teacher_inputs(records: Sequence[Mapping[str, Any]], processor: Processor, g
     return fixed_grid_inputs(images, texts, processor, grid)
 
 
+def left_padded(config: QwenVLConfig, ids, max_len: int, image_grid_thw):
+    """One prompt's ``input_ids``/``attention_mask`` int32 [max_len], left-padded so its last token (the query)
+    sits at max_len-1, and its ``positions`` float32 [3, max_len]."""
+    n = len(ids)
+    input_ids = np.full((max_len,), config.input_pad_id, np.int32)
+    input_ids[max_len - n:] = ids
+    attention_mask = np.zeros((max_len,), np.int32)
+    attention_mask[max_len - n:] = 1
+    positions, _ = rope_index(config, input_ids[None], attention_mask[None], image_grid_thw)
+    return input_ids, attention_mask, positions[:, 0].astype(np.float32)
+
+
 def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVLConfig, max_len: int,
                  grid: int = 24, binary_coff: float = 0.25, bg_coff: float = 0.05) -> dict[str, np.ndarray]:
     """One Stage-1 training example with fixed shapes (§1.3-§1.4).
@@ -194,12 +206,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     if n > max_len:
         raise SkipSample(f"{uid}: prompt is {n} tokens, longer than max_len={max_len}")
 
-    pad_id = config.pad_token_id if config.pad_token_id is not None else config.bos_token_id
-    input_ids = np.full((max_len,), pad_id, np.int32)
-    input_ids[max_len - n:] = out["input_ids"][0]
-    attention_mask = np.zeros((max_len,), np.int32)
-    attention_mask[max_len - n:] = 1
-    positions, _ = rope_index(config, input_ids[None], attention_mask[None], out["image_grid_thw"])
+    input_ids, attention_mask, positions = left_padded(config, out["input_ids"][0], max_len, out["image_grid_thw"])
 
     grounding = np.asarray(record["grounding_attn"], np.float32)
     if grounding.shape != (grid, grid):
@@ -210,7 +217,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "positions": positions[:, 0],
+        "positions": positions,
         "pixel_values": out["pixel_values"].astype(np.float32),
         "labels": labels.reshape(-1).astype(np.int32),
     }

@@ -36,7 +36,6 @@ from qzoom_jax.data import stage1
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.models import vision as vision_lib
-from qzoom_jax.models.rope import rope_index
 
 HIGH = 2  # high_res_group_num: the consensus group is the answers at the HIGH highest budgets
 P_HARD_POSITIVE = 0.9  # a hard record is drawn as "needs high resolution" (label 1) with this probability
@@ -233,16 +232,12 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
         raise stage1.SkipSample(f"{uid}: image grid {out['image_grid_thw'][0].tolist()} spans more than "
                                 f"{minima['min_window_rows']} attention windows")
 
-    pad_id = config.pad_token_id if config.pad_token_id is not None else config.bos_token_id
-    input_ids = np.full((max_len,), pad_id, np.int32)
-    input_ids[max_len - n:] = out["input_ids"][0]
-    attention_mask = np.zeros((max_len,), np.int32)
-    attention_mask[max_len - n:] = 1
-    positions, _ = rope_index(config, input_ids[None], attention_mask[None], out["image_grid_thw"])
+    input_ids, attention_mask, positions = stage1.left_padded(config, out["input_ids"][0], max_len,
+                                                              out["image_grid_thw"])
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "positions": positions[:, 0].astype(np.float32),
+        "positions": positions,
         "pixel_values": np.pad(out["pixel_values"].astype(np.float32), ((0, n_patches - patches), (0, 0))),
         "label": np.int32(label),
         "budget": np.int32(budget),

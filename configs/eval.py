@@ -10,7 +10,7 @@ around generation), visual tokens and gate behaviour per task, group accuracy an
         --config.data_dir=... --config.task_names="('docvqa', 'chartqa')" --config.tasks.docvqa.limit=500 --sweep
 
 Real tasks read ``<data_dir>/<task>.jsonl`` with images under ``<data_dir>/<task>/`` (schema:
-qzoom_jax/data/benchmarks.py); every path, budget and threshold is a field (``--config.tasks.vstar.jsonl=...``,
+qzoom_jax/evaluation/benchmarks.py); every path, budget and threshold is a field (``--config.tasks.vstar.jsonl=...``,
 ``--config.tasks.ocrbench.roi_threshold=0.1``). Budgets are merged visual tokens (pixels = tokens x 28²).
 Results go to the workdir (default runs/<name>); finished samples are not redone when a run is restarted.
 The qwen2_5vl_3b preset uses the 7B values: the released scripts give one Qwen2.5-VL table (reference §4.11).

@@ -82,6 +82,6 @@ def get_config(arg=None):
         "clip_norm": 1.0,
     }
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-    # (logical axis, mesh axes) pairs replacing entries of qzoom_jax.parallel.DEFAULT_RULES.
+    # (logical axis, mesh axes) pairs replacing entries of qzoom_jax.runtime.parallel.DEFAULT_RULES.
     c.sharding_rules = ()
     return c

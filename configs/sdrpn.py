@@ -39,7 +39,7 @@ def get_config(arg=None):
     tiny = preset == "tiny"
     c = ml_collections.ConfigDict()
     c.name = "sdrpn" if not arg else f"sdrpn_{preset}"
-    c.stage = "sdrpn"  # qzoom_jax.stages: what train.main trains
+    c.stage = "sdrpn"  # qzoom_jax.training.stages: what train.main trains
     c.seed = 42
     # The frozen backbone: path None = the embedded tiny checkpoint. It is referenced by path from every
     # checkpoint, never copied.
@@ -80,7 +80,7 @@ def get_config(arg=None):
         "clip_norm": 1.0,
     }
     c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
-    # (logical axis, mesh axes) pairs replacing entries of qzoom_jax.parallel.DEFAULT_RULES, e.g.
+    # (logical axis, mesh axes) pairs replacing entries of qzoom_jax.runtime.parallel.DEFAULT_RULES, e.g.
     # --config.sharding_rules="(('mlp', None),)" to stop tensor-sharding the MLPs.
     c.sharding_rules = ()
     return c

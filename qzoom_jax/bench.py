@@ -30,6 +30,9 @@ import time
 
 import numpy as np
 
+from qzoom_jax.models import param_axes
+from qzoom_jax.training import optim as optim_lib
+from qzoom_jax.training import step as step_lib
 from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids
 
 SIZES = {
@@ -70,8 +73,8 @@ def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "eins
     import torch
     import transformers
 
-    from qzoom_jax.config import QwenVLConfig
-    from qzoom_jax.hf_checkpoint import params_from_state_dict
+    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+    from qzoom_jax.checkpoints.hf_checkpoint import params_from_state_dict
     from qzoom_jax.models.vlm import QwenVL, as_dtype
 
     torch.manual_seed(seed)
@@ -147,10 +150,11 @@ def bench_train(args):
     import jax.numpy as jnp
     import ml_collections
 
-    from qzoom_jax import metrics, parallel, train
-    from qzoom_jax.config import QwenVLConfig
-    from qzoom_jax.models import vision
-    from qzoom_jax.models.rope import rope_index
+    from qzoom_jax.training import metrics
+    from qzoom_jax.runtime import parallel
+    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+    from qzoom_jax.models.qwen2_5_vl import vision
+    from qzoom_jax.models.qwen2_5_vl.positions import rope_index
     from qzoom_jax.models.vlm import as_dtype, init_params
 
     config = QwenVLConfig.from_dict(_hf_config(args.size).to_dict())
@@ -159,11 +163,11 @@ def bench_train(args):
     dtype = as_dtype(args.dtype)
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(args.seed), dtype))
     backbone = jax.jit(lambda: init_params(config, jax.random.key(args.seed), dtype),
-                       out_shardings=parallel.param_shardings(shapes, mesh))()
+                       out_shardings=param_axes.param_shardings(shapes, mesh))()
     optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                                            clip_norm=1.0))
-    tx = train.make_optimizer(optim, 1000)
-    state = train.init_state(backbone, K, T, tx, mesh)
+    tx = optim_lib.make_optimizer(optim, 1000)
+    state = step_lib.init_state(backbone, K, T, tx, mesh)
 
     rng = np.random.default_rng(args.seed)
     n_img, side = args.grid * args.grid, 2 * args.grid
@@ -171,13 +175,13 @@ def bench_train(args):
            + [int(x) for x in rng.integers(0, 900, args.text)])
     ids = np.array([row] * args.batch, np.int32)
     positions, _ = rope_index(config, ids, np.ones_like(ids), np.array([[1, side, side]] * args.batch))
-    batch = train.global_batch(dict(
+    batch = step_lib.global_batch(dict(
         input_ids=ids, attention_mask=np.ones_like(ids), positions=positions.transpose(1, 0, 2),
         pixel_values=rng.standard_normal((args.batch, side * side, config.vision.patch_dim)).astype(np.float32),
         labels=rng.choice(np.array([-100, 0, 1], np.int32), (args.batch, n_img))), mesh)
     layout = vision.vision_layout(np.array([[1, side, side]]), config.vision)
     t0 = time.perf_counter()
-    compiled = train.compile_step(train.make_train_step(config, tx, K, 0.5, args.attn_impl), state, backbone, batch,
+    compiled = step_lib.compile_step(step_lib.make_train_step(config, tx, K, 0.5, args.attn_impl), state, backbone, batch,
                                   layout, mesh)
     compile_s = time.perf_counter() - t0
 
@@ -203,12 +207,13 @@ def bench_qzoom(args):
     import jax
     import torch
 
-    from qzoom_jax import qzoom_checkpoint
+    from qzoom_jax.checkpoints import qzoom_checkpoint
     from qzoom_jax.data import synthetic
     from qzoom_jax.data.processor import Processor
-    from qzoom_jax.models import gate, twig
-    from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, QwenVL
-    from qzoom_jax.qzoom import QZoom
+    from qzoom_jax.models.qzoom import gate, twig
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.models.vlm import QwenVL
+    from qzoom_jax.zoom.engine import QZoom
 
     hf, ours = _models(args.size, args.seed, args.dtype, args.attn_impl)
     n = args.new_tokens

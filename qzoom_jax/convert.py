@@ -24,8 +24,9 @@ import argparse
 import os
 import re
 
-from qzoom_jax import hf_export, orbax_params, parallel, qzoom_checkpoint
-from qzoom_jax.models.vlm import load_pretrained
+from qzoom_jax.checkpoints import hf_export, orbax_params, qzoom_checkpoint
+from qzoom_jax.runtime import parallel
+from qzoom_jax.checkpoints.pretrained import load_pretrained
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

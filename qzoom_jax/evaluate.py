@@ -31,10 +31,11 @@ import jax
 from absl import flags
 from tqdm import tqdm
 
-from qzoom_jax import cli, eval_report
-from qzoom_jax.data import benchmarks
+from qzoom_jax.runtime import cli
+from qzoom_jax.evaluation import report
+from qzoom_jax.evaluation import benchmarks
 from qzoom_jax.data.stage1 import SkipSample
-from qzoom_jax.eval_metrics import score
+from qzoom_jax.evaluation.metrics import score
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def load_engine(model):
     if model.path == "":
         raise ValueError("this preset needs a checkpoint: pass --config.model.path=DIR")
     # Imported here so that this module (and tests with stand-in engines) does not pull in the model stack.
-    from qzoom_jax.qzoom import QZoom
+    from qzoom_jax.zoom.engine import QZoom
 
     return QZoom.load(model.path, dtype=model.dtype, attn_impl=model.attn_impl)
 
@@ -178,7 +179,7 @@ def run_task(engine, cfg, name: str, samples: Sequence[benchmarks.Sample], varia
             bar.update()
     summary = {"task": name, "variant": variant, "metric": task.metric, **_used(setting, variant),
                "max_new_tokens": task.max_new_tokens, "full_size": task.full_size,
-               **eval_report.task_summary(records, task.aggregate,
+               **report.task_summary(records, task.aggregate,
                                           setting["gate_threshold"] if variant == "qzoom" else None)}
     _write_json(os.path.join(out_dir, f"{name}.json"), summary)
     return summary
@@ -216,7 +217,7 @@ def _record(sample: benchmarks.Sample, answer, metric: str, latency: float, time
 
 def _groups(cfg, tasks: Mapping[str, Mapping]) -> dict:
     sizes = {name: cfg.tasks[name].full_size for name in tasks}
-    return {g: eval_report.group_summary(tasks, group.tasks, sizes) for g, group in cfg.groups.items()}
+    return {g: report.group_summary(tasks, group.tasks, sizes) for g, group in cfg.groups.items()}
 
 
 def _ratio(a, b):
@@ -255,9 +256,9 @@ def sweep(cfg, workdir: str, engine, samples: Mapping[str, Sequence[benchmarks.S
                                     sweep_setting(cfg.tasks[name], variant, max_tokens, cfg.sweep), out_dir, clock)
                      for name in samples}
             runs.setdefault(variant, {})[max_tokens] = {"tasks": tasks, "groups": _groups(cfg, tasks)}
-    headline = {g: eval_report.headline(runs, g, group.speedup_budget, cfg.sweep.reference_budget)
+    headline = {g: report.headline(runs, g, group.speedup_budget, cfg.sweep.reference_budget)
                 for g, group in cfg.groups.items()}
-    eval_report.pareto_plot(runs, list(cfg.groups), os.path.join(workdir, "pareto.png"))
+    report.pareto_plot(runs, list(cfg.groups), os.path.join(workdir, "pareto.png"))
     results = {"device": jax.devices()[0].device_kind, "headline": headline, "runs": runs, "config": cfg.to_dict()}
     _write_json(os.path.join(workdir, "sweep.json"), results)
     return results

@@ -19,8 +19,8 @@ import sys
 
 from PIL import Image
 
-from qzoom_jax.heatmap import overlay
-from qzoom_jax.qzoom import QZoom
+from qzoom_jax.zoom.heatmap import overlay
+from qzoom_jax.zoom.engine import QZoom
 
 BUDGET = 576 * 28 * 28  # upstream's default pixel budget (min = max = 576 merged tokens)
 

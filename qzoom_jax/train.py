@@ -2,11 +2,11 @@
 
 Only a small head is trained on a frozen backbone that is referenced by path, never copied: stage 1 (SD-RPN)
 trains the twig to predict the teacher's RoI map, stage 3 the dynamic gate to predict when the low-resolution
-look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.stages`` holds
+look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.training.stages`` holds
 what differs, picked by ``config.stage``). ``main()`` is the whole story for both: config -> mesh -> labels ->
 data -> model -> restore -> step -> loop -> save.
 
-On several hosts every process runs the same command (``qzoom_jax.distributed`` starts the runtime): each reads
+On several hosts every process runs the same command (``qzoom_jax.runtime.distributed`` starts the runtime): each reads
 its own rows of every global batch, all of them take part in each step and each checkpoint, and process 0 alone
 reports (progress bar, prints, metrics).
 """
@@ -15,91 +15,22 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qzoom_jax import cli, distributed, parallel, sdrpn, stages
-from qzoom_jax import labels as labels_lib
-from qzoom_jax import metrics as metrics_lib
-from qzoom_jax.checkpoint import TrainCheckpointer
+from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.data import pipeline
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.models import twig as twig_lib
-from qzoom_jax.models.vlm import load_pretrained
-
-
-def lr_schedule(optim, num_steps: int) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine to 0 (HF Trainer's schedule, §1.7)."""
-    warmup = math.ceil(optim.warmup_ratio * num_steps)  # HF Trainer's rounding of warmup_ratio
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, num_steps, end_value=0.0)
-
-
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-    """AdamW on the trainable leaves with global-norm clipping."""
-    schedule = lr_schedule(optim, num_steps)
-    return optax.chain(optax.clip_by_global_norm(optim.clip_norm),
-                       optax.adamw(schedule, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay))
-
-
-def batch_sharding(mesh, rules=parallel.DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(rules["batch"]))
-
-
-def global_batch(local: dict, mesh, rules=parallel.DEFAULT_RULES) -> dict:
-    """This process's rows -> global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh, rules)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
-
-
-def make_train_step(config, tx, K: int, threshold: float, attn_impl: str, loss_fn=sdrpn.loss_fn):
-    """One optimizer step on the trainable params of ``state`` for the objective ``loss_fn`` (a stage's)."""
-    def train_step(state, backbone, batch, layout):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], backbone, config, batch, layout, K, threshold=threshold,
-                                      attn_impl=attn_impl)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["tokens"] = batch["attention_mask"].sum().astype(jnp.float32)
-        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-               "step": state["step"] + 1}
-        return new, metrics
-
-    return train_step
-
-
-def compile_step(train_step, state, backbone, batch, layout, mesh):
-    """``train_step`` jitted with explicit NamedShardings — state, backbone and batch keep theirs (the batch is
-    split over the batch axes), metrics and the shared vision layout (None when rows carry their own) are
-    replicated; the state is donated — and compiled ahead of time for these arguments."""
-    shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), shardings(batch), replicated),
-                   out_shardings=(shardings(state), replicated), donate_argnums=0)
-    return step.lower(state, backbone, batch, layout).compile()
-
-
-def init_state(backbone, K: int, T: int, tx, mesh, rules=parallel.DEFAULT_RULES,
-               init=twig_lib.init_twig_params) -> dict:
-    """fp32 trainable params ``init(base layers, K, T)`` (default: the twig, copies of base layers K..K+T-1)
-    sharded by the rules, their AdamW state, step 0."""
-    params = init(backbone["model"]["layers"], K, T)
-    shardings = parallel.param_shardings(params, mesh, rules)
-    params = jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params), shardings)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    # Moments are sharded like their params; counters are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
-                                          shardings, transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return {"params": params, "opt_state": opt_state, "step": step}
+from qzoom_jax.labelling import parts as label_parts
+from qzoom_jax.runtime import cli, distributed, parallel
+from qzoom_jax.training import metrics as metrics_lib
+from qzoom_jax.training import optim as optim_lib
+from qzoom_jax.training import stages
+from qzoom_jax.training import step as step_lib
+from qzoom_jax.training.checkpoint import TrainCheckpointer
 
 
 def main(cfg, workdir: str, devices=None) -> dict:
@@ -115,13 +46,13 @@ def main(cfg, workdir: str, devices=None) -> dict:
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Frozen backbone, sharded straight from the checkpoint.
-    backbone_path = labels_lib.model_path(m.path)
+    backbone_path = label_parts.model_path(m.path)
     model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl, rules=rules)
     config, backbone = model.config, model.params
     processor = Processor.from_pretrained(backbone_path)
 
     # Data: this process's share of each global batch, fixed shapes.
-    loader = pipeline.stage1_loader(source, stage.example_fn(processor, config),
+    loader = pipeline.training_loader(source, stage.example_fn(processor, config),
                                     global_batch_size=train.global_batch_size, seed=cfg.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
                                     worker_count=cfg.data.worker_count, annotate=stage.annotate)
@@ -129,8 +60,8 @@ def main(cfg, workdir: str, devices=None) -> dict:
     layout = stage.step_layout(config)
 
     # Trainable state, restored when the run directory already has a checkpoint.
-    tx = make_optimizer(cfg.optim, num_steps)
-    state = init_state(backbone, m.K, m.T, tx, mesh, rules, init=stage.init_params)
+    tx = optim_lib.make_optimizer(cfg.optim, num_steps)
+    state = step_lib.init_state(backbone, m.K, m.T, tx, mesh, rules, init=stage.init_params)
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=train.checkpoint_every,
                              max_to_keep=train.max_to_keep)
     writer = metrics_lib.MetricsWriter(workdir)
@@ -150,13 +81,13 @@ def main(cfg, workdir: str, devices=None) -> dict:
 
     # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
     # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
-    batches = (global_batch(b, mesh, rules) for b in data_iter)
+    batches = (step_lib.global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
-    compiled = compile_step(make_train_step(config, tx, m.K, stage.threshold, m.attn_impl, stage.loss_fn), state,
+    compiled = step_lib.compile_step(step_lib.make_train_step(config, tx, m.K, stage.threshold, m.attn_impl, stage.loss_fn), state,
                             backbone, first, layout, mesh)
     flops = metrics_lib.step_flops(compiled)
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])
-    schedule = lr_schedule(cfg.optim, num_steps)
+    schedule = optim_lib.lr_schedule(cfg.optim, num_steps)
 
     # The loop: log every log_every steps, checkpoint every checkpoint_every steps and at the end.
     last_time, last_step = time.perf_counter(), start

@@ -1,6 +1,8 @@
-"""Test-wide setup: 8 host CPU devices for sharding tests, full float32 matmul precision for parity, and a
-Q-Zoom checkpoint built from the embedded backbone."""
+"""Test-wide setup: 8 host CPU devices for sharding tests, full float32 matmul precision for parity, torchvision
+importable next to the CPU torch, and a Q-Zoom checkpoint built from the embedded backbone."""
 
+import glob
+import importlib.util
 import os
 
 import pytest
@@ -13,13 +15,36 @@ import jax  # must come after XLA_FLAGS
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def _make_torchvision_importable() -> None:
+    """PyPI's torchvision 0.28.0 (the fast image processor's reference) is a CUDA build: next to the CPU torch its
+    ``_C`` library cannot load, and ``import torchvision`` then dies registering fake kernels for
+    ``torchvision::nms``/``qnms``. transformers imports torchvision as soon as it is installed, so this must run
+    before any test imports transformers. Resizing never calls those ops: declaring their schemas is enough."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    try:
+        torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))[0])
+    except (IndexError, OSError):
+        global _TORCHVISION_OPS  # kept alive: dropping the Library object would undefine the ops
+        _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+_make_torchvision_importable()
+
+
 @pytest.fixture(scope="session")
 def qzoom_dir(tmp_path_factory):
     """The embedded backbone with a copy-initialised twig and a fresh gate (K=3, T=3), as a HF Q-Zoom directory
     (position mode b). Untrained branches: tests of the machinery, not of what the branches learned."""
-    from qzoom_jax import qzoom_checkpoint
-    from qzoom_jax.models import gate, twig
-    from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
+    from qzoom_jax.checkpoints import qzoom_checkpoint
+    from qzoom_jax.models.qzoom import gate, twig
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.checkpoints.pretrained import load_pretrained
 
     model = load_pretrained(None)
     layers = model.params["model"]["layers"]

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import transformers
 
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.hf_checkpoint import params_from_state_dict
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+from qzoom_jax.checkpoints.hf_checkpoint import params_from_state_dict
 from qzoom_jax.models.vlm import QwenVL
 
 VOCAB = 320

@@ -1,6 +1,6 @@
 """The command line of ``python -m qzoom_jax.train``, run by tests/test_multihost.py in each of its processes.
 
-Before training, every process asks for the teacher's input dataset (``labels.input_datasets``), which process 0
+Before training, every process asks for the teacher's input dataset (``teacher.input_datasets``), which process 0
 builds while the others wait. ``QZOOM_TEST_STOP_AFTER=N`` stops every process once step N is logged, after the
 checkpoint before it is complete -- a preemption without the notice -- so the same command resumes the run.
 """
@@ -8,7 +8,10 @@ checkpoint before it is complete -- a preemption without the notice -- so the sa
 import os
 import sys
 
-from qzoom_jax import checkpoint, cli, labels, train
+from qzoom_jax.training import checkpoint
+from qzoom_jax.runtime import cli
+from qzoom_jax.labelling import teacher
+from qzoom_jax import train
 
 STOPPED = 3  # exit status of a stopped run
 
@@ -27,7 +30,7 @@ def stop_after(last_step: int) -> None:
 
 
 def main(cfg, workdir):
-    labels.input_datasets(cfg.teacher.data, os.path.join(workdir, "data"))
+    teacher.input_datasets(cfg.teacher.data, os.path.join(workdir, "data"))
     return train.main(cfg, workdir)
 
 

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qzoom_jax.checkpoint import TrainCheckpointer
+from qzoom_jax.training.checkpoint import TrainCheckpointer
 
 
 def _train_state(mesh):
@@ -136,7 +136,7 @@ def test_interrupted_save_is_never_the_latest(tmp_path):
     script = textwrap.dedent(f"""
         import os
         import jax.numpy as jnp
-        from qzoom_jax.checkpoint import TrainCheckpointer
+        from qzoom_jax.training.checkpoint import TrainCheckpointer
         ckpt = TrainCheckpointer({str(tmp_path)!r}, save_interval_steps=2)
         state = {{"w": jnp.full((2048, 2048), 1.0), "step": jnp.int32(2)}}
         ckpt.save(2, state)

@@ -5,7 +5,9 @@ import json
 import pytest
 import transformers
 
-from qzoom_jax.config import ConfigError, QwenVLConfig
+from qzoom_jax.models import registry
+from qzoom_jax.runtime.errors import ConfigError
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from tests.hf_reference import official_config
 
 # The official Qwen2.5-VL-7B-Instruct config.json (transformers-4.x flat layout), values from reference §1.1.
@@ -33,7 +35,7 @@ def test_nested_v5_layout_equals_flat():
 def test_write_read_round_trip_and_transformers_reads_it(tmp_path):
     c = QwenVLConfig.from_dict(OFFICIAL_7B)
     (tmp_path / "config.json").write_text(json.dumps(c.to_hf_dict()))
-    assert QwenVLConfig.from_json_file(tmp_path) == c
+    assert registry.read_config(tmp_path) == c
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert hf.text_config.hidden_size == 3584 and hf.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
     assert hf.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
@@ -75,7 +77,7 @@ def test_gate_defaults_to_the_twig_branch():
 def test_unknown_model_type_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_7B, "model_type": "llava"}))
     with pytest.raises(ConfigError, match=r"unknown model_type 'llava'.*qwen2_5_vl"):
-        QwenVLConfig.from_json_file(tmp_path)
+        registry.read_config(tmp_path)
 
 
 @pytest.mark.parametrize("broken, message", [
@@ -94,4 +96,4 @@ def test_missing_key_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="'hidden_size'"):
         QwenVLConfig.from_dict(raw)
     with pytest.raises(ConfigError, match="no config.json"):
-        QwenVLConfig.from_json_file(tmp_path / "nowhere")
+        registry.read_config(tmp_path / "nowhere")

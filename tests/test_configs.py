@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from qzoom_jax import train
+from qzoom_jax.training import optim as optim_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ def test_schedule_warms_up_linearly_then_cosine_to_zero():
     optim = load("sdrpn").get_config("qwen2_5vl_7b").optim
     steps = 1445  # one epoch of 185K samples at batch 128
     warmup = math.ceil(0.03 * steps)
-    lr = train.lr_schedule(optim, steps)
+    lr = optim_lib.lr_schedule(optim, steps)
     np.testing.assert_allclose([lr(0), lr(warmup // 2), lr(warmup)], [0.0, 1e-4 * (warmup // 2) / warmup, 1e-4],
                                rtol=1e-5)
     mid = warmup + (steps - warmup) // 2

@@ -15,11 +15,14 @@ from safetensors.torch import load_file as load_torch
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_mod
 
-from qzoom_jax import convert, gate_labels, infer, labels, qzoom_checkpoint, train
+from qzoom_jax import convert, infer, train
+from qzoom_jax.labelling import gate_labels, teacher
+from qzoom_jax.checkpoints import embedded
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.hf_export import export_params
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
-from qzoom_jax.qzoom import QZoom
+from qzoom_jax.checkpoints.hf_export import export_params
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.zoom.engine import QZoom
 from tests.test_gate_train import gate_config
 from tests.test_train import sdrpn_config
 
@@ -73,10 +76,10 @@ def test_bf16_export_and_the_orbax_model_directory(tmp_path):
     assert read_json(bf16, "config.json")["torch_dtype"] == "bfloat16"
     assert str(hf_tensors(bf16)["model.norm.weight"].dtype) == "bfloat16"
 
-    orbax_dir = convert.main(["--from-hf", qzoom_checkpoint.EMBEDDED_QZOOM, "--out", str(tmp_path / "jax"),
+    orbax_dir = convert.main(["--from-hf", embedded.EMBEDDED_QZOOM, "--out", str(tmp_path / "jax"),
                               "--dtype", "float32"])
     assert os.path.isdir(os.path.join(orbax_dir, "params")) and os.path.exists(os.path.join(orbax_dir, "tokenizer.json"))
-    got, want = load_pretrained(orbax_dir), load_pretrained(qzoom_checkpoint.EMBEDDED_QZOOM)
+    got, want = load_pretrained(orbax_dir), load_pretrained(embedded.EMBEDDED_QZOOM)
     assert "twig_layers" in got.params["model"] and "high_res_head" in got.params["model"]
     jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
     args = {"min_pixels": 50176, "max_pixels": 50176, "roi_threshold": 0.1, "gate_threshold": 0.0,
@@ -96,7 +99,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     sd = sdrpn_config()
     sd.train.num_steps = 2
-    sd.data.label_dirs = tuple(labels.generate_labels(sd.teacher, str(root / "labels")))
+    sd.data.label_dirs = tuple(teacher.generate_labels(sd.teacher, str(root / "labels")))
     train.main(sd, str(root / "sdrpn"))
     gate = gate_config()
     gate.train.num_steps = 2

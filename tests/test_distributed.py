@@ -1,11 +1,11 @@
-"""Which multi-process settings a command line and environment resolve to (qzoom_jax.distributed.resolve).
+"""Which multi-process settings a command line and environment resolve to (qzoom_jax.runtime.distributed.resolve).
 
 The runs themselves: tests/test_multihost.py."""
 
 import pytest
 
-from qzoom_jax import distributed
-from qzoom_jax.distributed import Settings
+from qzoom_jax.runtime import distributed
+from qzoom_jax.runtime.distributed import Settings
 
 CLUSTER_VARS = ("OMPI_MCA_orte_hnp_uri", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                 "SLURM_LOCALID", "KUBERNETES_SERVICE_HOST")

@@ -2,17 +2,8 @@
 
 import pytest
 
-from qzoom_jax.eval_metrics import (
-    anls,
-    extract_option_letter,
-    levenshtein,
-    normalize_vqa_answer,
-    ocrbench_match,
-    relaxed_accuracy,
-    score,
-    task_accuracy,
-    vqa_soft_accuracy,
-)
+from qzoom_jax.evaluation.metrics import (anls, extract_option_letter, levenshtein, normalize_vqa_answer,
+    ocrbench_match, relaxed_accuracy, score, task_accuracy, vqa_soft_accuracy)
 
 
 @pytest.mark.parametrize("raw, normalized", [

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from qzoom_jax import eval_report
+from qzoom_jax.evaluation import report
 
 
 def _rec(score, latency, tokens=5, vt=100, gate=None, zoomed=False, category="", timed=True):
@@ -19,7 +19,7 @@ def test_task_summary():
         {"question_id": "x", "skipped": "missing image: /data/x.png (FileNotFoundError)"},
         {"question_id": "y", "skipped": "unusable image: /data/y.png: corrupt image"},
     ]
-    s = eval_report.task_summary(records, "mean", gate_threshold=0.5)
+    s = report.task_summary(records, "mean", gate_threshold=0.5)
     assert s["accuracy"] == pytest.approx(200 / 3)
     assert s["categories"] == pytest.approx({"FCP": 0.0, "FSP": 100.0})
     assert (s["num_samples"], s["num_skipped"]) == (3, 2)
@@ -30,27 +30,27 @@ def test_task_summary():
     assert s["zoom_rate"] == pytest.approx(1 / 3)       # one RoI inserted
     assert s["gate_fire_rate"] == pytest.approx(2 / 3)  # 0.9 and 0.6 reach 0.5 (the RPN may still find no RoI)
     assert s["mean_gate_prob"] == pytest.approx(1.7 / 3)
-    hr = eval_report.task_summary(records, "category_mean")
+    hr = report.task_summary(records, "category_mean")
     assert hr["accuracy"] == pytest.approx(50.0) and hr["gate_fire_rate"] is None
 
 
 def test_task_summary_without_gate_or_samples():
-    s = eval_report.task_summary([_rec(1.0, 0.25)], gate_threshold=0.5)
+    s = report.task_summary([_rec(1.0, 0.25)], gate_threshold=0.5)
     assert s["mean_gate_prob"] is None and s["gate_fire_rate"] is None and s["zoom_rate"] == 0.0
-    empty = eval_report.task_summary([{"question_id": "x", "skipped": "missing image: x"}])
+    empty = report.task_summary([{"question_id": "x", "skipped": "missing image: x"}])
     assert empty["accuracy"] is None and empty["throughput"]["samples_per_s"] is None
     assert empty["mean_visual_tokens"] is None and empty["zoom_rate"] is None
 
 
 def test_rectified_throughput_is_the_size_weighted_harmonic_mean():
     # 100 samples at 1/s and 300 at 3/s take 100 s + 100 s: 400 samples / 200 s
-    assert eval_report.rectified_throughput([100, 300], [1.0, 3.0]) == pytest.approx(2.0)
+    assert report.rectified_throughput([100, 300], [1.0, 3.0]) == pytest.approx(2.0)
     # the paper's Doc/OCR sizes (§6.1) with made-up per-task speeds
     sizes, sps = [5301, 2500, 1000, 2801, 5000], [2.0, 4.0, 3.0, 2.5, 3.5]
     expected = 16602 / (5301 / 2 + 2500 / 4 + 1000 / 3 + 2801 / 2.5 + 5000 / 3.5)
-    assert eval_report.rectified_throughput(sizes, sps) == pytest.approx(expected)
-    assert eval_report.rectified_throughput([100, 300], [1.0, None]) is None
-    assert eval_report.rectified_visual_tokens([100, 300], [500, 1000]) == pytest.approx(875.0)
+    assert report.rectified_throughput(sizes, sps) == pytest.approx(expected)
+    assert report.rectified_throughput([100, 300], [1.0, None]) is None
+    assert report.rectified_visual_tokens([100, 300], [500, 1000]) == pytest.approx(875.0)
 
 
 def _task(acc, sps, vt):
@@ -59,7 +59,7 @@ def _task(acc, sps, vt):
 
 def test_group_summary():
     tasks = {"a": _task(80.0, 1.0, 500), "b": _task(60.0, 3.0, 1000)}
-    g = eval_report.group_summary(tasks, ["a", "b", "c"], {"a": 100, "b": 300, "c": 50})
+    g = report.group_summary(tasks, ["a", "b", "c"], {"a": 100, "b": 300, "c": 50})
     assert g["tasks"] == ["a", "b"] and g["missing"] == ["c"]
     assert g["accuracy"] == pytest.approx(70.0)  # unweighted mean over tasks
     assert g["rectified_samples_per_s"] == pytest.approx(2.0)
@@ -77,17 +77,17 @@ RUNS = {  # the Qwen2.5-VL-7B Doc/OCR points read off the paper's plot (§6.4)
 
 
 def test_headline_reproduces_the_papers_doc_ocr_figures():
-    h = eval_report.headline(RUNS, "doc", 1024, 4096)
+    h = report.headline(RUNS, "doc", 1024, 4096)
     assert h["speedup"] == pytest.approx(2.52, abs=0.005)            # 1.79 / 0.71
     assert h["token_reduction"] == pytest.approx(0.530, abs=0.0005)  # 1 - 980 / 2085
     assert h["accuracy_gain"] == pytest.approx(1.1)                  # 87.0 - 85.9
-    missing = eval_report.headline(RUNS, "doc", 384, 4096)
+    missing = report.headline(RUNS, "doc", 384, 4096)
     assert missing["speedup"] is None and missing["token_reduction"] is None
 
 
 def test_pareto_plot_writes_a_png(tmp_path):
     path = tmp_path / "pareto.png"
-    eval_report.pareto_plot(RUNS, ["doc", "hr"], str(path))
+    report.pareto_plot(RUNS, ["doc", "hr"], str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         assert image.size == (1440, 540)  # two panels of 6 x 4.5 in at 120 dpi

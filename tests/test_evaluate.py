@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from qzoom_jax import evaluate
-from qzoom_jax.data import benchmarks
+from qzoom_jax.evaluation import benchmarks
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,11 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from qzoom_jax import gate_labels, labels
-from qzoom_jax.data import stage3, synthetic, tfds_stage1, tfds_stage3
+from qzoom_jax import labels
+from qzoom_jax.labelling import gate_labels
+from qzoom_jax.data import stage3, synthetic, tfds_datasets, tfds_stage3
 from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.pretrained import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LADDER = (16, 32, 64, 128)
@@ -57,7 +59,7 @@ def test_oracle_run_writes_answer_records_and_resumes(tmp_path, monkeypatch):
     labels.main(cfg, str(tmp_path))  # the labels entry point dispatches on stage="gate"
     parts = tfds_stage3.answer_parts(str(tmp_path / "labels"))
     assert len(parts) == 2
-    source = tfds_stage1.open_source(parts)
+    source = tfds_datasets.open_source(parts)
     assert len(source) == 6
     for i in range(6):
         record, sample = source[i], synthetic.make_sample(0, i)
@@ -110,7 +112,7 @@ def test_model_path_writes_records(tmp_path, monkeypatch):
     monkeypatch.setattr(gate_labels, "load_pretrained", lambda *a, **k: model)
     cfg = answers_config(num=3, answers="model", budgets=(16, 32, 64), batch_size=2)
     parts = gate_labels.generate_answers(cfg, str(tmp_path))
-    source = tfds_stage1.open_source(parts)
+    source = tfds_datasets.open_source(parts)
     assert len(source) == 3 and all(source[i]["ms_answers"] == ["", "", ""] for i in range(3))
     assert all(source[i]["res"].tolist() == [16, 32, 64] for i in range(3))
     assert len(seen) == 6  # two batches (the second topped up to 2 rows) x three budgets

@@ -10,12 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qzoom_jax import gate_labels, gate_objective, stages, train
-from qzoom_jax.checkpoint import TrainCheckpointer
+from qzoom_jax.training import optim as optim_lib
+from qzoom_jax.training import step as step_lib
+from qzoom_jax.labelling import gate_labels
+from qzoom_jax.training import gate_objective, stages
+from qzoom_jax import train
+from qzoom_jax.training.checkpoint import TrainCheckpointer
 from qzoom_jax.data import pipeline
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, load_pretrained
-from qzoom_jax.roi import IGNORE
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.models.qzoom.roi import IGNORE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +51,7 @@ def setup(label_dirs, tmp_path_factory):
     source, _ = stage.training_source(str(tmp_path_factory.mktemp("pool")))
     model = load_pretrained()
     example_fn = stage.example_fn(Processor.from_pretrained(EMBEDDED_DEFAULT), model.config)
-    batch = next(pipeline.stage1_loader(source, example_fn, global_batch_size=8, seed=0, annotate=True))
+    batch = next(pipeline.training_loader(source, example_fn, global_batch_size=8, seed=0, annotate=True))
     return cfg, model, stage, batch
 
 
@@ -60,9 +65,9 @@ def test_batch_rows_differ_in_budget_and_share_shapes(setup):
 
 def test_only_the_gate_learns(setup):
     cfg, model, stage, batch = setup
-    tx = train.make_optimizer(cfg.optim, 10)
+    tx = optim_lib.make_optimizer(cfg.optim, 10)
     mesh = train.parallel.make_mesh(devices=jax.devices()[:1])
-    state = train.init_state(model.params, 3, 3, tx, mesh, init=stage.init_params)
+    state = step_lib.init_state(model.params, 3, 3, tx, mesh, init=stage.init_params)
     gate = state["params"]
     assert set(gate) == {"high_res_layers", "high_res_head"}
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(gate))
@@ -80,8 +85,8 @@ def test_only_the_gate_learns(setup):
 
     before = jax.tree_util.tree_map(np.array, model.params)
     gate_before = jax.tree_util.tree_map(np.array, gate)
-    batch_dev = train.global_batch(batch, mesh)
-    step = train.compile_step(train.make_train_step(model.config, tx, 3, 0.5, "xla", stage.loss_fn), state,
+    batch_dev = step_lib.global_batch(batch, mesh)
+    step = step_lib.compile_step(step_lib.make_train_step(model.config, tx, 3, 0.5, "xla", stage.loss_fn), state,
                               model.params, batch_dev, None, mesh)
     for _ in range(2):
         state, metrics = step(state, model.params, batch_dev, None)

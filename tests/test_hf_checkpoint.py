@@ -13,10 +13,14 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from qzoom_jax import hf_checkpoint as hc
-from qzoom_jax import parallel
-from qzoom_jax.config import ConfigError, QwenVLConfig
-from qzoom_jax.hf_export import export_params
+from qzoom_jax.models import registry
+from qzoom_jax.models.checkpoint_keys import TRANSFORMS
+from qzoom_jax.models import param_axes
+from qzoom_jax.checkpoints import hf_checkpoint as hc
+from qzoom_jax.runtime import parallel
+from qzoom_jax.runtime.errors import ConfigError
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+from qzoom_jax.checkpoints.hf_export import export_params
 from qzoom_jax.models import vlm
 from tests.hf_reference import official_config
 
@@ -87,7 +91,7 @@ def _assert_matches(params, config, sd5):
     for key, spec in table.items():
         leaf = np.asarray(hc._get(params, spec.path))
         got = leaf[spec.layer] if spec.layer is not None else leaf
-        np.testing.assert_array_equal(got, hc._TRANSFORMS[spec.transform][0](sd5[hc.hf_key_v5(key)]), err_msg=key)
+        np.testing.assert_array_equal(got, TRANSFORMS[spec.transform][0](sd5[hc.hf_key_v5(key)]), err_msg=key)
     assert jax.tree.structure(params) == jax.tree.structure(hc.param_shapes(config))
 
 
@@ -117,7 +121,7 @@ def test_params_from_state_dict_torch_tensors_and_round_trip(hf, tmp_path):
     _assert_matches(hc.params_from_state_dict(_v4(sd5, config), config), config, sd5)  # 4.x names
     assert hc.state_dict_from_params(params, config).keys() == _v4(sd5, config).keys()
     export_params(params, config, tmp_path, dtype="float32")
-    assert QwenVLConfig.from_json_file(tmp_path) == config
+    assert registry.read_config(tmp_path) == config
     # transformers loads what we write and gets the same weights back.
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
     for k, v in reloaded.state_dict().items():
@@ -222,7 +226,7 @@ def test_load_onto_mesh(hf, layouts):
     _, config, sd5 = hf
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     params = hc.load_params(layouts / "v4_two_shards", config, mesh=mesh)
-    expected = parallel.param_shardings(hc.param_shapes(config), mesh)
+    expected = param_axes.param_shardings(hc.param_shapes(config), mesh)
     jax.tree.map(_assert_sharding, params, expected)
     # The rules really do shard something here (tiny dims divide 2), so this is not a replicated no-op.
     assert params["model"]["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX.proto import event_pb2
 
-from qzoom_jax import metrics
+from qzoom_jax.training import metrics
 
 
 def _events(workdir):

@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from qzoom_jax import labels, train
-from qzoom_jax.checkpoint import TrainCheckpointer
-from qzoom_jax.data import tfds_stage1
+from qzoom_jax.labelling import teacher
+from qzoom_jax import train
+from qzoom_jax.training.checkpoint import TrainCheckpointer
+from qzoom_jax.data import tfds_datasets
 from tests.multihost_driver import STOPPED
 from tests.test_train import sdrpn_config
 
@@ -28,7 +29,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def label_dirs(tmp_path_factory):
-    return tuple(labels.generate_labels(sdrpn_config().teacher, str(tmp_path_factory.mktemp("labels"))))
+    return tuple(teacher.generate_labels(sdrpn_config().teacher, str(tmp_path_factory.mktemp("labels"))))
 
 
 def _reference_config(label_dirs):
@@ -131,4 +132,4 @@ def test_two_processes_train_and_resume_like_one(label_dirs, tmp_path):
         assert line in out0 and line not in out1, line
     # The teacher's input dataset, asked for by both processes at once, was built (by process 0) without a clash.
     inputs = os.path.join(two, "data")
-    assert len(tfds_stage1.open_source(tfds_stage1.prepared_dirs(inputs, "synthetic_n24_s0"))) == 24
+    assert len(tfds_datasets.open_source(tfds_datasets.prepared_dirs(inputs, "synthetic_n24_s0"))) == 24

@@ -6,9 +6,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qzoom_jax import hf_checkpoint as hc
-from qzoom_jax import parallel
-from qzoom_jax.config import QwenVLConfig, TextConfig, VisionConfig
+from qzoom_jax.models import param_axes
+from qzoom_jax.checkpoints import hf_checkpoint as hc
+from qzoom_jax.runtime import parallel
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
 
 
 def _config(**text):
@@ -22,7 +23,7 @@ def _config(**text):
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_leaf_has_logical_axes_known_to_the_rules(tied):
     shapes = hc.param_shapes(_config(tie_word_embeddings=tied))
-    axes = parallel.logical_axes(shapes)
+    axes = param_axes.logical_axes(shapes)
     flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
     flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     assert len(flat_shapes) == len(flat_axes)
@@ -38,7 +39,7 @@ def test_every_leaf_has_logical_axes_known_to_the_rules(tied):
 
 def test_unknown_leaf_is_named():
     with pytest.raises(KeyError, match="model/roi_head/kernel"):
-        parallel.logical_axes({"model": {"roi_head": {"kernel": jax.ShapeDtypeStruct((8, 1), "float32")}}})
+        param_axes.logical_axes({"model": {"roi_head": {"kernel": jax.ShapeDtypeStruct((8, 1), "float32")}}})
 
 
 def test_make_mesh_sizes():
@@ -63,7 +64,7 @@ def test_make_mesh_errors(sizes, message):
 
 def test_param_shardings_fsdp_and_tensor():
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-    shardings = parallel.param_shardings(hc.param_shapes(_config()), mesh)
+    shardings = param_axes.param_shardings(hc.param_shapes(_config()), mesh)
     assert all(isinstance(s, NamedSharding) for s in jax.tree.leaves(shardings))
     layers = shardings["model"]["layers"]
     assert layers["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
@@ -78,7 +79,7 @@ def test_param_shardings_fsdp_and_tensor():
 def test_non_divisible_dims_are_replicated():
     mesh = parallel.make_mesh(data=1, fsdp=1, tensor=8)
     # 1022 vocab rows (the tiny tokenizer's size before rounding) do not divide 8; 2 kv heads * 32 = 64 do.
-    shardings = parallel.param_shardings(hc.param_shapes(_config(vocab_size=1022)), mesh)
+    shardings = param_axes.param_shardings(hc.param_shapes(_config(vocab_size=1022)), mesh)
     assert shardings["model"]["embed_tokens"]["embedding"].spec == P(None, "fsdp")
     assert shardings["lm_head"]["kernel"].spec == P("fsdp", None)
     assert shardings["model"]["layers"]["self_attn"]["k_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
@@ -98,14 +99,14 @@ def test_sharded_arrays_place_and_compute():
     """param_shardings are valid device_put targets, and a jitted matmul agrees with the unsharded one."""
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), hc.param_shapes(_config()))
-    sharded = jax.device_put(params, parallel.param_shardings(params, mesh))
+    sharded = jax.device_put(params, param_axes.param_shardings(params, mesh))
     kernel = sharded["model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     x = jax.numpy.arange(2 * 128, dtype=jax.numpy.float32).reshape(2, 128)
     assert (jax.jit(lambda k: x @ k[0])(kernel) == x @ params["model"]["layers"]["mlp"]["gate_proj"]["kernel"][0]).all()
 
 
 def test_rules_overrides_from_config():
-    from qzoom_jax.parallel import DEFAULT_RULES, rules_with
+    from qzoom_jax.runtime.parallel import DEFAULT_RULES, rules_with
 
     rules = rules_with((("mlp", None), ("embed", ["data", "fsdp"])))
     assert rules["mlp"] is None and rules["embed"] == ("data", "fsdp")

@@ -6,11 +6,14 @@ import pytest
 import torch
 import transformers
 
-from qzoom_jax import qzoom_checkpoint, roi
+from qzoom_jax.checkpoints import qzoom_checkpoint
+from qzoom_jax.models.qzoom import roi
 from qzoom_jax.data import synthetic
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT, lm_logits, load_pretrained
-from qzoom_jax.qzoom import QZoom, ZoomPlan, pass2_arrays
-from qzoom_jax.splice import splice_roi
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.models.vlm import lm_logits
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.zoom.engine import QZoom, ZoomPlan, pass2_arrays
+from qzoom_jax.zoom.splice import splice_roi
 
 TOKENS = 28 * 28
 BUDGET = {"min_pixels": 64 * TOKENS, "max_pixels": 128 * TOKENS}

@@ -1,11 +1,11 @@
-"""Tests for qzoom_jax.roi: label maps (training ref §1.3), blur and score map -> crop box (inference ref §2.5)."""
+"""Tests for qzoom_jax.models.qzoom.roi: label maps (training ref §1.3), blur and score map -> crop box (inference ref §2.5)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qzoom_jax import roi
+from qzoom_jax.models.qzoom import roi
 
 N = 24
 

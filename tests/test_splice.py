@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT
-from qzoom_jax.splice import source_image, splice_roi
+from qzoom_jax.models import registry
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.zoom.splice import source_image, splice_roi
 
-CONFIG = QwenVLConfig.from_json_file(EMBEDDED_DEFAULT)
+CONFIG = registry.read_config(EMBEDDED_DEFAULT)
 TEXT = 5  # any ordinary token
 
 

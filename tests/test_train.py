@@ -12,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qzoom_jax import labels, sdrpn, train
-from qzoom_jax.models.vlm import load_pretrained
-from qzoom_jax.roi import IGNORE
+from qzoom_jax.training import optim as optim_lib
+from qzoom_jax.training import step as step_lib
+from qzoom_jax.labelling import teacher
+from qzoom_jax.training import sdrpn
+from qzoom_jax import train
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.models.qzoom.roi import IGNORE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +41,7 @@ def sdrpn_config():
 @pytest.fixture(scope="module")
 def label_dirs(tmp_path_factory):
     cfg = sdrpn_config()
-    return tuple(labels.generate_labels(cfg.teacher, str(tmp_path_factory.mktemp("labels"))))
+    return tuple(teacher.generate_labels(cfg.teacher, str(tmp_path_factory.mktemp("labels"))))
 
 
 def _config(label_dirs, **mesh):
@@ -53,8 +57,8 @@ def _losses(workdir):
 
 
 def test_labels_are_informative(label_dirs):
-    from qzoom_jax.data import tfds_stage1
-    source = tfds_stage1.open_source(label_dirs)
+    from qzoom_jax.data import tfds_datasets
+    source = tfds_datasets.open_source(label_dirs)
     assert len(source) == 24
     rec = source[0]
     assert rec["grounding_attn"].shape == (8, 8) and rec["text"]
@@ -62,19 +66,19 @@ def test_labels_are_informative(label_dirs):
 
 
 def test_frozen_backbone_gets_zero_gradient_and_no_optimizer_state(label_dirs):
-    from qzoom_jax.data import pipeline, stage1, tfds_stage1
+    from qzoom_jax.data import pipeline, stage1, tfds_datasets
     from qzoom_jax.data.processor import Processor
-    from qzoom_jax.models import vision
-    from qzoom_jax.models.vlm import EMBEDDED_DEFAULT
+    from qzoom_jax.models.qwen2_5_vl import vision
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 
     cfg = _config(label_dirs)
     model = load_pretrained()
     proc = Processor.from_pretrained(EMBEDDED_DEFAULT)
     fn = lambda r: stage1.make_example(r, proc, model.config, cfg.data.max_len, grid=8)
-    batch = next(iter(pipeline.stage1_loader(tfds_stage1.open_source(label_dirs), fn, global_batch_size=8, seed=0)))
+    batch = next(iter(pipeline.training_loader(tfds_datasets.open_source(label_dirs), fn, global_batch_size=8, seed=0)))
     assert (batch["labels"] != IGNORE).any()
     layout = vision.vision_layout(np.array([[1, 16, 16]]), model.config.vision)
-    state = train.init_state(model.params, 3, 3, train.make_optimizer(cfg.optim, 10),
+    state = step_lib.init_state(model.params, 3, 3, optim_lib.make_optimizer(cfg.optim, 10),
                              train.parallel.make_mesh(devices=jax.devices()[:1]))
     twig = state["params"]
     grad = jax.grad(lambda t, b: sdrpn.loss_fn(t, b, model.config, batch, layout, 3, attn_impl="xla")[0],
@@ -135,7 +139,8 @@ def test_kill_and_resume_matches_uninterrupted(label_dirs, sharded_run, tmp_path
         sys.path.insert(0, {ROOT!r})
         import jax
         jax.config.update("jax_default_matmul_precision", "highest")
-        from qzoom_jax import metrics, train
+        from qzoom_jax.training import metrics
+        from qzoom_jax import train
         from tests.test_train import _config
         write = metrics.MetricsWriter.write
         def write_then_die(self, step, values):
@@ -156,14 +161,14 @@ def test_kill_and_resume_matches_uninterrupted(label_dirs, sharded_run, tmp_path
 def test_head_maps_average_the_named_heads():
     attn = np.random.default_rng(0).random((3, 4, 16)).astype(np.float32)  # layers (2, 5, 7) x heads x cells
     heads = {"grounding": ((5, 1), (7, 3)), "sink": ()}
-    grounding, sink = labels.head_maps(attn, (2, 5, 7), heads, 4)
+    grounding, sink = teacher.head_maps(attn, (2, 5, 7), heads, 4)
     np.testing.assert_allclose(grounding, ((attn[1, 1] + attn[2, 3]) / 2).reshape(4, 4), rtol=1e-6)
     assert sink.shape == (4, 4) and not sink.any()
-    _, sink = labels.head_maps(attn, (2, 5, 7), {"grounding": ((2, 0),), "sink": ((2, 2),)}, 4)
+    _, sink = teacher.head_maps(attn, (2, 5, 7), {"grounding": ((2, 0),), "sink": ((2, 2),)}, 4)
     np.testing.assert_array_equal(sink, attn[0, 2].reshape(4, 4))
 
 
 def test_finished_label_parts_are_not_redone(label_dirs, monkeypatch):
     workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(label_dirs[0]))))
-    monkeypatch.setattr(labels, "load_pretrained", lambda *a, **k: pytest.fail("the teacher ran again"))
-    assert tuple(labels.generate_labels(sdrpn_config().teacher, workdir)) == label_dirs
+    monkeypatch.setattr(teacher, "load_pretrained", lambda *a, **k: pytest.fail("the teacher ran again"))
+    assert tuple(teacher.generate_labels(sdrpn_config().teacher, workdir)) == label_dirs

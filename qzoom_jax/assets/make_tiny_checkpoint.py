@@ -14,9 +14,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from qzoom_jax.config import QwenVLConfig, TextConfig, VisionConfig
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
 from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids, write_tiny_tokenizer
-from qzoom_jax.hf_export import export_params
+from qzoom_jax.checkpoints.hf_export import export_params
 from qzoom_jax.models.vlm import init_params
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "tiny_qwen2_5_vl")

@@ -18,7 +18,8 @@ import importlib.util
 import os
 import tempfile
 
-from qzoom_jax import qzoom_checkpoint, train
+from qzoom_jax.checkpoints import embedded, qzoom_checkpoint
+from qzoom_jax import train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
@@ -36,7 +37,7 @@ def _config(name: str):
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where the two training runs go (default: a temporary dir)")
-    p.add_argument("--out", default=qzoom_checkpoint.EMBEDDED_QZOOM)
+    p.add_argument("--out", default=embedded.EMBEDDED_QZOOM)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
@@ -46,7 +47,7 @@ def main(argv=None) -> str:
         gate.model.twig_run = sdrpn_run
         train.main(gate, gate_run)
         parts = qzoom_checkpoint.load(gate_run, dtype="float32", reuse_src_pos=False)
-        parts.backbone_path = qzoom_checkpoint.EMBEDDED_DEFAULT  # tokenizer/processor files come from here
+        parts.backbone_path = embedded.EMBEDDED_DEFAULT  # tokenizer/processor files come from here
         qzoom_checkpoint.save_hf(parts, args.out)
     print(f"wrote {args.out}")
     return args.out

@@ -123,13 +123,13 @@ class _BatchValidDataset(grain.IterDataset):
         return f"BatchValidDataset(batch_size={self._batch_size})"
 
 
-def stage1_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.ndarray]], *,
-                  global_batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                  process_index: int = 0, process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
-                  read_threads: int = 4, annotate: bool = False) -> _BatchValidIterator:
+def training_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, np.ndarray]], *,
+                    global_batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                    process_index: int = 0, process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
+                    read_threads: int = 4, annotate: bool = False) -> _BatchValidIterator:
     """Iterator over dicts of stacked NumPy batches, ``global_batch_size // process_count`` rows each.
 
-    source: random access (len + __getitem__), e.g. ``tfds_stage1.open_source(...)``.
+    source: random access (len + __getitem__), e.g. ``tfds_datasets.open_source(...)``.
     example_fn: record -> dict of fixed-shape arrays; raising SkipSample drops the sample (``iterator.skipped``).
     num_epochs: None repeats forever. Process p takes rows p, p+P, p+2P, ... of the global stream, so the
     processes' batch b together hold exactly the global batch b of a single-process run (without skips).

@@ -25,16 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qzoom_jax import roi
-from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.models import registry
+from qzoom_jax.models.qzoom import roi
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data.image_processing import MAX_ASPECT_RATIO, ImageProcessor, to_rgb
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.data.prompts import (
-    ANSWER_SUFFIX,
-    GROUNDING_INSTRUCTION,
-    LEGACY_GROUNDING_INSTRUCTION,
-)
-from qzoom_jax.models.rope import rope_index
+from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +175,7 @@ def left_padded(config: QwenVLConfig, ids, max_len: int, image_grid_thw):
     input_ids[max_len - n:] = ids
     attention_mask = np.zeros((max_len,), np.int32)
     attention_mask[max_len - n:] = 1
-    positions, _ = rope_index(config, input_ids[None], attention_mask[None], image_grid_thw)
+    positions, _ = registry.backbone(config).positions(config, input_ids[None], attention_mask[None], image_grid_thw)
     return input_ids, attention_mask, positions[:, 0].astype(np.float32)
 
 

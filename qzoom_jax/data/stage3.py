@@ -2,7 +2,7 @@
 
 An *answer record* holds one question answered by a model at several visual-token budgets:
 ``uid, image (encoded bytes), image_path, prompt, text (the ground truth), res (budgets, increasing),
-ms_answers (the answer at each budget)``. Label generation writes them (``qzoom_jax.gate_labels``), or they come
+ms_answers (the answer at each budget)``. Label generation writes them (``qzoom_jax.labelling.gate_labels``), or they come
 from an upstream stage-3 pickle (:func:`read_stage3_pickle`). The rules below run when training reads them, so
 the raw answers stay inspectable:
 
@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from qzoom_jax.buckets import bucket, pow2
-from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.runtime.buckets import bucket, pow2
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data import stage1
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
-from qzoom_jax.models import vision as vision_lib
+from qzoom_jax.models import registry
 
 HIGH = 2  # high_res_group_num: the consensus group is the answers at the HIGH highest budgets
 P_HARD_POSITIVE = 0.9  # a hard record is drawn as "needs high resolution" (label 1) with this probability
@@ -227,7 +227,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     if patches > n_patches:
         raise stage1.SkipSample(f"{uid}: {patches} patches at budget {budget}, more than n_patches={n_patches}")
     minima = layout_minima(config.vision, n_patches)
-    layout = vision_lib.vision_layout(out["image_grid_thw"], config.vision, pad_to=n_patches, **minima)
+    layout = registry.backbone(config).vision_layout(out["image_grid_thw"], config.vision, pad_to=n_patches, **minima)
     if layout.window_table.shape[0] != minima["min_window_rows"]:
         raise stage1.SkipSample(f"{uid}: image grid {out['image_grid_thw'][0].tolist()} spans more than "
                                 f"{minima['min_window_rows']} attention windows")
@@ -245,6 +245,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     }
 
 
-def layout_of(batch: Mapping[str, Any]) -> vision_lib.VisionLayout:
+def layout_of(batch: Mapping[str, Any], config: QwenVLConfig):
     """The per-row vision layouts of a batch of :func:`make_example` outputs (arrays with a leading batch axis)."""
-    return vision_lib.VisionLayout(**{name: batch[f"layout_{name}"] for name in vision_lib.VisionLayout._fields})
+    layout_type = registry.backbone(config).layout_type
+    return layout_type(**{name: batch[f"layout_{name}"] for name in layout_type._fields})

@@ -131,7 +131,7 @@ def legibility_answers(seed: int, index: int, budgets, factor: int = 28, min_px:
     target region is legible at that budget -- its short side, after resizing the image to ``budget·factor²``
     pixels exactly as the answering model's processor does (``smart_resize`` with min = max, aspect kept), is at
     least ``min_px`` -- and otherwise gives a deterministic wrong answer of the same kind. Real presets answer
-    with the model (``qzoom_jax.gate_labels``); both go through the same records, filter and draw.
+    with the model (``qzoom_jax.labelling.gate_labels``); both go through the same records, filter and draw.
     """
     sample = make_sample(seed, index)
     width, height = sample.image.size

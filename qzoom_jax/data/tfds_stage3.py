@@ -1,6 +1,6 @@
 """Stage-3 answer records (schema: ``qzoom_jax.data.stage3``) as TFDS ArrayRecord datasets, and the training pool.
 
-Datasets live at ``<data_dir>/stage3_answers/<name>/1.0.0`` and are read with ``tfds_stage1.open_source`` (the
+Datasets live at ``<data_dir>/stage3_answers/<name>/1.0.0`` and are read with ``tfds_datasets.open_source`` (the
 reader is schema-agnostic). The training pool (:func:`training_pool`) is the consistency-filtered subset of them;
 finding it reads every record once (images included), so its indices and rule counts are cached as JSON in the
 run directory and reused while the datasets, seed, cap and consensus size are the same.
@@ -20,12 +20,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm import tqdm
 
-from qzoom_jax.data import stage3, tfds_stage1
+from qzoom_jax.data import stage3, tfds_datasets
 
 log = logging.getLogger(__name__)
 
 
-class Stage3Answers(tfds_stage1.RecordsBuilder, skip_registration=True):
+class Stage3Answers(tfds_datasets.RecordsBuilder, skip_registration=True):
     """Answer records: a question, its ground truth and the model's answer at each budget of ``res``."""
 
     def _features(self):
@@ -44,7 +44,7 @@ class Stage3Answers(tfds_stage1.RecordsBuilder, skip_registration=True):
 def write_answer_dataset(records: Iterable[dict], data_dir: str | os.PathLike, name: str) -> str:
     """Answer dataset of ``records`` (in order); returns its directory. An existing one of that name is an error."""
     builder = Stage3Answers(records=records, name=name, description="multi-resolution answers", data_dir=data_dir)
-    return tfds_stage1.prepare(builder, exist_ok=False)
+    return tfds_datasets.prepare(builder, exist_ok=False)
 
 
 def build_pickle_answers(pickle_path: str | os.PathLike, data_dir: str | os.PathLike, name: str,
@@ -53,12 +53,12 @@ def build_pickle_answers(pickle_path: str | os.PathLike, data_dir: str | os.Path
     directory. Reuses a prepared dataset of the same name."""
     builder = Stage3Answers(records=stage3.read_stage3_pickle(pickle_path, image_root), name=name,
                             description=f"stage-3 pickle {os.fspath(pickle_path)}", data_dir=data_dir)
-    return tfds_stage1.prepare(builder, exist_ok=True)
+    return tfds_datasets.prepare(builder, exist_ok=True)
 
 
 def answer_parts(out_dir: str) -> list[str]:
     """All finished answer dataset parts under ``out_dir``, ordered by (process, part)."""
-    return tfds_stage1.prepared_dirs(out_dir, "answers_p*")
+    return tfds_datasets.prepared_dirs(out_dir, "answers_p*")
 
 
 class PoolSource:
@@ -82,7 +82,7 @@ def training_pool(label_dirs: Sequence[str], cache_path: str, *, seed: int, roi_
     ``cache_path`` (local or ``gs://``) keeps the result; with several processes let one write it
     (``write_cache``): the others compute the same pool when the file is not there yet.
     """
-    source = tfds_stage1.open_source(label_dirs)
+    source = tfds_datasets.open_source(label_dirs)
     key = {"label_dirs": [_absolute(d) for d in label_dirs], "records": len(source), "seed": seed,
            "roi_samples": roi_samples, "high": high}
     cache = epath.Path(cache_path)

@@ -1,6 +1,7 @@
-"""The full Qwen2.5-VL model: vision tower + splice + text decoder + lm_head, and greedy generation.
+"""The full vision-language model on any registered backbone: vision tower + splice + text decoder + lm_head,
+and greedy generation. The backbone's own parts come from ``registry.backbone(config)`` (``backbone.py``).
 
-``QwenVL`` holds a config and a param pytree and takes exactly what the HF Qwen2.5-VL processor returns
+``QwenVL`` holds a config and a param pytree and takes exactly what the HF Qwen-VL processor returns
 (NumPy arrays). Host-side work (3-D positions, vision window layout, bucket padding) happens in NumPy; the
 numerical work runs in a few jitted pure functions whose shapes are padded to buckets (``buckets.bucket``), so
 repeated calls with similar inputs do not recompile.
@@ -9,20 +10,17 @@ repeated calls with similar inputs do not recompile.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qzoom_jax.buckets import bucket
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.models import text as text_lib
-from qzoom_jax.models import vision as vision_lib
+from qzoom_jax.models import registry
+from qzoom_jax.models.backbone import ModelConfig
+from qzoom_jax.models.cache import KVCache, causal_mask
 from qzoom_jax.models.layers import RMSNorm
-from qzoom_jax.models.rope import mrope_tables, rope_index
+from qzoom_jax.runtime.buckets import bucket
 
-EMBEDDED_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny_qwen2_5_vl")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -35,18 +33,13 @@ def as_dtype(dtype):
     return jnp.dtype(dtype).type
 
 
-def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
+def init_params(config, rng, dtype=jnp.float32):
     """Random params with the checkpoint's exact shapes (HF-like init). Works under ``jax.eval_shape``."""
-    k_vis, k_txt = jax.random.split(rng)
-    model, lm_head = text_lib.init_text_params(config.text, k_txt, dtype)
-    params = {"visual": vision_lib.init_vision_params(config.vision, k_vis, dtype), "model": model}
-    if lm_head is not None:
-        params["lm_head"] = lm_head
-    return params
+    return registry.backbone(config).init_params(config, rng, dtype)
 
 
 # ----------------------------------------------------------------------------------------- pure functions
-def embed(params, config: QwenVLConfig, input_ids, image_features=None):
+def embed(params, config: ModelConfig, input_ids, image_features=None):
     """Token embeddings with image features written, in order, at the ``<|image_pad|>`` positions.
 
     ``image_features`` is [N, D] for the batch's images in order, or [B, N, D] with each row's own images
@@ -66,14 +59,14 @@ def embed(params, config: QwenVLConfig, input_ids, image_features=None):
     return spliced.reshape(x.shape)
 
 
-def lm_logits(params, config: QwenVLConfig, h):
+def lm_logits(params, config: ModelConfig, h):
     h = RMSNorm(config.text.rms_norm_eps, h.dtype).apply({"params": params["model"]["norm"]}, h)
     if "lm_head" in params:
         return h @ params["lm_head"]["kernel"]
     return h @ params["model"]["embed_tokens"]["embedding"].T  # tied embeddings (Qwen2.5-VL-3B)
 
 
-def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None, layout=None,
+def trunk(params, config: ModelConfig, input_ids, attention_mask, positions, pixel_values=None, layout=None,
           num_layers: int | None = None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
     """Vision + embed + decoder layers ``[:num_layers]`` (all when None), without the final norm.
 
@@ -84,42 +77,42 @@ def trunk(params, config: QwenVLConfig, input_ids, attention_mask, positions, pi
     feats = None
     if pixel_values is not None:
         dtype = params["model"]["embed_tokens"]["embedding"].dtype
-        feats = vision_lib.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout,
-                                         attn_impl=attn_impl)
+        feats = registry.backbone(config).encode_images(params["visual"], config.vision, pixel_values.astype(dtype),
+                                                        layout, attn_impl=attn_impl)
     x = embed(params, config, input_ids, feats)
     return decoder_trunk(params, config, x, attention_mask, positions, num_layers, cache_len, attn_impl=attn_impl)
 
 
-def decoder_trunk(params, config: QwenVLConfig, x, attention_mask, positions, num_layers: int | None = None,
+def decoder_trunk(params, config: ModelConfig, x, attention_mask, positions, num_layers: int | None = None,
                   cache_len: int | None = None, *, attn_impl: str = "einsum"):
     """``trunk`` from the input embeddings ``x`` [B, L, D] on (image features already spliced in)."""
-    t = config.text
+    t, bb = config.text, registry.backbone(config)
     n = t.num_hidden_layers if num_layers is None else num_layers
     if not 1 <= n <= t.num_hidden_layers:
         raise ValueError(f"num_layers={n} outside 1..{t.num_hidden_layers}")
-    cos, sin = mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
+    cos, sin = bb.rope_tables(config, positions)
     B, L = attention_mask.shape
     cache, key_valid = None, attention_mask
     if cache_len is not None:
-        cache = text_lib.KVCache.zeros(t, n, B, cache_len, x.dtype)
+        cache = KVCache.zeros(t, n, B, cache_len, x.dtype)
         key_valid = jnp.pad(attention_mask, ((0, 0), (0, cache_len - L)))
-    mask = text_lib.causal_mask(key_valid, L)
+    mask = causal_mask(key_valid, L)
     layers = params["model"]["layers"]
     if n != t.num_hidden_layers:
         layers = jax.tree_util.tree_map(lambda a: a[:n], layers)
-    h, cache = text_lib.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
+    h, cache = bb.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
     return h, cos, sin, mask, cache
 
 
-def batch_trunk(params, config: QwenVLConfig, batch, layout, num_layers: int, *, attn_impl: str,
+def batch_trunk(params, config: ModelConfig, batch, layout, num_layers: int, *, attn_impl: str,
                 per_row_layout: bool = False):
     """``decoder_trunk`` over a fixed-shape training batch: ``input_ids``/``attention_mask`` [B, L],
     ``positions`` [B, 3, L], ``pixel_values`` [B, P, C] of one image per row. Each row's image is encoded on its own
     (vmap), so a batch-sharded input never gathers across devices; ``layout`` is shared by every row or, with
     ``per_row_layout``, stacked with a leading batch axis. Returns ``(h, cos, sin, mask)``."""
     dtype = params["model"]["embed_tokens"]["embedding"].dtype
-    encode = lambda pv, lay: vision_lib.encode_images(params["visual"], config.vision, pv.astype(dtype), lay,
-                                                      attn_impl=attn_impl)
+    encode = lambda pv, lay: registry.backbone(config).encode_images(params["visual"], config.vision,
+                                                                     pv.astype(dtype), lay, attn_impl=attn_impl)
     feats = jax.vmap(encode, in_axes=(0, 0 if per_row_layout else None))(batch["pixel_values"], layout)
     x = embed(params, config, batch["input_ids"], feats)
     positions = jnp.transpose(batch["positions"], (1, 0, 2))
@@ -128,7 +121,7 @@ def batch_trunk(params, config: QwenVLConfig, batch, layout, num_layers: int, *,
     return h, cos, sin, mask
 
 
-def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, pixel_values=None,
+def prefill(params, config: ModelConfig, input_ids, attention_mask, positions, pixel_values=None,
             layout=None, cache_len: int | None = None, *, attn_impl: str = "einsum"):
     """Forward over the whole prompt. Returns (logits [B, L, V], KV cache or None).
 
@@ -140,7 +133,7 @@ def prefill(params, config: QwenVLConfig, input_ids, attention_mask, positions, 
     return lm_logits(params, config, h if cache is None else h[:, -1:]), cache
 
 
-def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, next_position, limit, start: int,
+def greedy_decode(params, config: ModelConfig, first_token, cache, key_valid, next_position, limit, start: int,
                   max_new_tokens: int, image_index=None, *, capture: tuple[int, ...] = (), attn_impl: str = "einsum"):
     """Greedy decoding from a filled cache. Token t (t >= 1) is fed the previous token at 3-D position
     ``next_position + t - 1`` (same on t/h/w) and cache index ``start + t - 1``. Stops when every row has
@@ -155,7 +148,7 @@ def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, n
     Returns (tokens [B, max_new_tokens], tokens produced, attention [len(capture), B, H, N] float32 or None;
     all zeros for a row that generated a single token).
     """
-    t_cfg = config.text
+    t_cfg, bb = config.text, registry.backbone(config)
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     B = first_token.shape[0]
@@ -172,16 +165,16 @@ def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, n
         prev = out[:, step - 1]
         x = embed(params, config, prev[:, None])
         pos = jnp.broadcast_to((next_position + step - 1).astype(jnp.float32)[None, :, None], (3, B, 1))
-        cos, sin = mrope_tables(pos, t_cfg.head_dim, t_cfg.rope_theta, t_cfg.mrope_section)
-        mask = text_lib.causal_mask(key_valid, 1, start + step - 1)
+        cos, sin = bb.rope_tables(config, pos)
+        mask = causal_mask(key_valid, 1, start + step - 1)
         if capture:
-            h, cache, probs = text_lib.run_layers_capturing(params["model"]["layers"], t_cfg, x, cos, sin, mask,
+            h, cache, probs = bb.run_layers_capturing(params["model"]["layers"], t_cfg, x, cos, sin, mask,
                                                             cache, start + step - 1, capture, dtype=x.dtype,
                                                             attn_impl=attn_impl)
             on_image = jnp.take_along_axis(probs[:, :, :, 0], image_index[None, :, None, :], axis=-1)
             acc = acc + jnp.where(done[None, :, None, None], 0.0, on_image)  # a finished row's query is pad
         else:
-            h, cache = text_lib.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
+            h, cache = bb.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
                                            start + step - 1, dtype=x.dtype, attn_impl=attn_impl)
         count = count + (~done).astype(jnp.int32)
         tok = jnp.argmax(lm_logits(params, config, h)[:, -1], axis=-1).astype(jnp.int32)
@@ -200,7 +193,7 @@ def greedy_decode(params, config: QwenVLConfig, first_token, cache, key_valid, n
 class QwenVL:
     """A loaded model: ``.config``, ``.params``; ``logits`` and ``generate`` take HF-processor arrays."""
 
-    config: QwenVLConfig
+    config: ModelConfig
     params: dict
     attn_impl: str = "einsum"
 
@@ -224,7 +217,8 @@ class QwenVL:
         pad = bucket(L) - L
         ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=self.config.bos_token_id)
         am = np.pad(attention_mask, ((0, 0), (pad, 0)))
-        positions, next_position = rope_index(self.config, ids, am, image_grid_thw)
+        bb = registry.backbone(self.config)
+        positions, next_position = bb.positions(self.config, ids, am, image_grid_thw)
         layout = pv = None
         if pixel_values is not None:
             pixel_values = np.asarray(pixel_values, np.float32)
@@ -234,7 +228,7 @@ class QwenVL:
                 raise ValueError(f"input_ids hold {n_img_tokens} image tokens but image_grid_thw describes "
                                  f"{merged} merged patches")
             n_patch = bucket(pixel_values.shape[0], 64)
-            layout = vision_lib.vision_layout(grid, self.config.vision, pad_to=n_patch)
+            layout = bb.vision_layout(grid, self.config.vision, pad_to=n_patch)
             pv = np.pad(pixel_values, ((0, n_patch - pixel_values.shape[0]), (0, 0)))
         elif n_img_tokens:
             raise ValueError(f"input_ids hold {n_img_tokens} image tokens but no pixel_values were given")
@@ -303,19 +297,3 @@ class QwenVL:
                                         capture=capture, attn_impl=self.attn_impl)
         tokens = np.asarray(out[:, :int(steps)])
         return tokens, (None if attn is None else np.asarray(attn, np.float32))
-
-
-def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
-                    attn_impl: str = "einsum", rules=None) -> QwenVL:
-    """Load a HF Qwen2.5-VL checkpoint directory (safetensors + config.json) or one of our Orbax model
-    directories (``orbax_params``); None = the embedded default. With ``mesh`` every tensor lands on its shard
-    under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
-    from qzoom_jax import hf_checkpoint, orbax_params
-
-    path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
-    config = QwenVLConfig.from_json_file(path)
-    if orbax_params.is_orbax_dir(path):
-        params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
-    else:
-        params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
-    return QwenVL(config, params, attn_impl)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax.data import benchmarks
+from qzoom_jax.evaluation import benchmarks
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, OPTION_INSTRUCTION
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.data.synthetic import PALETTE, SHAPES, make_sample

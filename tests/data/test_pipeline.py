@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.data.pipeline import stage1_loader
+from qzoom_jax.models import registry
+from qzoom_jax.data.pipeline import training_loader
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import SkipSample, make_example
-from qzoom_jax.data.tfds_stage1 import open_source, write_label_dataset
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT
+from qzoom_jax.data.tfds_datasets import open_source, write_label_dataset
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 
 N = 40
 
@@ -33,31 +33,31 @@ def _batches(it, n):
 
 
 def test_batches_are_stacked_and_deterministic_per_seed():
-    it = stage1_loader(range(N), _index, global_batch_size=4, seed=0)
+    it = training_loader(range(N), _index, global_batch_size=4, seed=0)
     batch = next(it)
     assert batch["index"].shape == (4,) and batch["square"].shape == (4, 2)
     np.testing.assert_array_equal(batch["square"][:, 0], batch["index"] ** 2)
-    first = _batches(stage1_loader(range(N), _index, global_batch_size=4, seed=0), 6)
-    assert first == _batches(stage1_loader(range(N), _index, global_batch_size=4, seed=0), 6)
-    assert first != _batches(stage1_loader(range(N), _index, global_batch_size=4, seed=1), 6)
+    first = _batches(training_loader(range(N), _index, global_batch_size=4, seed=0), 6)
+    assert first == _batches(training_loader(range(N), _index, global_batch_size=4, seed=0), 6)
+    assert first != _batches(training_loader(range(N), _index, global_batch_size=4, seed=1), 6)
 
 
 def test_each_epoch_is_a_new_permutation():
-    epochs = np.asarray(_batches(stage1_loader(range(N), _index, global_batch_size=4, seed=3), 20)).reshape(2, N)
+    epochs = np.asarray(_batches(training_loader(range(N), _index, global_batch_size=4, seed=3), 20)).reshape(2, N)
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(N))
     assert not np.array_equal(epochs[0], epochs[1])
-    assert _batches(stage1_loader(range(N), _index, global_batch_size=4, seed=3, shuffle=False), 2) == [
+    assert _batches(training_loader(range(N), _index, global_batch_size=4, seed=3, shuffle=False), 2) == [
         [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_finite_epochs_drop_the_remainder():
-    it = stage1_loader(range(10), _index, global_batch_size=4, seed=0, num_epochs=1)
+    it = training_loader(range(10), _index, global_batch_size=4, seed=0, num_epochs=1)
     assert len(list(it)) == 2
 
 
 def test_processes_split_the_global_batch():
-    whole = _batches(stage1_loader(range(N), _index, global_batch_size=8, seed=7), 8)
-    shares = [_batches(stage1_loader(range(N), _index, global_batch_size=8, seed=7, process_index=p,
+    whole = _batches(training_loader(range(N), _index, global_batch_size=8, seed=7), 8)
+    shares = [_batches(training_loader(range(N), _index, global_batch_size=8, seed=7, process_index=p,
                                      process_count=2), 8) for p in range(2)]
     for step in range(8):
         a, b = shares[0][step], shares[1][step]
@@ -67,22 +67,22 @@ def test_processes_split_the_global_batch():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="global_batch_size=6 must be a positive multiple of process_count=4"):
-        stage1_loader(range(N), _index, global_batch_size=6, seed=0, process_count=4)
+        training_loader(range(N), _index, global_batch_size=6, seed=0, process_count=4)
     with pytest.raises(ValueError, match="process_index=2"):
-        stage1_loader(range(N), _index, global_batch_size=4, seed=0, process_index=2, process_count=2)
+        training_loader(range(N), _index, global_batch_size=4, seed=0, process_index=2, process_count=2)
 
 
 def test_skipped_samples_are_dropped_and_counted():
-    it = stage1_loader(range(N), _skip_multiples_of_5, global_batch_size=4, seed=0, shuffle=False)
+    it = training_loader(range(N), _skip_multiples_of_5, global_batch_size=4, seed=0, shuffle=False)
     assert _batches(it, 2) == [[1, 2, 3, 4], [6, 7, 8, 9]]
     assert it.skipped == 2
-    shuffled = stage1_loader(range(N), _skip_multiples_of_5, global_batch_size=4, seed=0)
+    shuffled = training_loader(range(N), _skip_multiples_of_5, global_batch_size=4, seed=0)
     seen = [i for batch in _batches(shuffled, 16) for i in batch]
     assert all(i % 5 for i in seen) and shuffled.skipped >= 8
 
 
 def test_state_restores_the_exact_continuation():
-    make = functools.partial(stage1_loader, range(N), _skip_multiples_of_5, global_batch_size=4, seed=11)
+    make = functools.partial(training_loader, range(N), _skip_multiples_of_5, global_batch_size=4, seed=11)
     it = make()
     _batches(it, 9)  # 32 valid samples per epoch: this is into the second one
     state = json.loads(json.dumps(it.get_state()))  # what grain's Orbax handler writes and reads back
@@ -98,7 +98,7 @@ def test_state_restores_the_exact_continuation():
 
 
 def test_worker_processes_give_the_same_batches():
-    make = functools.partial(stage1_loader, range(N), _skip_multiples_of_5, global_batch_size=4, seed=2)
+    make = functools.partial(training_loader, range(N), _skip_multiples_of_5, global_batch_size=4, seed=2)
     expected_it = make(worker_count=0)
     expected = _batches(expected_it, 12)
     it = make(worker_count=2, prefetch=1)
@@ -127,8 +127,8 @@ def test_end_to_end_on_a_label_dataset(tmp_path):
                         "text": "1 2 3 4", "grounding_attn": grounding, "sink_attn": np.zeros((24, 24), np.float32)})
     source = open_source(write_label_dataset(records, tmp_path, "labels"))
     example_fn = functools.partial(make_example, processor=Processor.from_pretrained(EMBEDDED_DEFAULT),
-                                   config=QwenVLConfig.from_json_file(EMBEDDED_DEFAULT), max_len=640)
-    it = stage1_loader(source, example_fn, global_batch_size=2, seed=0, shuffle=False, num_epochs=1)
+                                   config=registry.read_config(EMBEDDED_DEFAULT), max_len=640)
+    it = training_loader(source, example_fn, global_batch_size=2, seed=0, shuffle=False, num_epochs=1)
     batches = list(it)
     assert len(batches) == 2 and it.skipped == 1
     assert batches[0]["pixel_values"].shape == (2, 48 * 48, 1176)
@@ -143,15 +143,15 @@ def _fetch(record):
 
 def test_annotate_adds_source_index_and_epoch():
     source = [{"value": 100 + i} for i in range(10)]
-    it = stage1_loader(source, _fetch, global_batch_size=5, seed=0, annotate=True)
+    it = training_loader(source, _fetch, global_batch_size=5, seed=0, annotate=True)
     batches = [next(it) for _ in range(6)]  # three epochs
     for b, batch in enumerate(batches):
         np.testing.assert_array_equal(batch["value"], 100 + batch["index"])
         assert (batch["epoch"] == b // 2).all()
     # The same fetches in any process split, and after a resume.
-    shares = [stage1_loader(source, _fetch, global_batch_size=6, seed=0, annotate=True, process_index=p,
+    shares = [training_loader(source, _fetch, global_batch_size=6, seed=0, annotate=True, process_index=p,
                             process_count=2) for p in range(2)]
-    whole = stage1_loader(source, _fetch, global_batch_size=6, seed=0, annotate=True)
+    whole = training_loader(source, _fetch, global_batch_size=6, seed=0, annotate=True)
     for _ in range(4):
         parts = [next(s) for s in shares]
         full = next(whole)

@@ -9,26 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax import roi
-from qzoom_jax.config import QwenVLConfig
+from qzoom_jax.models import registry
+from qzoom_jax.models.qzoom import roi
 from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
-from qzoom_jax.data.stage1 import (
-    SkipSample,
-    chat_text,
-    expand2square,
-    fixed_grid_budget,
-    fixed_grid_pixels,
-    make_example,
-    read_stage1_pickle,
-    read_universal_jsonl,
-    student_prompt,
-    teacher_inputs,
-    teacher_prompt,
-)
-from qzoom_jax.models.rope import rope_index
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT
+from qzoom_jax.data.stage1 import (SkipSample, chat_text, expand2square, fixed_grid_budget, fixed_grid_pixels,
+    make_example, read_stage1_pickle, read_universal_jsonl, student_prompt, teacher_inputs, teacher_prompt)
+from qzoom_jax.models.qwen2_5_vl.positions import rope_index
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 
 MAX_LEN = 640
 QUESTION = "What is written on the sign?"
@@ -41,7 +30,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def config():
-    return QwenVLConfig.from_json_file(EMBEDDED_DEFAULT)
+    return registry.read_config(EMBEDDED_DEFAULT)
 
 
 def _png(w, h, seed=0) -> bytes:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.data import stage3, tfds_stage1, tfds_stage3
+from qzoom_jax.models import registry
+from qzoom_jax.data import stage3, tfds_datasets, tfds_stage3
 from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.data.stage1 import SkipSample
-from qzoom_jax.models.vlm import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 
 RES = (64, 128, 256, 512)
 
@@ -169,7 +169,7 @@ def test_answer_dataset_roundtrip_and_pool(tmp_path, monkeypatch):
                _record("e2", ["red"] * 4)]
     path = tfds_stage3.write_answer_dataset(records, tmp_path, "answers_p000_c00000")
     assert tfds_stage3.answer_parts(str(tmp_path)) == [path]
-    source = tfds_stage1.open_source([path])
+    source = tfds_datasets.open_source([path])
     assert source[2]["ms_answers"] == ["", "", "", ""] and source[0]["res"].tolist() == list(RES)
     cache = str(tmp_path / "pool.json")
     pool, summary = tfds_stage3.training_pool([path], cache, seed=0, roi_samples=0)
@@ -198,7 +198,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def config():
-    return QwenVLConfig.from_json_file(EMBEDDED_DEFAULT)
+    return registry.read_config(EMBEDDED_DEFAULT)
 
 
 def _fetch(record, epoch=0, index=5):

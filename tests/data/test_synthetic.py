@@ -8,15 +8,8 @@ import pytest
 from PIL import Image
 
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
-from qzoom_jax.data.synthetic import (
-    PALETTE,
-    RECORD_KEYS,
-    SHAPES,
-    TARGET_WORDS,
-    SyntheticSample,
-    make_sample,
-    synthetic_records,
-)
+from qzoom_jax.data.synthetic import (PALETTE, RECORD_KEYS, SHAPES, TARGET_WORDS, SyntheticSample, make_sample,
+    synthetic_records)
 
 NUM = 16
 RECORD_TYPES = {

@@ -9,14 +9,8 @@ import pytest
 from PIL import Image
 
 from qzoom_jax.data.synthetic import RECORD_KEYS, synthetic_records
-from qzoom_jax.data.tfds_stage1 import (
-    build_pickle_labels,
-    build_synthetic_inputs,
-    build_universal_inputs,
-    open_source,
-    prepared_dirs,
-    write_label_dataset,
-)
+from qzoom_jax.data.tfds_datasets import (build_pickle_labels, build_synthetic_inputs, build_universal_inputs,
+    open_source, prepared_dirs, write_label_dataset)
 
 
 def _png(w, h, seed) -> bytes:

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from qzoom_jax.config import QwenVLConfig
-from qzoom_jax.models.rope import mrope_tables, rope_index
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+from qzoom_jax.models.rope import mrope_tables
+from qzoom_jax.models.qwen2_5_vl.positions import rope_index
 from tests.hf_reference import official_config
 
 CFG = QwenVLConfig.from_dict(official_config("7B"))

@@ -13,7 +13,8 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_mod
 
-from qzoom_jax.models import twig, vlm
+from qzoom_jax.models.qzoom import twig
+from qzoom_jax.models import vlm
 from tests.hf_reference import IDS, batch, prompt_ids, random_pixels, tiny_pair, to_torch
 
 GRIDS = [(1, 22, 30), (1, 10, 40)]
@@ -97,8 +98,8 @@ def test_roi_logits_match_transformers(setup):
     hk_err = np.abs(h_k[:, pad:] - ref_hk)[valid].max() / np.abs(ref_hk[valid]).max()
     assert hk_err <= TOL, hk_err
 
-    logits = np.asarray(jax.jit(twig.roi_logits, static_argnames=("text_config",))(
-        twig_params, ours.config.text, h, cos, sin, mask, qi, img))
+    logits = np.asarray(jax.jit(twig.roi_logits, static_argnames=("config",))(
+        twig_params, ours.config, h, cos, sin, mask, qi, img))
     assert (logits[~np.asarray(img)] == 0).all()
     maps = twig.roi_map(ours, twig_params, K, **inputs)
     for b, (_, gh, gw) in enumerate(GRIDS):
@@ -129,7 +130,7 @@ def test_gradients_reach_exactly_the_used_params(setup):
     labels = jnp.asarray(np.random.default_rng(1).integers(0, 2, img.shape), jnp.float32)
 
     def loss(p):  # the Stage-1 BCE-with-logits, averaged over image tokens
-        s = twig.roi_logits(p, ours.config.text, h, cos, sin, mask, qi, img)
+        s = twig.roi_logits(p, ours.config, h, cos, sin, mask, qi, img)
         bce = jnp.maximum(s, 0) - s * labels + jnp.log1p(jnp.exp(-jnp.abs(s)))
         return jnp.sum(jnp.where(img, bce, 0)) / jnp.sum(img)
 

@@ -9,11 +9,11 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from qzoom_jax.config import QwenVLConfig, TextConfig, VisionConfig
-from qzoom_jax.hf_checkpoint import param_shapes, params_from_state_dict
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig, TextConfig, VisionConfig
+from qzoom_jax.checkpoints.hf_checkpoint import param_shapes, params_from_state_dict
 from qzoom_jax.models import attention as attn_lib
-from qzoom_jax.models.vision import (PAD, VisionBlock, encode_images, init_vision_params, segment_attention,
-                                     vision_layout)
+from qzoom_jax.models.qwen2_5_vl.vision import (PAD, VisionBlock, encode_images, init_vision_params,
+    segment_attention, vision_layout)
 
 TWO_IMAGES = [(1, 22, 30), (1, 10, 40)]  # 308x420 and 140x560 px: odd merged grids, partial windows
 ONE_IMAGE = [(1, 18, 26)]

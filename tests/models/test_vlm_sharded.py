@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from qzoom_jax import parallel
+from qzoom_jax.models import param_axes
+from qzoom_jax.runtime import parallel
 from qzoom_jax.models.vlm import QwenVL
 from tests.hf_reference import batch, prompt_ids, random_pixels, tiny_pair
 
@@ -11,7 +12,7 @@ from tests.hf_reference import batch, prompt_ids, random_pixels, tiny_pair
 def test_sharded_params_match_single_device():
     _, single = tiny_pair("gqa3_win56")
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-    shardings = parallel.param_shardings(single.params, mesh)
+    shardings = param_axes.param_shardings(single.params, mesh)
     sharded = QwenVL(single.config, jax.device_put(single.params, shardings))
     q = sharded.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated

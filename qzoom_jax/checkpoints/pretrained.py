@@ -1,0 +1,24 @@
+"""``load_pretrained``: a backbone checkpoint directory (HF safetensors or our Orbax model directory) -> QwenVL."""
+
+from __future__ import annotations
+
+import os
+
+from qzoom_jax.checkpoints import hf_checkpoint, orbax_params
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.models import registry
+from qzoom_jax.models.vlm import QwenVL, as_dtype
+
+
+def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
+                    attn_impl: str = "einsum", rules=None) -> QwenVL:
+    """Load a HF checkpoint directory (safetensors + config.json, any registered backbone) or one of our Orbax
+    model directories (``orbax_params``); None = the embedded default. With ``mesh`` every tensor lands on its
+    shard under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
+    path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
+    config = registry.read_config(path)
+    if orbax_params.is_orbax_dir(path):
+        params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+    else:
+        params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+    return QwenVL(config, params, attn_impl)

@@ -1,0 +1,159 @@
+"""What a Q-Zoom checkpoint is made of: the frozen backbone, the SD-RPN twig and the dynamic gate.
+
+Two kinds of checkpoint name the same parts:
+
+* a Hugging Face directory (config.json + safetensors) holding the backbone and, as upstream releases them,
+  ``model.twig_layers.*`` / ``model.high_res_layers.*`` / ``model.high_res_head.*`` with ``enable_twig``,
+  ``twig_K``, ``enable_high_res``, ``reuse_src_pos`` ... in config.json (reference §5);
+* a training run directory of ours (``WORKDIR/checkpoints/<step>/``, Orbax): a stage-1 run holds the twig, a
+  stage-3 run the gate; its meta names the backbone path and, for the gate, the stage-1 run with its twig.
+
+A checkpoint without a gate always zooms (upstream's stage-1/2 behaviour, reference §4.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from qzoom_jax.checkpoints import hf_export
+from qzoom_jax.models.qzoom.config import QZoomConfig
+from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
+from qzoom_jax.models.vlm import QwenVL
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+
+
+@dataclasses.dataclass
+class QZoomParts:
+    model: QwenVL            # the backbone (its params hold no branch)
+    backbone_path: str       # HF directory of the backbone (tokenizer and processor files live there)
+    twig: dict | None        # stacked twig layers [T, ...] or None
+    gate: dict | None        # {"high_res_layers", "high_res_head"} or None
+    K: int | None            # the branch layer of both
+    reuse_src_pos: bool      # RoI position mode (reference §4.5)
+
+
+def _resolved(path: str) -> str:
+    """A local path made absolute (Orbax needs that); a ``gs://...`` path as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def is_run_dir(path: str) -> bool:
+    return (epath.Path(path) / "checkpoints").is_dir()
+
+
+def _latest(run: str) -> tuple[ocp.CheckpointManager, int]:
+    directory = _resolved(os.path.join(run, "checkpoints"))
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run}: no finished checkpoint under {directory}")
+    return manager, step
+
+
+def read_run(run: str) -> tuple[dict, dict]:
+    """(trained params, meta) of the latest checkpoint of a training run directory (host arrays)."""
+    manager, step = _latest(run)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    manager.close()
+    params = jax.tree_util.tree_map(jnp.asarray, restored["state"]["params"])
+    return params, restored["meta"]
+
+
+def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="float32", attn_impl: str = "xla",
+         reuse_src_pos: bool | None = None, mesh=None) -> QZoomParts:
+    """The parts of ``checkpoint`` (None: the embedded default). ``twig_run`` supplies (or replaces) the twig
+    from a stage-1 run; ``reuse_src_pos`` overrides the checkpoint's position mode. With ``mesh`` the backbone
+    is sharded over it (the branches stay on the default device)."""
+    path = os.fspath(checkpoint) if checkpoint is not None else EMBEDDED_QZOOM
+    if not epath.Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
+    if is_run_dir(path):  # a training run may live on gs://; model directories are read from a local disk
+        parts = _from_run(path, dtype, attn_impl, mesh)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        parts = _from_hf(path, dtype, attn_impl, mesh)
+    else:
+        raise FileNotFoundError(f"{path}: neither a model directory (config.json: Hugging Face or ours) nor a "
+                                "training run (checkpoints/)")
+    if twig_run is not None:
+        twig, meta = read_run(twig_run)
+        _expect_stage(twig_run, meta, "sdrpn")
+        _check_branch(parts, meta, twig_run)
+        parts.twig, parts.K = twig, meta["K"]
+    if reuse_src_pos is not None:
+        parts.reuse_src_pos = reuse_src_pos
+    return parts
+
+
+def _from_hf(path: str, dtype, attn_impl: str, mesh) -> QZoomParts:
+    model = load_pretrained(path, dtype=dtype, attn_impl=attn_impl, mesh=mesh)
+    qz = model.config.qzoom
+    branches = model.params["model"]
+    twig = branches.pop("twig_layers", None)
+    gate = None
+    if "high_res_layers" in branches:
+        gate = {"high_res_layers": branches.pop("high_res_layers"), "high_res_head": branches.pop("high_res_head")}
+    K = qz.twig_K if qz.enable_twig else qz.gate_K
+    return QZoomParts(model, path, twig, gate, K, qz.reuse_src_pos)
+
+
+def _expect_stage(run: str, meta: dict, stage: str) -> None:
+    if meta.get("stage") != stage:
+        raise ValueError(f"{run} is a {meta.get('stage')!r} run, expected a {stage!r} run")
+
+
+def _check_branch(parts: QZoomParts, meta: dict, where: str) -> None:
+    # The twig and the gate must branch off the same layer of the same backbone (reference §7 #10).
+    if parts.K is not None and meta["K"] != parts.K:
+        raise ValueError(f"{where} branches off layer K={meta['K']}, but the checkpoint uses K={parts.K}")
+    if _resolved(meta["backbone"]) != _resolved(parts.backbone_path):
+        raise ValueError(f"{where} was trained on {meta['backbone']}, but the checkpoint's backbone is "
+                         f"{parts.backbone_path}")
+
+
+def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
+    params, meta = read_run(run)
+    backbone = meta["backbone"]
+    model = load_pretrained(backbone, dtype=dtype, attn_impl=attn_impl, mesh=mesh)
+    parts = QZoomParts(model, backbone, None, None, meta["K"], model.config.qzoom.reuse_src_pos)
+    if meta.get("stage") == "sdrpn":
+        parts.twig = params
+    elif meta.get("stage") == "gate":
+        parts.gate = params
+        if meta.get("twig_run"):
+            twig, twig_meta = read_run(meta["twig_run"])
+            _expect_stage(meta["twig_run"], twig_meta, "sdrpn")
+            _check_branch(parts, twig_meta, meta["twig_run"])
+            parts.twig = twig
+    else:
+        raise ValueError(f"{run}: unknown stage {meta.get('stage')!r} in the checkpoint meta")
+    return parts
+
+
+def qzoom_config(parts: QZoomParts):
+    """The backbone's config with the Q-Zoom keys of ``parts`` (twig, gate, K, T, position mode)."""
+    T = None if parts.twig is None else jax.tree_util.tree_leaves(parts.twig)[0].shape[0]
+    gate_T = None if parts.gate is None else jax.tree_util.tree_leaves(parts.gate["high_res_layers"])[0].shape[0]
+    qz = QZoomConfig(enable_twig=parts.twig is not None, twig_K=None if T is None else parts.K, twig_T=T,
+                     enable_high_res=parts.gate is not None, high_res_K=None if gate_T is None else parts.K,
+                     high_res_T=gate_T, reuse_src_pos=parts.reuse_src_pos)
+    return dataclasses.replace(parts.model.config, qzoom=qz)
+
+
+def branch_params(parts: QZoomParts) -> dict:
+    """The backbone's params with the branches added under their checkpoint names (``model/twig_layers`` ...)."""
+    branches = {**({"twig_layers": parts.twig} if parts.twig is not None else {}), **(parts.gate or {})}
+    return {**parts.model.params, "model": {**parts.model.params["model"], **branches}}
+
+
+def save_hf(parts: QZoomParts, out_dir: str, dtype="float32", **export_args) -> str:
+    """Write ``parts`` as one Hugging Face Q-Zoom directory (upstream's key names and config keys, reference §5),
+    with the backbone's tokenizer and processor files."""
+    return hf_export.export_params(branch_params(parts), qzoom_config(parts), out_dir, dtype=dtype,
+                                   files_from=parts.backbone_path, **export_args)

@@ -1,0 +1,60 @@
+"""Label runs in resumable parts: each process writes its share of records in datasets of ``part_size`` records;
+a finished part is never redone. Shared by stage-1 labels and stage-3 answers."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.data import tfds_datasets
+
+log = logging.getLogger(__name__)
+
+
+def write_in_parts(num_records: int, out_dir: str, prefix: str, part_size: int,
+                   start: Callable[[], Callable[..., Iterator[dict]]], write: Callable[..., str]) -> None:
+    """This process's share of records ``0..num_records-1`` (every ``process_count``-th), in datasets of
+    ``part_size`` records named ``{prefix}_p{process}_c{part}`` under ``out_dir``. A finished part is never
+    redone, so an interrupted run resumes. ``start()`` (called only when some part is left) loads what is needed
+    and returns ``records(indices, skipped counter, progress bar)``; ``write(records, out_dir, name)`` saves one
+    part. Every process waits until all parts of all processes exist."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = np.arange(pid, num_records, nproc)
+    parts = [mine[i:i + part_size] for i in range(0, len(mine), part_size)]
+    names = [f"{prefix}_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
+    todo = [(name, idx) for name, idx in zip(names, parts) if not tfds_datasets.prepared_dirs(out_dir, name)]
+    if todo:
+        records_of = start()
+        skipped = collections.Counter()
+        with tqdm(total=sum(len(idx) for _, idx in todo), desc=prefix, unit="sample", disable=pid != 0) as progress:
+            for name, idx in todo:
+                records = records_of(idx, skipped, progress)
+                first = next(records, None)
+                if first is None:  # every image of this part was unusable; there is nothing to write
+                    log.warning("%s part %s: no usable sample", prefix, name)
+                    continue
+                write(itertools.chain([first], records), out_dir, name)
+        if skipped:
+            log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
+    if nproc > 1:  # every process's parts must be finished before anyone lists them
+        multihost_utils.sync_global_devices(f"qzoom_jax {prefix} parts")
+
+
+def model_path(path) -> str:
+    """None selects the embedded tiny checkpoint (the tiny preset); the real presets must name their backbone."""
+    if path == "":
+        raise ValueError("this preset needs the backbone checkpoint: pass --config.model.path=DIR")
+    return path or EMBEDDED_DEFAULT
+
+
+def label_parts(out_dir: str) -> list[str]:
+    """All finished label dataset parts under ``out_dir``, ordered by (process, part)."""
+    return tfds_datasets.prepared_dirs(out_dir, "labels_p*")

@@ -1,0 +1,221 @@
+"""Model configuration: read a Qwen2.5-VL ``config.json`` in either layout found in the wild.
+
+* transformers-4.x (the official checkpoints): text keys at the top level, ``rope_scaling`` with
+  ``mrope_section``, a ``vision_config`` sub-dict.
+* transformers-5.x: text keys nested under ``text_config``, RoPE under ``rope_parameters``.
+
+The Q-Zoom keys that upstream writes at the top level (``enable_twig``, ``twig_K`` ...) are kept in
+:class:`~qzoom_jax.models.qzoom.config.QZoomConfig` so later stages can read them. All config classes are frozen dataclasses: hashable, so a
+config can be a static argument of a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from qzoom_jax.models.qzoom.config import QZoomConfig
+from qzoom_jax.runtime.errors import ConfigError
+
+MODEL_TYPE = "qwen2_5_vl"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: int = 2
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch in ``pixel_values`` (C * T * P * P)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    model_type: str = "qwen2_5_vl"
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int | None = None
+    qzoom: QZoomConfig = QZoomConfig()
+
+    @property
+    def input_pad_id(self) -> int:
+        """The id that fills padded (masked) input positions: ``pad_token_id``, else ``bos_token_id``."""
+        return self.pad_token_id if self.pad_token_id is not None else self.bos_token_id
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "QwenVLConfig":
+        model_type = raw.get("model_type")
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not {MODEL_TYPE!r}")
+        # 5.x nests the text keys; 4.x keeps them at top level. Top-level keys fill anything text_config lacks.
+        text_raw = {**raw, **(raw.get("text_config") or {})}
+        vision_raw = dict(raw.get("vision_config") or {})
+        if not vision_raw:
+            raise ConfigError(f"{source}: missing 'vision_config'")
+        try:
+            text = _text_config(text_raw, raw)
+            vision = _vision_config(vision_raw, text.hidden_size)
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+        ids = {
+            k: _first(raw, text_raw, k)
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                      "bos_token_id", "eos_token_id", "pad_token_id")
+        }
+        ids = {k: v for k, v in ids.items() if v is not None or k == "pad_token_id"}
+        if isinstance(ids.get("eos_token_id"), list):
+            ids["eos_token_id"] = ids["eos_token_id"][0]
+        return cls(text=text, vision=vision, model_type=model_type, qzoom=QZoomConfig.from_dict(raw), **ids)
+
+    # ------------------------------------------------------------------ writing
+    def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The official transformers-4.x flat layout (what the released Qwen2.5-VL checkpoints ship).
+
+        ``torch_dtype`` should name the dtype the tensors are saved in (HF loads with ``dtype="auto"`` from it).
+        """
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": self.model_type,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": 32768,
+            "max_window_layers": t.num_hidden_layers,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "torch_dtype": torch_dtype,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "vision_token_id": self.vision_end_token_id + 1,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            **({"pad_token_id": self.pad_token_id} if self.pad_token_id is not None else {}),
+            "vision_config": {
+                "depth": v.depth,
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads,
+                "in_chans": v.in_channels,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "window_size": v.window_size,
+                "out_hidden_size": v.out_hidden_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "tokens_per_second": v.tokens_per_second,
+                "hidden_act": v.hidden_act,
+            },
+            **self.qzoom.to_dict(),
+        }
+
+
+def _first(a: Mapping, b: Mapping, key: str):
+    return a[key] if a.get(key) is not None else b.get(key)
+
+
+def _text_config(t: Mapping[str, Any], top: Mapping[str, Any]) -> TextConfig:
+    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+    if "mrope_section" not in rope:
+        raise ConfigError("config: rope_scaling/rope_parameters has no 'mrope_section'")
+    if t.get("use_sliding_window"):
+        raise ConfigError("config: use_sliding_window=true is not supported (no Qwen2.5-VL checkpoint uses it)")
+    hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    mrope = tuple(int(x) for x in rope["mrope_section"])
+    head_dim = t.get("head_dim") or hidden // heads
+    if 2 * sum(mrope) != head_dim:
+        raise ConfigError(f"config: mrope_section {list(mrope)} sums to {sum(mrope)}, expected head_dim/2 = {head_dim // 2}")
+    # The tie flag lives at top level in 4.x and may be in text_config in 5.x; either one set means tied.
+    tied = bool(top.get("tie_word_embeddings", False) or (top.get("text_config") or {}).get("tie_word_embeddings", False))
+    return TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=t.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
+        mrope_section=mrope,
+        hidden_act=t.get("hidden_act", "silu"),
+        tie_word_embeddings=tied,
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+    )
+
+
+def _vision_config(v: Mapping[str, Any], text_hidden: int) -> VisionConfig:
+    defaults = VisionConfig()
+    return VisionConfig(
+        depth=v.get("depth", defaults.depth),
+        hidden_size=v.get("hidden_size", defaults.hidden_size),
+        intermediate_size=v.get("intermediate_size", defaults.intermediate_size),
+        num_heads=v.get("num_heads", defaults.num_heads),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        patch_size=v.get("patch_size", defaults.patch_size),
+        spatial_merge_size=v.get("spatial_merge_size", defaults.spatial_merge_size),
+        temporal_patch_size=v.get("temporal_patch_size", defaults.temporal_patch_size),
+        window_size=v.get("window_size", defaults.window_size),
+        out_hidden_size=v.get("out_hidden_size", text_hidden),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", defaults.fullatt_block_indexes)),
+        tokens_per_second=v.get("tokens_per_second", defaults.tokens_per_second),
+        hidden_act=v.get("hidden_act", "silu"),
+    )

@@ -1,0 +1,161 @@
+"""What differs between the training stages ``qzoom_jax.train`` runs; ``get(cfg)`` picks one by ``cfg.stage``.
+
+A stage says where its labels come from and which records train, how its trainable params start, how a record
+becomes a fixed-shape example, its objective (``loss_fn(params, backbone, config, batch, layout, K, *,
+threshold, attn_impl)``), the metrics on the progress bar and what its checkpoints record. Everything else --
+mesh, frozen backbone, optimizer, compiled step, loop, checkpoints, metrics -- is the same story in
+``train.main``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import ClassVar
+
+import jax
+import numpy as np
+from etils import epath
+
+from qzoom_jax.runtime import distributed
+from qzoom_jax.labelling import gate_labels
+from qzoom_jax.training import gate_objective, sdrpn
+from qzoom_jax.labelling import teacher
+from qzoom_jax.training.checkpoint import TrainCheckpointer
+from qzoom_jax.data import stage1, stage3, tfds_datasets, tfds_stage3
+from qzoom_jax.models.qzoom import gate as gate_lib
+from qzoom_jax.models.qzoom import twig as twig_lib
+from qzoom_jax.models import registry
+
+
+def _dataset_name(prefix: str, path: str) -> str:
+    return prefix + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)).lower()
+
+
+def _label_dirs(data, workdir: str, build_pickle, prefix: str, generate) -> list[str]:
+    """The stage's label datasets: ``data.label_dirs`` as given, else ``data.pickle`` (upstream's file) converted
+    once into the workdir by ``build_pickle`` (process 0 first), else ``generate()`` (a label run)."""
+    if data.label_dirs:
+        return list(data.label_dirs)
+    if data.pickle:
+        build = lambda: build_pickle(data.pickle, os.path.join(workdir, "data"), _dataset_name(prefix, data.pickle),
+                                     data.image_root or None)
+        return [distributed.main_process_first(build, f"{prefix}pickle")]
+    return generate()
+
+
+def _label_run(cfg_labels, backbone_path):
+    """The run's label-generation config, resolved (the run's config itself is never mutated); it labels with
+    the frozen backbone being extended unless it names another model."""
+    resolved = cfg_labels.copy_and_resolve_references()
+    if not resolved.model.path:
+        resolved.model.path = backbone_path
+    return resolved
+
+
+class Sdrpn:
+    """Stage 1 -- SD-RPN: the twig learns the frozen teacher's RoI map (training reference §1)."""
+
+    name = "sdrpn"
+    loss_fn = staticmethod(sdrpn.loss_fn)
+    progress: ClassVar[dict[str, str]] = {"loss": "loss", "iou": "roi_iou"}  # progress-bar label -> metric
+    annotate = False  # examples need no (epoch, index)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.threshold = cfg.train.roi_threshold
+
+    def training_source(self, workdir: str):
+        """(random-access records, checkpoint meta): given label datasets, an upstream pickle converted once, or
+        a teacher run in the workdir."""
+        label_dirs = _label_dirs(self.cfg.data, workdir, tfds_datasets.build_pickle_labels, "pickle_",
+                                 lambda: teacher.generate_labels(_label_run(self.cfg.teacher, self.cfg.model.path),
+                                                                    workdir))
+        return tfds_datasets.open_source(label_dirs), {"label_dirs": label_dirs}
+
+    def init_params(self, base_layers, K: int, T: int):
+        return twig_lib.init_twig_params(base_layers, K, T)
+
+    def example_fn(self, processor, config):
+        d = self.cfg.data
+        return functools.partial(stage1.make_example, processor=processor, config=config, max_len=d.max_len,
+                                 grid=d.grid, binary_coff=d.binary_coff, bg_coff=d.bg_coff)
+
+    def step_layout(self, config):
+        """The vision layout shared by every row: one square-padded image at the fixed grid."""
+        side = self.cfg.data.grid * config.vision.spatial_merge_size
+        return registry.backbone(config).vision_layout(np.array([[1, side, side]]), config.vision)
+
+
+class Gate:
+    """Stage 3 -- the dynamic gate learns whether the low-resolution look suffices (training reference §4)."""
+
+    name = "gate"
+    loss_fn = staticmethod(gate_objective.loss_fn)
+    progress: ClassVar[dict[str, str]] = {"loss": "loss", "acc": "accuracy"}
+    annotate = True  # the label and budget are drawn per fetch from (seed, epoch, index)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.threshold = cfg.train.threshold
+        self.summary = None  # the pool's rule counts and largest drawable budget, from training_source
+        _check_twig_run(cfg.model.twig_run, cfg.model.K)
+
+    def training_source(self, workdir: str):
+        """(the consistency-filtered pool, checkpoint meta). Answers come from given datasets, an upstream
+        stage-3 pickle converted once, or an answer run in the workdir."""
+        label_dirs = _label_dirs(self.cfg.data, workdir, tfds_stage3.build_pickle_answers, "stage3_",
+                                 lambda: gate_labels.generate_answers(_label_run(self.cfg.answers, self.cfg.model.path),
+                                                                      workdir))
+        source, self.summary = tfds_stage3.training_pool(
+            label_dirs, os.path.join(workdir, "data", "gate_pool.json"), seed=self.cfg.seed,
+            roi_samples=self.cfg.data.roi_samples, high=self.cfg.data.high, write_cache=jax.process_index() == 0)
+        counts = self.summary["counts"]
+        distributed.print0(f"gate pool: {len(source)} samples = {counts['hard']} hard + {self.summary['pool_easy']} "
+                           f"of {counts['easy']} easy; dropped: "
+                           + ", ".join(f"{c} {counts[c]}" for c in stage3.CATEGORIES[2:]))
+        twig_run = self.cfg.model.twig_run
+        if twig_run and "://" not in twig_run:
+            twig_run = os.path.abspath(twig_run)
+        return source, {"label_dirs": label_dirs, "twig_run": twig_run, "pool": self.summary}
+
+    def init_params(self, base_layers, K: int, T: int):
+        return gate_lib.init_gate_params(base_layers, K, T, jax.random.key(self.cfg.seed))
+
+    def example_fn(self, processor, config):
+        n_patches = stage3.max_patches(self.summary["max_budget"], config.vision.merge_unit)
+        return functools.partial(stage3.make_example, processor=processor, config=config, seed=self.cfg.seed,
+                                 max_len=self.cfg.data.max_len, n_patches=n_patches, high=self.cfg.data.high)
+
+    def step_layout(self, config) -> None:
+        """None: every row carries its own vision layout (images differ in size)."""
+        del config
+
+
+def _check_twig_run(twig_run: str, K: int) -> None:
+    """The gate branches off the layer the twig of ``twig_run`` does (upstream skips base layers otherwise)."""
+    if not twig_run:
+        return
+    directory = epath.Path(twig_run) / "checkpoints"
+    meta = None
+    if directory.is_dir():
+        ckpt = TrainCheckpointer(directory, save_interval_steps=1)
+        step = ckpt.latest_step()
+        meta = None if step is None else ckpt.read_meta(step)
+        ckpt.close()
+    if meta is None:
+        raise FileNotFoundError(f"model.twig_run={twig_run!r} holds no stage-1 checkpoint under {directory}")
+    if meta.get("stage") != "sdrpn" or meta.get("K") != K:
+        raise ValueError(f"model.twig_run={twig_run!r} is a {meta.get('stage')!r} run with K={meta.get('K')}, but "
+                         f"the gate needs an 'sdrpn' twig with the same K={K} (high_res_K must equal twig_K)")
+
+
+STAGES = {stage.name: stage for stage in (Sdrpn, Gate)}
+
+
+def get(cfg):
+    """The stage of ``cfg.stage`` (default "sdrpn"), bound to ``cfg``."""
+    name = cfg.get("stage", "sdrpn")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(STAGES)}")
+    return STAGES[name](cfg)

@@ -1,13 +1,20 @@
 """Qwen2.5-VL image preprocessing in NumPy + PIL (no torch, no transformers).
 
-Reproduces transformers' ``Qwen2VLImageProcessorPil`` step by step so that ``pixel_values`` match it
-bit for bit: RGB conversion (alpha composited onto white), ``smart_resize`` to a multiple of
-``patch_size * merge_size``, PIL bicubic resize of the uint8 image, rescale in float64 then cast to float32,
-per-channel normalisation in float32, and patchification in HF's patch order.
+Two resize paths, chosen by ``ImageProcessor.resize``:
+
+* ``"pil"`` reproduces transformers' ``Qwen2VLImageProcessorPil`` bit for bit: RGB conversion (alpha composited
+  onto white), ``smart_resize`` to a multiple of ``patch_size * merge_size``, PIL bicubic resize of the uint8
+  image, rescale in float64 then cast to float32, per-channel normalisation in float32, HF's patch order.
+* ``"fast"`` reproduces the torchvision processor (``Qwen2VLImageProcessorFast``, which upstream's evaluation and
+  stage-1 teacher use): the same ``smart_resize``, then torchvision's CPU uint8 antialiased bicubic
+  (re-implemented in :mod:`qzoom_jax.data.resample`, bit-exact), then HF's fused rescale + normalisation.
+
+``fetch_image`` is the first resize that upstream's evaluation applies before the processor (qwen-vl-utils).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -15,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from qzoom_jax.data.resample import resize_bicubic_aa
 
 # OpenAI CLIP statistics: the defaults of Qwen2-VL's image processor and the values in the official
 # preprocessor_config.json files.
@@ -27,6 +36,36 @@ DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 MAX_ASPECT_RATIO = 200
+
+# qwen-vl-utils' defaults for fetch_image (MIN_PIXELS / MAX_PIXELS of vision_process.py), in pixels.
+FETCH_FACTOR = 28
+FETCH_MIN_PIXELS = 4 * 28 * 28
+FETCH_MAX_PIXELS = 16384 * 28 * 28
+
+RESIZE_MODES = ("pil", "fast")
+ALPHA_MODES = ("composite", "drop")
+
+
+class ImageSizeError(ValueError):
+    """An image the Qwen2-VL resize rules reject: a side shorter than the factor, or an aspect ratio above
+    ``MAX_ASPECT_RATIO``. A ValueError (as before), so callers that skip unusable images can catch it and count."""
+
+    def __init__(self, message: str, height: int, width: int):
+        super().__init__(message)
+        self.height, self.width = height, width
+        self.ratio = max(height, width) / max(1, min(height, width))
+
+
+def _check_aspect_ratio(height: int, width: int) -> None:
+    if min(height, width) < 1:
+        raise ImageSizeError(f"image of size {height}x{width} (HxW) is empty", height, width)
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageSizeError(
+            f"image of size {height}x{width} (HxW) has aspect ratio {ratio:.1f}, must be <= {MAX_ASPECT_RATIO}",
+            height,
+            width,
+        )
 
 
 def smart_resize(
@@ -43,12 +82,10 @@ def smart_resize(
     transformers silently upsamples such images instead.
     """
     if height < factor or width < factor:
-        raise ValueError(f"image of size {height}x{width} (HxW) is too small: both sides must be >= {factor}")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"image of size {height}x{width} (HxW) has aspect ratio {ratio:.1f}, must be <= {MAX_ASPECT_RATIO}"
+        raise ImageSizeError(
+            f"image of size {height}x{width} (HxW) is too small: both sides must be >= {factor}", height, width
         )
+    _check_aspect_ratio(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -63,8 +100,57 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def to_rgb(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.Image:
-    """An RGB PIL image. Transparency (alpha band or palette transparency) is composited onto white, as HF does."""
+def fetch_smart_resize(
+    height: int,
+    width: int,
+    factor: int = FETCH_FACTOR,
+    min_pixels: int = FETCH_MIN_PIXELS,
+    max_pixels: int = FETCH_MAX_PIXELS,
+) -> tuple[int, int]:
+    """qwen-vl-utils' ``smart_resize``: HF's rules, except that a side never rounds below ``factor``.
+
+    Sides shorter than ``factor`` are therefore clamped or upscaled, never rejected; only an aspect ratio above
+    ``MAX_ASPECT_RATIO`` raises (``ImageSizeError``). Python ``round`` rounds half to even (70 px -> 56).
+    """
+    _check_aspect_ratio(height, width)
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fetch_image(
+    image,
+    min_pixels: int = FETCH_MIN_PIXELS,
+    max_pixels: int = FETCH_MAX_PIXELS,
+    factor: int = FETCH_FACTOR,
+    alpha: str = "drop",
+) -> Image.Image:
+    """The resize upstream's evaluation applies before the processor (qwen-vl-utils ``fetch_image``).
+
+    ``alpha="drop"`` is upstream's ``doc_to_visual`` (``PIL.convert("RGB")``, which happens first, so
+    qwen-vl-utils' own compositing never sees an alpha band); then ``fetch_smart_resize`` and a PIL bicubic
+    resize. The processor then runs its own ``smart_resize`` on the result, whose aspect check can still fail
+    (30x6000 -> 28x5992 here, ratio 214 there): both raise ``ImageSizeError``.
+    """
+    rgb = to_rgb(image, alpha=alpha)
+    height, width = fetch_smart_resize(rgb.height, rgb.width, factor, min_pixels, max_pixels)
+    return rgb.resize((width, height), resample=Image.Resampling.BICUBIC)  # PIL takes (W, H)
+
+
+def to_rgb(image: Image.Image | np.ndarray | str | os.PathLike, alpha: str = "composite") -> Image.Image:
+    """An RGB PIL image. With ``alpha="composite"`` transparency (alpha band or palette transparency) is
+    composited onto white, as HF does; with ``alpha="drop"`` it is discarded as ``PIL.convert("RGB")`` does
+    (transparent pixels keep their stored colour), as upstream's evaluation does."""
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
     if isinstance(image, (str, os.PathLike)):
         image = Image.open(image)
     elif isinstance(image, np.ndarray):
@@ -73,7 +159,7 @@ def to_rgb(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.Image:
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, a uint8 numpy array or a path, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if alpha == "composite" and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -82,7 +168,11 @@ def to_rgb(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageProcessor:
-    """Settings of a Qwen2-VL image processor; call it on a list of images."""
+    """Settings of a Qwen2-VL image processor; call it on a list of images.
+
+    ``resize`` picks the HF processor reproduced: ``"pil"`` (``Qwen2VLImageProcessorPil``, the default) or
+    ``"fast"`` (the torchvision ``Qwen2VLImageProcessorFast``, upstream's choice at evaluation).
+    """
 
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -93,10 +183,32 @@ class ImageProcessor:
     image_std: tuple[float, ...] = CLIP_STD
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BICUBIC
+    resize: str = "pil"
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.resize == "fast" and self.resample != Image.Resampling.BICUBIC:
+            raise ValueError(f"resize='fast' implements bicubic only, got resample={self.resample}")
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "ImageProcessor":
-        """Build from a preprocessor_config.json dict. ``min_pixels``/``max_pixels`` win over ``size``, as in HF."""
+    def from_pretrained(cls, path: str | os.PathLike, resize: str = "pil") -> "ImageProcessor":
+        """From the preprocessor_config.json of a HF-layout directory (class defaults where there is none)."""
+        pre_file = os.path.join(os.fspath(path), "preprocessor_config.json")
+        cfg = {}
+        if os.path.isfile(pre_file):
+            with open(pre_file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        return cls.from_dict(cfg, resize=resize)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any], resize: str = "pil") -> "ImageProcessor":
+        """Build from a preprocessor_config.json dict. ``min_pixels``/``max_pixels`` win over ``size``, as in HF.
+
+        ``resize`` is the caller's choice, not read from the file: the file does not say it (upstream picked the
+        fast processor with ``use_fast=True`` at load time), and its ``image_processor_type`` is ambiguous
+        (``Qwen2VLImageProcessor`` is the PIL processor in transformers 4.x and the torchvision one in 5.x).
+        """
         size = cfg.get("size") or {}
         min_pixels = cfg.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS
         max_pixels = cfg.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS
@@ -110,6 +222,7 @@ class ImageProcessor:
             image_std=tuple(float(v) for v in cfg.get("image_std", CLIP_STD)),
             rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
             resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
+            resize=resize,
         )
 
     @property
@@ -129,12 +242,18 @@ class ImageProcessor:
         """One image -> (patches float32 [gh*gw, C*T*P*P], (1, gh, gw))."""
         rgb = to_rgb(image)
         height, width = self.target_size(rgb.height, rgb.width, min_pixels, max_pixels)
-        resized = np.asarray(rgb.resize((width, height), resample=self.resample))  # PIL takes (W, H)
-        # HF rescales in float64 and only then casts, then normalises in float32: same order, same bits.
-        pixels = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)
-        pixels = (pixels - mean) / std  # HWC
+        if self.resize == "fast":
+            resized = resize_bicubic_aa(np.asarray(rgb), height, width)
+            # HF's torchvision backend folds the rescale into mean/std (float32 products), then normalises.
+            inv = np.float32(1.0 / self.rescale_factor)
+            pixels = (resized.astype(np.float32) - mean * inv) / (std * inv)  # HWC
+        else:
+            resized = np.asarray(rgb.resize((width, height), resample=self.resample))  # PIL takes (W, H)
+            # HF rescales in float64 and only then casts, then normalises in float32: same order, same bits.
+            pixels = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            pixels = (pixels - mean) / std  # HWC
         return self._patchify(pixels.transpose(2, 0, 1))
 
     def _patchify(self, chw: np.ndarray):

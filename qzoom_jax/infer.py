@@ -19,8 +19,9 @@ import sys
 
 from PIL import Image
 
-from qzoom_jax.zoom.heatmap import overlay
+from qzoom_jax.data.image_processing import ALPHA_MODES, RESIZE_MODES, ImageSizeError
 from qzoom_jax.zoom.engine import QZoom
+from qzoom_jax.zoom.heatmap import overlay
 
 BUDGET = 576 * 28 * 28  # upstream's default pixel budget (min = max = 576 merged tokens)
 
@@ -42,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--reuse-src-pos", choices=("checkpoint", "true", "false"), default="checkpoint",
                    help="RoI position mode (reference §4.5); default: what the checkpoint's config says")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="fast",
+                   help="image resize path: fast = torchvision-exact as upstream (default), pil = HF's PIL path")
+    p.add_argument("--alpha", choices=ALPHA_MODES, default="drop",
+                   help="transparency: drop as PIL convert('RGB') (upstream, default) or composite onto white")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attn-impl", default="xla", choices=("einsum", "xla", "cudnn"))
     return p.parse_args(argv)
@@ -56,11 +61,14 @@ def main(argv=None) -> dict:
         sys.exit(f"cannot read image {args.image}: {e}")
     reuse = None if args.reuse_src_pos == "checkpoint" else args.reuse_src_pos == "true"
     engine = QZoom.load(args.checkpoint, dtype=args.dtype, attn_impl=args.attn_impl, twig_run=args.twig,
-                        reuse_src_pos=reuse)
+                        reuse_src_pos=reuse, resize=args.resize, alpha=args.alpha)
     gate_threshold = engine.config.qzoom.high_res_thresh if args.gate_threshold is None else args.gate_threshold
-    result = engine.answer([image], [args.question], min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                           roi_threshold=args.roi_threshold, gate_threshold=gate_threshold,
-                           max_new_tokens=args.max_new_tokens, return_map=args.json or bool(args.heatmap))[0]
+    try:
+        prepared = engine.prepare([image], [args.question], min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    except ImageSizeError as e:
+        sys.exit(f"cannot use image {args.image}: {e}")
+    result = engine.run(prepared, roi_threshold=args.roi_threshold, gate_threshold=gate_threshold,
+                        max_new_tokens=args.max_new_tokens, return_map=args.json or bool(args.heatmap))[0]
     out = {
         "answer": result.answer,
         "gate_prob": result.gate_prob,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -256,3 +257,16 @@ def test_real_model_shapes_match_transformers(size):
     for path, specs in from_table.items():
         stacked = specs[0].layer is not None
         assert ours[path] == ((len(specs), *specs[0].shape) if stacked else specs[0].shape), path
+
+
+def test_generation_config_sets_the_repetition_penalty(tmp_path):
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.checkpoints.pretrained import load_pretrained
+
+    shutil.copytree(EMBEDDED_DEFAULT, tmp_path / "ckpt")
+    assert load_pretrained(tmp_path / "ckpt").repetition_penalty == 1.0  # no generation_config.json
+    (tmp_path / "ckpt" / "generation_config.json").write_text('{"repetition_penalty": 1.05, "do_sample": false}')
+    assert load_pretrained(tmp_path / "ckpt").repetition_penalty == 1.05
+    (tmp_path / "ckpt" / "generation_config.json").write_text('{"repetition_penalty": -1}')
+    with pytest.raises(ConfigError, match=r"generation_config.json: repetition_penalty must be a positive"):
+        load_pretrained(tmp_path / "ckpt")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from qzoom_jax.checkpoints import hf_checkpoint, orbax_params
 from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 from qzoom_jax.models import registry
 from qzoom_jax.models.vlm import QwenVL, as_dtype
+from qzoom_jax.runtime.errors import ConfigError
 
 
 def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
@@ -21,4 +23,22 @@ def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh
         params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
     else:
         params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
-    return QwenVL(config, params, attn_impl)
+    penalty = generation_config(path).get("repetition_penalty", 1.0)
+    return QwenVL(config, params, attn_impl, repetition_penalty=float(penalty))
+
+
+def generation_config(path: str) -> dict:
+    """The checkpoint's generation_config.json ({} without one). transformers' ``generate`` applies its fields
+    unless overridden; of those, greedy decoding here honours ``repetition_penalty``."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    penalty = raw.get("repetition_penalty", 1.0)
+    if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or penalty <= 0:
+        raise ConfigError(f"{file}: repetition_penalty must be a positive number, got {penalty!r}")
+    return raw

@@ -36,14 +36,16 @@ class Processor:
         self.image_processor = image_processor
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Processor":
-        """Read tokenizer.json, tokenizer_config.json and preprocessor_config.json from a HF-layout directory."""
+    def from_pretrained(cls, path: str | os.PathLike, resize: str = "pil") -> "Processor":
+        """Read tokenizer.json, tokenizer_config.json and preprocessor_config.json from a HF-layout directory.
+        ``resize``: the image processor's resize path ("pil" as HF's PIL processor, "fast" as its torchvision
+        one, which upstream's evaluation and teacher use)."""
         pre_file = os.path.join(os.fspath(path), "preprocessor_config.json")
         pre_cfg = {}
         if os.path.isfile(pre_file):
             with open(pre_file, encoding="utf-8") as f:
                 pre_cfg = json.load(f)
-        return cls(QwenTokenizer.from_pretrained(path), ImageProcessor.from_dict(pre_cfg))
+        return cls(QwenTokenizer.from_pretrained(path), ImageProcessor.from_dict(pre_cfg, resize=resize))
 
     def __call__(
         self,

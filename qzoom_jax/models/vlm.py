@@ -59,6 +59,22 @@ def embed(params, config: ModelConfig, input_ids, image_features=None):
     return spliced.reshape(x.shape)
 
 
+def penalized(logits, seen, penalty):
+    """transformers' repetition penalty: the logit of every token already seen (prompt or generated) is divided
+    by ``penalty`` when positive and multiplied by it when negative. ``seen`` [B, V] bool, None = no penalty."""
+    if seen is None:
+        return logits
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def seen_tokens(input_ids, vocab_size: int) -> np.ndarray:
+    """[B, V] bool: the ids present in each row of ``input_ids`` (host). As transformers, padding ids count."""
+    ids = np.asarray(input_ids)
+    seen = np.zeros((ids.shape[0], vocab_size), bool)
+    seen[np.arange(ids.shape[0])[:, None], ids] = True
+    return seen
+
+
 def lm_logits(params, config: ModelConfig, h):
     h = RMSNorm(config.text.rms_norm_eps, h.dtype).apply({"params": params["model"]["norm"]}, h)
     if "lm_head" in params:
@@ -134,11 +150,14 @@ def prefill(params, config: ModelConfig, input_ids, attention_mask, positions, p
 
 
 def greedy_decode(params, config: ModelConfig, first_token, cache, key_valid, next_position, limit, start: int,
-                  max_new_tokens: int, image_index=None, *, capture: tuple[int, ...] = (), attn_impl: str = "einsum"):
+                  max_new_tokens: int, image_index=None, seen=None, penalty=1.0, *, capture: tuple[int, ...] = (),
+                  attn_impl: str = "einsum"):
     """Greedy decoding from a filled cache. Token t (t >= 1) is fed the previous token at 3-D position
-    ``next_position + t - 1`` (same on t/h/w) and cache index ``start + t - 1``. Stops when every row has
-    emitted ``eos`` or after ``limit`` tokens (traced, <= the static buffer size ``max_new_tokens``); later
-    tokens of a finished row are ``pad``.
+    ``next_position + t - 1`` (same on t/h/w) and cache index ``start + t - 1``. A row stops when it has emitted
+    ``eos`` or ``limit`` tokens (traced: a scalar, or [B] for a limit per row; <= the static buffer size
+    ``max_new_tokens``); later tokens of a finished row are ``pad``. ``seen`` [B, V] bool (the prompt's ids, as
+    ``seen_tokens``) with ``penalty`` applies transformers' repetition penalty; the caller applied it to
+    ``first_token`` (``penalized``) and the generated tokens are added as they come.
 
     ``capture`` (layer indices) with ``image_index`` [B, N] (cache indices of the image tokens): also average,
     per row, the attention probabilities from each decode-step query to those keys, over the steps whose query
@@ -152,16 +171,20 @@ def greedy_decode(params, config: ModelConfig, first_token, cache, key_valid, ne
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     B = first_token.shape[0]
+    limit = jnp.broadcast_to(jnp.asarray(limit, jnp.int32), (B,))
     out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first_token)
+    rows = jnp.arange(B)
+    if seen is not None:
+        seen = jnp.asarray(seen, bool).at[rows, first_token].set(True)
     n_img = 0 if image_index is None else image_index.shape[1]
     acc = jnp.zeros((len(capture), B, t_cfg.num_attention_heads, n_img), jnp.float32)
 
     def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < limit) & ~jnp.all(done)
+        step, _, _, done, _, _, _ = state
+        return (step < jnp.max(limit)) & ~jnp.all(done)
 
     def body(state):
-        step, out, cache, done, acc, count = state
+        step, out, cache, done, acc, count, seen = state
         prev = out[:, step - 1]
         x = embed(params, config, prev[:, None])
         pos = jnp.broadcast_to((next_position + step - 1).astype(jnp.float32)[None, :, None], (3, B, 1))
@@ -177,12 +200,15 @@ def greedy_decode(params, config: ModelConfig, first_token, cache, key_valid, ne
             h, cache = bb.run_layers(params["model"]["layers"], t_cfg, x, cos, sin, mask, cache,
                                            start + step - 1, dtype=x.dtype, attn_impl=attn_impl)
         count = count + (~done).astype(jnp.int32)
-        tok = jnp.argmax(lm_logits(params, config, h)[:, -1], axis=-1).astype(jnp.int32)
-        tok = jnp.where(done, pad, tok)
-        return step + 1, out.at[:, step].set(tok), cache, done | (tok == eos), acc, count
+        logits = penalized(lm_logits(params, config, h)[:, -1], seen, penalty)
+        tok = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        if seen is not None:
+            seen = seen.at[rows, tok].set(seen[rows, tok] | ~done)
+        done = done | (tok == eos) | (step + 1 >= limit)
+        return step + 1, out.at[:, step].set(tok), cache, done, acc, count, seen
 
-    init = (jnp.int32(1), out, cache, first_token == eos, acc, jnp.zeros((B,), jnp.int32))
-    step, out, _, _, acc, count = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(1), out, cache, (first_token == eos) | (limit <= 1), acc, jnp.zeros((B,), jnp.int32), seen)
+    step, out, _, _, acc, count, _ = jax.lax.while_loop(cond, body, init)
     if not capture:
         return out, step, None
     return out, step, acc / jnp.maximum(count, 1)[None, :, None, None].astype(jnp.float32)
@@ -196,6 +222,7 @@ class QwenVL:
     config: ModelConfig
     params: dict
     attn_impl: str = "einsum"
+    repetition_penalty: float = 1.0  # the checkpoint's generation_config.json (transformers applies it too)
 
     def __post_init__(self):
         statics = {"static_argnames": ("config", "cache_len", "attn_impl")}
@@ -245,39 +272,53 @@ class QwenVL:
         return np.asarray(logits[:, pad:], np.float32)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, max_new_tokens: int = 32):
-        """Greedy generation with a KV cache; stops at ``<|im_end|>``. Returns new tokens [B, <=max_new]."""
+                 mm_token_type_ids=None, max_new_tokens: int = 32, repetition_penalty: float | None = None):
+        """Greedy generation with a KV cache; stops at ``<|im_end|>``. Returns new tokens [B, <=max_new].
+        ``repetition_penalty`` (transformers' semantics) defaults to the checkpoint's generation_config.json."""
         del mm_token_type_ids
-        tokens, _ = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, ())
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        tokens, _ = self.generate_prepared(prepared, max_new_tokens, prompt_ids=input_ids,
+                                           repetition_penalty=repetition_penalty)
         return tokens
 
     def generate_with_attention(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                                mm_token_type_ids=None, *, capture_layers, max_new_tokens: int = 128):
+                                mm_token_type_ids=None, *, capture_layers, max_new_tokens=128,
+                                repetition_penalty: float | None = None):
         """Greedy generation that also returns, for each layer in ``capture_layers``, every head's attention
         probabilities from the generated tokens to the image tokens, averaged over decode steps as the Stage-1
-        teacher does (``greedy_decode``). Every row must hold the same number N of image tokens.
+        teacher does (``greedy_decode``). Every row must hold the same number N of image tokens;
+        ``max_new_tokens`` is one limit or one per row; ``repetition_penalty`` as in ``generate``.
 
-        Returns (tokens [B, <=max_new], attention float32 [len(capture_layers), B, heads, N]).
+        Returns (tokens [B, <=max(max_new)], attention float32 [len(capture_layers), B, heads, N]).
         """
         del mm_token_type_ids
         capture = tuple(sorted({int(i) for i in capture_layers}))
         if not capture:
             raise ValueError("capture_layers is empty")
-        tokens, attn = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-                                      capture)
+        prepared = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        tokens, attn = self.generate_prepared(prepared, max_new_tokens, capture, prompt_ids=input_ids,
+                                              repetition_penalty=repetition_penalty)
         order = [capture.index(int(i)) for i in capture_layers]
         return tokens, attn[np.asarray(order)]
 
-    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens: int,
-                  capture: tuple[int, ...]):
-        return self.generate_prepared(self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw),
-                                      max_new_tokens, capture)
+    def decode_args(self, prompt_ids, repetition_penalty: float | None):
+        """(seen, penalty) for ``greedy_decode``: None when no penalty applies (the checkpoint's when None)."""
+        penalty = self.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
+        if penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        if penalty == 1.0 or prompt_ids is None:
+            return None, penalty
+        return seen_tokens(prompt_ids, self.config.text.vocab_size), penalty
 
-    def generate_prepared(self, prepared: tuple, max_new_tokens: int, capture: tuple[int, ...] = ()):
-        """Greedy generation from ``_prepare``'s output: (tokens [B, <=max_new], attention or None)."""
-        if max_new_tokens < 1:
+    def generate_prepared(self, prepared: tuple, max_new_tokens, capture: tuple[int, ...] = (), *,
+                          prompt_ids=None, repetition_penalty: float | None = None):
+        """Greedy generation from ``prepare``'s output: (tokens [B, <=max_new], attention or None).
+        ``max_new_tokens``: one limit, or one per row. ``prompt_ids``: the unpadded prompt ids the repetition
+        penalty counts (as transformers: the ``input_ids`` given to generate)."""
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (prepared[1].shape[0],))
+        if limits.min() < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        new_b = bucket(max_new_tokens, 8)
+        new_b = bucket(int(limits.max()), 8)
         _, ids, am, positions, next_position, pv, layout = prepared
         image_index = None
         if capture:
@@ -287,13 +328,14 @@ class QwenVL:
                 raise ValueError(f"attention capture needs the same number of image tokens in every row, got "
                                  f"{counts.tolist()}")
             image_index = cols.reshape(ids.shape[0], -1).astype(np.int32)
+        seen, penalty = self.decode_args(prompt_ids, repetition_penalty)
         L = ids.shape[1]
         logits, cache = self._prefill(self.params, self.config, ids, am, positions, pv, layout,
                                       cache_len=L + new_b, attn_impl=self.attn_impl)
-        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        first = jnp.argmax(penalized(logits[:, -1], seen, penalty), axis=-1).astype(jnp.int32)
         key_valid = np.pad(am, ((0, 0), (0, new_b)), constant_values=1)
         out, steps, attn = self._decode(self.params, self.config, first, cache, key_valid, next_position,
-                                        max_new_tokens, image_index=image_index, start=L, max_new_tokens=new_b,
-                                        capture=capture, attn_impl=self.attn_impl)
+                                        limits, image_index=image_index, seen=seen, penalty=penalty, start=L,
+                                        max_new_tokens=new_b, capture=capture, attn_impl=self.attn_impl)
         tokens = np.asarray(out[:, :int(steps)])
         return tokens, (None if attn is None else np.asarray(attn, np.float32))

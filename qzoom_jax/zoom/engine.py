@@ -28,7 +28,7 @@ from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.zoom import splice
 from qzoom_jax.runtime.buckets import bucket
-from qzoom_jax.data.image_processing import smart_resize, to_rgb
+from qzoom_jax.data.image_processing import fetch_image, to_rgb
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import chat_text
 from qzoom_jax.models.qzoom import passes as passes
@@ -76,8 +76,8 @@ class Prepared:
 class QZoom:
     """A Q-Zoom model: backbone + twig (+ gate). ``QZoom.load(checkpoint)``; ``answer`` / ``prepare`` + ``run``."""
 
-    def __init__(self, parts: qzoom_checkpoint.QZoomParts, processor: Processor):
-        self.parts, self.processor = parts, processor
+    def __init__(self, parts: qzoom_checkpoint.QZoomParts, processor: Processor, alpha: str = "drop"):
+        self.parts, self.processor, self.alpha = parts, processor, alpha
         self.model, self.config = parts.model, parts.model.config
         impl = {"attn_impl": self.model.attn_impl}
         self._first = jax.jit(functools.partial(passes.first_pass, **impl), static_argnames=("config", "K",
@@ -89,10 +89,13 @@ class QZoom:
 
     @classmethod
     def load(cls, checkpoint: str | None = None, *, dtype="float32", attn_impl: str = "xla",
-             twig_run: str | None = None, reuse_src_pos: bool | None = None) -> QZoom:
+             twig_run: str | None = None, reuse_src_pos: bool | None = None, resize: str = "fast",
+             alpha: str = "drop") -> QZoom:
+        """``resize``/``alpha``: the processor's resize path and how transparency goes; the defaults are what
+        upstream's evaluation does (torchvision-exact resize, ``PIL.convert("RGB")``)."""
         parts = qzoom_checkpoint.load(checkpoint, twig_run=twig_run, dtype=dtype, attn_impl=attn_impl,
                                       reuse_src_pos=reuse_src_pos)
-        return cls(parts, Processor.from_pretrained(parts.backbone_path))
+        return cls(parts, Processor.from_pretrained(parts.backbone_path, resize=resize), alpha)
 
     @property
     def has_gate(self) -> bool:
@@ -100,15 +103,14 @@ class QZoom:
 
     # ------------------------------------------------------------------------------------------- host side
     def prepare(self, images, questions, *, min_pixels: int, max_pixels: int) -> Prepared:
-        """Chat template (default system prompt, the image then the question), the two resizes, tokenising."""
+        """Chat template (default system prompt, the image then the question), the two resizes (qwen-vl-utils'
+        ``fetch_image``, then the processor's), tokenising. An image whose aspect ratio exceeds 200 at either
+        resize raises ``ImageSizeError``; small images are upscaled."""
         if len(images) != len(questions) or not images:
             raise ValueError(f"give one image per question; got {len(images)} images, {len(questions)} questions")
-        images = [to_rgb(im) for im in images]
+        images = [to_rgb(im, alpha=self.alpha) for im in images]  # the crop pass cuts these originals
         f = self.processor.image_processor.factor
-        fetched = []
-        for im in images:
-            h, w = smart_resize(im.height, im.width, f, FETCH_MIN_TOKENS * f * f, FETCH_MAX_TOKENS * f * f)
-            fetched.append(im.resize((w, h), resample=Image.Resampling.BICUBIC))
+        fetched = [fetch_image(im, FETCH_MIN_TOKENS * f * f, FETCH_MAX_TOKENS * f * f, f) for im in images]
         texts = [chat_text(q, self.processor) for q in questions]
         inputs = self.processor(images=fetched, text=texts, padding_side="left", min_pixels=min_pixels,
                                 max_pixels=max_pixels)
@@ -122,16 +124,20 @@ class QZoom:
         return self.run(self.prepare(images, questions, min_pixels=min_pixels, max_pixels=max_pixels), **run_args)
 
     def run(self, prepared: Prepared, *, roi_threshold: float, gate_threshold: float, max_new_tokens: int,
-            zoom: bool = True, return_map: bool = False) -> list[Answer]:
+            zoom: bool = True, return_map: bool = False, repetition_penalty: float | None = None) -> list[Answer]:
         """Answers for a prepared batch. ``zoom=False`` is the baseline (plain generation, no branch).
         A row zooms when its gate probability is >= ``gate_threshold`` (always without a gate) and some cell of
-        its blurred RoI map is > ``roi_threshold``. ``return_map`` computes the RoI map for every row."""
+        its blurred RoI map is > ``roi_threshold``. ``return_map`` computes the RoI map for every row.
+        ``repetition_penalty``: None = the checkpoint's generation_config.json; it counts the prompt's ids (not
+        the spliced RoI tokens, which upstream adds inside the model) and the generated ones."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         B = len(prepared.images)
         n_src = [h * w for h, w in prepared.src_hw]
+        prompt_ids = prepared.inputs["input_ids"]
         if not zoom:
-            tokens, _ = self.model.generate_prepared(prepared.arrays, max_new_tokens)
+            tokens, _ = self.model.generate_prepared(prepared.arrays, max_new_tokens, prompt_ids=prompt_ids,
+                                                     repetition_penalty=repetition_penalty)
             return [self._answer(tokens[b], None, False, None, n_src[b], None) for b in range(B)]
         if self.parts.twig is None:
             raise ValueError("this checkpoint has no twig (SD-RPN); Q-Zoom inference needs one (see --twig)")
@@ -157,11 +163,14 @@ class QZoom:
                 zooms[int(b)] = z
         direct = [b for b in range(B) if b not in zooms]
 
+        seen, penalty = self.model.decode_args(prompt_ids, repetition_penalty)
+        decode = functools.partial(self._decode, seen=seen, penalty=penalty, max_new_tokens=max_new_tokens,
+                                   new_b=new_b)
         out: dict[int, np.ndarray] = {}
         if direct:
-            out.update(self._decode_direct(direct, h_k, cache, prepared.arrays, max_new_tokens, new_b))
+            out.update(self._decode_direct(direct, h_k, cache, prepared.arrays, decode))
         if zooms:
-            out.update(self._decode_zoom(zooms, h_k, cache, am, L, max_new_tokens, new_b))
+            out.update(self._decode_zoom(zooms, h_k, cache, am, L, new_b, decode))
         answers = []
         for b in range(B):
             z = zooms.get(b)
@@ -177,7 +186,8 @@ class QZoom:
         if grid_box is None:
             return None
         image = prepared.images[b]
-        box = roi.box_to_source(grid_box, prepared.src_hw[b], image.size)
+        box = roi.box_to_source(grid_box, prepared.src_hw[b], image.size,
+                                patch=self.processor.image_processor.factor)
         try:  # the same pixel budget as the global image (reference §2.5 step 8)
             patches, grid = self.processor.image_processor.preprocess_one(image.crop(box), prepared.min_pixels,
                                                                          prepared.max_pixels)
@@ -188,27 +198,30 @@ class QZoom:
                                self.parts.reuse_src_pos)
         return ZoomPlan(box, sp, patches, grid)
 
-    def _decode_direct(self, rows, h_k, cache, arrays, max_new_tokens: int, new_b: int):
+    def _decode_direct(self, rows, h_k, cache, arrays, decode):
         _, _, am, positions, next_position, _, _ = arrays
         idx = _pad_rows(rows)
         h, cache, key_valid = self._direct(self.model.params, self.config, h_k, cache, idx, am, positions,
                                            K=self.parts.K)
-        return self._decode(rows, h, cache, key_valid, next_position[idx], h.shape[1], max_new_tokens, new_b)
+        return decode(rows, idx, h, cache, key_valid, next_position[idx], h.shape[1])
 
-    def _decode_zoom(self, plans: dict, h_k, cache, am, L: int, max_new_tokens: int, new_b: int):
+    def _decode_zoom(self, plans: dict, h_k, cache, am, L: int, new_b: int, decode):
         rows = sorted(plans)
         idx = _pad_rows(rows)
         a = pass2_arrays(self.config, [plans[b] for b in idx], [L - int(am[b].sum()) for b in idx])
         h, cache, key_valid = self._zoom(self.model.params, self.config, h_k, cache, idx, a["prefix_index"],
                                          a["new_ids"], a["new_valid"], a["positions"], a["pixel_values"],
                                          a["layout"], K=self.parts.K, cache_len=a["length"] + new_b)
-        return self._decode(rows, h, cache, key_valid, a["next_position"], a["length"], max_new_tokens, new_b)
+        return decode(rows, idx, h, cache, key_valid, a["next_position"], a["length"])
 
-    def _decode(self, rows, h, cache, key_valid, next_position, start: int, max_new_tokens: int, new_b: int):
-        first = _first_token(self.model.params, self.config, h)
+    def _decode(self, rows, idx, h, cache, key_valid, next_position, start: int, *, seen, penalty,
+                max_new_tokens: int, new_b: int):
+        seen = None if seen is None else seen[idx]
+        first = _first_token(self.model.params, self.config, h, seen, penalty)
         out, steps, _ = self.model._decode(self.model.params, self.config, first, cache, key_valid,
-                                           np.asarray(next_position, np.float32), max_new_tokens, start=start,
-                                           max_new_tokens=new_b, attn_impl=self.model.attn_impl)
+                                           np.asarray(next_position, np.float32), max_new_tokens, seen=seen,
+                                           penalty=penalty, start=start, max_new_tokens=new_b,
+                                           attn_impl=self.model.attn_impl)
         tokens = np.asarray(out[:, :int(steps)])
         return {b: tokens[r] for r, b in enumerate(rows)}
 
@@ -261,5 +274,6 @@ def _pad_rows(rows) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _first_token(params, config, h):
-    return jnp.argmax(vlm.lm_logits(params, config, h[:, -1:])[:, -1], axis=-1).astype(jnp.int32)
+def _first_token(params, config, h, seen, penalty):
+    logits = vlm.penalized(vlm.lm_logits(params, config, h[:, -1:])[:, -1], seen, penalty)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -88,3 +88,20 @@ def test_rows_with_different_image_token_counts_are_rejected(pair):
     inputs["image_grid_thw"] = np.array([GRID], np.int64)
     with pytest.raises(ValueError, match="same number of image tokens"):
         ours.generate_with_attention(**inputs, capture_layers=CAPTURE)
+
+
+def test_per_row_token_limits_match_one_by_one(pair):
+    """Each record's own max_new_tokens (upstream's universal JSONL field): a row that reaches its limit stops
+    adding queries to its map, exactly as transformers' generate with that limit."""
+    hf, ours = pair
+    a, b = _sample(1, 5), _sample(2, 13)
+    both = batch([list(a["input_ids"][0]), list(b["input_ids"][0])], "left")
+    both["pixel_values"] = np.concatenate([a["pixel_values"], b["pixel_values"]])
+    both["image_grid_thw"] = np.array([GRID, GRID], np.int64)
+    tokens, attn = ours.generate_with_attention(**both, capture_layers=CAPTURE, max_new_tokens=[3, 7])
+    for row, (single, limit) in enumerate(((a, 3), (b, 7))):
+        ref_tokens, ref_attn = _hf_teacher(hf, single, limit, IDS["eos_token_id"])
+        np.testing.assert_array_equal(tokens[row, :len(ref_tokens)], ref_tokens)
+        np.testing.assert_allclose(attn[:, row], ref_attn, rtol=1e-4, atol=1e-7)
+    pad = ours.config.pad_token_id if ours.config.pad_token_id is not None else ours.config.eos_token_id
+    assert tokens.shape[1] > 3 and (tokens[0, 3:] == pad).all()  # row 0 stopped at its own limit

@@ -92,3 +92,20 @@ def test_generation_stops_at_eos(pair):
 
 def _with_eos(model, eos):
     return QwenVL(dataclasses.replace(model.config, eos_token_id=eos), model.params)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 2.0])
+def test_repetition_penalty_matches_transformers(pair, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor (prompt ids, padding included, and generated ids) for 16
+    greedy steps on a padded batch; the penalty must change the tokens, or the test would prove nothing."""
+    name, hf, ours = pair
+    inputs = _image_batch(np.random.default_rng(4), "left")
+    with torch.no_grad():
+        ref = hf.generate(**to_torch(inputs), max_new_tokens=16, do_sample=False, repetition_penalty=penalty,
+                          eos_token_id=IDS["eos_token_id"], pad_token_id=IDS["pad_token_id"])
+    got = ours.generate(**inputs, max_new_tokens=16, repetition_penalty=penalty)
+    np.testing.assert_array_equal(got, ref[:, inputs["input_ids"].shape[1]:].numpy())
+    assert not np.array_equal(got, ours.generate(**inputs, max_new_tokens=16, repetition_penalty=1.0))
+    # the checkpoint's value (generation_config.json) is the default; an explicit argument overrides it
+    default = dataclasses.replace(ours, repetition_penalty=penalty)
+    np.testing.assert_array_equal(default.generate(**inputs, max_new_tokens=16), got)

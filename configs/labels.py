@@ -52,8 +52,14 @@ def teacher_config(preset: str) -> ml_collections.ConfigDict:
     # 576 merged tokens on the square-padded image (§1.2); the tiny default uses 256 so that it runs in minutes on
     # two CPU cores (the vision tower's full-attention blocks are quadratic in the patch count).
     c.grid = 16 if tiny else 24
-    # Upstream generates up to 128 tokens; the tiny teacher's answers are noise, so 32 keep the default quick.
-    c.max_new_tokens = 32 if tiny else 128
+    # Each record says how many tokens the teacher may generate (upstream: 128 by default); this caps it (None =
+    # the records' own). The tiny teacher's answers are noise, so 32 keep the default quick.
+    c.max_new_tokens = 32 if tiny else ml_collections.config_dict.placeholder(int)
+    # "upstream": the label script's text (system prompt + a literal "<image>" before the image block);
+    # "inference": the evaluation format (reference §8 #6). configs/sdrpn.py has the same choice for the student.
+    c.chat_format = "upstream"
+    # The teacher's image resize: "fast" is transformers' torchvision processor, as upstream's label script uses.
+    c.resize = "fast"
     c.batch_size = 16 if tiny else 8  # per process
     c.part_size = 128 if tiny else 4096  # records per output dataset part: the unit of resumption
     c.heads = HEAD_TABLES[preset]

@@ -59,6 +59,9 @@ def get_config(arg=None):
         "binary_coff": 0.25,
         "bg_coff": 0.05,
         "max_len": 384 if tiny else 768,
+        # "upstream": upstream's training text (no system turn, a literal "<image>" before the image block);
+        # "inference": the evaluation format, so the twig trains on what it sees at test time (reference §8 #6).
+        "chat_format": "upstream",
         "worker_count": 0 if tiny else 4,
     }
     c.train = {

@@ -27,7 +27,9 @@ def test_sdrpn_presets_carry_the_paper_hyperparameters(preset, K):
     assert dict(cfg.optim) == dict(lr=1e-4, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                                    clip_norm=1.0)
     assert (cfg.data.grid, cfg.data.binary_coff, cfg.data.bg_coff) == (24, 0.25, 0.05)
-    assert cfg.teacher.max_new_tokens == 128 and cfg.teacher.grid == 24
+    # the records carry max_new_tokens (upstream default 128); the real presets do not cap it
+    assert cfg.teacher.max_new_tokens is None and cfg.teacher.grid == 24
+    assert (cfg.teacher.chat_format, cfg.teacher.resize, cfg.data.chat_format) == ("upstream", "fast", "upstream")
     assert cfg.name == f"sdrpn_{preset}" and cfg.model.path == ""  # a real backbone must be named
 
 

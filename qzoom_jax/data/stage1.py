@@ -35,6 +35,7 @@ from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_
 log = logging.getLogger(__name__)
 
 MODES = ("textual", "natural")
+CHAT_FORMATS = ("upstream", "inference")
 DEFAULT_MAX_NEW_TOKENS = 128
 PAD_FILL = (127, 127, 127)
 # Per-file skip warnings stop after this many; the total is always logged at the end of the file.
@@ -52,13 +53,15 @@ class SkipSample(Exception):
 def teacher_prompt(prompt: str, mode: str, short_prompt: bool) -> str:
     """The prompt the frozen teacher answers when its attention is recorded (§1.2 step 2)."""
     if mode == "natural":
-        # The teacher is asked for boxes: the attention of the box tokens is the grounding signal.
+        # The teacher is asked for boxes: the attention of the box tokens is the grounding signal. Upstream
+        # joins the instruction to a prompt without the suffix with a space.
         if ANSWER_SUFFIX in prompt:
             return prompt.replace(ANSWER_SUFFIX, GROUNDING_INSTRUCTION)
-        return prompt + "\n" + GROUNDING_INSTRUCTION
+        return prompt + " " + GROUNDING_INSTRUCTION
     if mode == "textual":
-        # Long-form documents (short_prompt=False) get a free-form answer; short OCR answers stay as asked.
-        return prompt if short_prompt else prompt.replace(ANSWER_SUFFIX, "")
+        # Long-form documents (short_prompt=False) get a free-form answer, without the newline the removed
+        # suffix leaves behind (upstream strips); short OCR answers stay as asked.
+        return prompt if short_prompt else prompt.replace(ANSWER_SUFFIX, "").strip()
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -68,16 +71,39 @@ def student_prompt(prompt: str) -> str:
     return prompt.replace(LEGACY_GROUNDING_INSTRUCTION, ANSWER_SUFFIX)
 
 
-def chat_text(prompt: str, processor: Processor) -> str:
-    """One user turn (image, then the prompt) in the Qwen2.5-VL chat template, with the generation prompt.
+def chat_text(prompt: str, processor: Processor, *, system: bool = True, image_literal: bool = False) -> str:
+    """One user turn (image, then the prompt) in the chat template, with the generation prompt: the inference
+    format (default system prompt, image block, prompt) unless told otherwise.
 
-    Deliberate deviation (reference §8 #6): upstream trains without the system prompt and with a stray literal
-    "<image>" before the image block, but evaluates with the default system prompt and without "<image>". We use
-    the inference format for teacher and student alike, so that the RoI head is trained on what it sees at test
-    time.
+    ``image_literal``: upstream's training and teacher text, ``<image>`` kept as literal text before the image
+    block and a newline before the prompt (training reference §1.2 step 3, §5.2). ``system=False``: upstream's
+    training template, which has no system turn (§5.2).
     """
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    content = [{"type": "image"}, {"type": "text", "text": prompt}]
+    if image_literal:
+        content = [{"type": "text", "text": "<image>"}, {"type": "image"}, {"type": "text", "text": "\n" + prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return text if system else text[text.index("<|im_start|>user"):]
+
+
+def teacher_chat(prompt: str, processor: Processor, chat_format: str) -> str:
+    """The label teacher's text. ``chat_format="upstream"`` reproduces upstream's label script (system prompt,
+    literal ``<image>``); ``"inference"`` is what the model sees at evaluation (reference §8 #6)."""
+    _check_chat_format(chat_format)
+    return chat_text(prompt, processor, image_literal=chat_format == "upstream")
+
+
+def student_chat(prompt: str, processor: Processor, chat_format: str) -> str:
+    """The RoI head's training text. ``chat_format="upstream"``: upstream's training template (no system turn,
+    literal ``<image>``); ``"inference"``: the evaluation format, so the head trains on what it sees at test time."""
+    _check_chat_format(chat_format)
+    upstream = chat_format == "upstream"
+    return chat_text(prompt, processor, system=not upstream, image_literal=upstream)
+
+
+def _check_chat_format(chat_format: str) -> None:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
 
 
 # ---- images --------------------------------------------------------------------------------------------
@@ -156,14 +182,16 @@ def fixed_grid_inputs(images: Sequence[Image.Image], texts: Sequence[str], proce
 
 # ---- examples ------------------------------------------------------------------------------------------
 
-def teacher_inputs(records: Sequence[Mapping[str, Any]], processor: Processor, grid: int = 24):
+def teacher_inputs(records: Sequence[Mapping[str, Any]], processor: Processor, grid: int = 24,
+                   chat_format: str = "upstream"):
     """Processor outputs for the teacher's label-generation batch (§1.2 steps 1-3), left padded.
 
     Raises SkipSample for the first unusable image; callers that cannot afford losing a batch filter records
     with ``decode_image`` first.
     """
     images = [decode_image(r["image"], processor.image_processor.factor) for r in records]
-    texts = [chat_text(teacher_prompt(r["prompt"], r["mode"], r["short_prompt"]), processor) for r in records]
+    texts = [teacher_chat(teacher_prompt(r["prompt"], r["mode"], r["short_prompt"]), processor, chat_format)
+             for r in records]
     return fixed_grid_inputs(images, texts, processor, grid)
 
 
@@ -180,7 +208,8 @@ def left_padded(config: QwenVLConfig, ids, max_len: int, image_grid_thw):
 
 
 def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVLConfig, max_len: int,
-                 grid: int = 24, binary_coff: float = 0.25, bg_coff: float = 0.05) -> dict[str, np.ndarray]:
+                 grid: int = 24, binary_coff: float = 0.25, bg_coff: float = 0.05,
+                 chat_format: str = "upstream") -> dict[str, np.ndarray]:
     """One Stage-1 training example with fixed shapes (§1.3-§1.4).
 
     Returns ``input_ids``/``attention_mask`` int32 [max_len] left-padded (so the RoI query, the last prompt
@@ -196,7 +225,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
         image = decode_image(record["image"], processor.image_processor.factor)
     except SkipSample as e:
         raise SkipSample(f"{uid}: {e}") from None
-    text = chat_text(student_prompt(record["prompt"]), processor)
+    text = student_chat(student_prompt(record["prompt"]), processor, chat_format)
     out = fixed_grid_inputs([image], [text], processor, grid)
     n = out["input_ids"].shape[1]
     if n > max_len:
@@ -289,7 +318,7 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
         if row["mode"] not in MODES:
             raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
         record = _input_record(row, where, image_root, skips, prompt=row["text"],
-                               short_prompt=bool(row.get("short_prompt", False)),
+                               short_prompt=bool(row.get("short_prompt", True)),
                                max_new_tokens=int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
                                answer=_answer_text(row.get("answer", row.get("answers", ""))))
         if record is not None:

@@ -80,9 +80,12 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
         # A short batch (the last one, or one with skipped images) is topped up with copies so every batch has
         # the same shape and the teacher compiles once; the copies' outputs are dropped.
         padded = records + [records[-1]] * (cfg.batch_size - len(records))
-        inputs = stage1.teacher_inputs(padded, processor, cfg.grid)
-        tokens, attn = model.generate_with_attention(**inputs, capture_layers=layers,
-                                                     max_new_tokens=cfg.max_new_tokens)
+        inputs = stage1.teacher_inputs(padded, processor, cfg.grid, cfg.chat_format)
+        # Each record's own max_new_tokens (upstream's universal JSONL field), capped by the config's when set.
+        limits = [int(r["max_new_tokens"]) if cfg.max_new_tokens is None else min(int(r["max_new_tokens"]),
+                                                                                  cfg.max_new_tokens)
+                  for r in padded]
+        tokens, attn = model.generate_with_attention(**inputs, capture_layers=layers, max_new_tokens=limits)
         for b, record in enumerate(records):
             row = tokens[b]
             eos = np.nonzero(row == model.config.eos_token_id)[0]
@@ -102,7 +105,7 @@ def generate_labels(cfg, workdir: str) -> list[str]:
         # the processes run one program on different inputs (and different numbers of decode steps).
         mesh = parallel.make_mesh(**cfg.mesh, devices=jax.local_devices())
         model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
-        processor = Processor.from_pretrained(path)
+        processor = Processor.from_pretrained(path, resize=cfg.resize)
         return lambda idx, skipped, progress: _label_records(model, processor, source, idx, cfg, skipped, progress)
 
     parts.write_in_parts(len(source), out_dir, "labels", cfg.part_size, start, tfds_datasets.write_label_dataset)

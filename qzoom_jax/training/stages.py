@@ -79,7 +79,8 @@ class Sdrpn:
     def example_fn(self, processor, config):
         d = self.cfg.data
         return functools.partial(stage1.make_example, processor=processor, config=config, max_len=d.max_len,
-                                 grid=d.grid, binary_coff=d.binary_coff, bg_coff=d.bg_coff)
+                                 grid=d.grid, binary_coff=d.binary_coff, bg_coff=d.bg_coff,
+                                 chat_format=d.chat_format)
 
     def step_layout(self, config):
         """The vision layout shared by every row: one square-padded image at the fixed grid."""

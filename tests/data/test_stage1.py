@@ -15,7 +15,8 @@ from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
 from qzoom_jax.data.stage1 import (SkipSample, chat_text, expand2square, fixed_grid_budget, fixed_grid_pixels,
-    make_example, read_stage1_pickle, read_universal_jsonl, student_prompt, teacher_inputs, teacher_prompt)
+    make_example, read_stage1_pickle, read_universal_jsonl, student_chat, student_prompt, teacher_chat, teacher_inputs,
+    teacher_prompt)
 from qzoom_jax.models.qwen2_5_vl.positions import rope_index
 from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 
@@ -63,13 +64,14 @@ def _label_record(w=100, h=60, prompt=QUESTION + "\n" + ANSWER_SUFFIX, seed=0):
 
 def test_teacher_prompt_natural_replaces_or_appends_grounding_instruction():
     assert teacher_prompt(f"{QUESTION}\n{ANSWER_SUFFIX}", "natural", True) == f"{QUESTION}\n{GROUNDING_INSTRUCTION}"
-    assert teacher_prompt(QUESTION, "natural", True) == f"{QUESTION}\n{GROUNDING_INSTRUCTION}"
+    # without the suffix, upstream joins the instruction with a space
+    assert teacher_prompt(QUESTION, "natural", True) == f"{QUESTION} {GROUNDING_INSTRUCTION}"
 
 
 def test_teacher_prompt_textual():
     prompt = f"{QUESTION}\n{ANSWER_SUFFIX}"
     assert teacher_prompt(prompt, "textual", True) == prompt
-    assert teacher_prompt(prompt, "textual", False) == f"{QUESTION}\n"
+    assert teacher_prompt(prompt, "textual", False) == QUESTION  # the removed suffix leaves no newline behind
     with pytest.raises(ValueError, match="mode"):
         teacher_prompt(prompt, "visual", True)
 
@@ -83,6 +85,20 @@ def test_chat_text_is_the_inference_format(processor):
     text = chat_text(QUESTION, processor)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     f"<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_teacher_and_student_chat_formats(processor):
+    """Upstream's label script: system prompt, a literal "<image>" before the image block, a newline before the
+    prompt (training reference §1.2 step 3); its training template: the same without the system turn (§5.2)."""
+    block = "<|vision_start|><|image_pad|><|vision_end|>"
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    turn = f"<|im_start|>user\n<image>{block}\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    assert teacher_chat(QUESTION, processor, "upstream") == system + turn
+    assert student_chat(QUESTION, processor, "upstream") == turn
+    for chat in (teacher_chat, student_chat):
+        assert chat(QUESTION, processor, "inference") == chat_text(QUESTION, processor)
+        with pytest.raises(ValueError, match="chat_format must be one of"):
+            chat(QUESTION, processor, "llava")
 
 
 # ---- images --------------------------------------------------------------------------------------------
@@ -130,7 +146,7 @@ def test_make_example_matches_processor_rope_and_labels(processor, config):
 
     image = Image.open(io.BytesIO(record["image"]))
     budget = fixed_grid_budget(processor.image_processor)
-    ref = processor(images=[expand2square(image)], text=[chat_text(record["prompt"], processor)],
+    ref = processor(images=[expand2square(image)], text=[student_chat(record["prompt"], processor, "upstream")],
                     min_pixels=budget, max_pixels=budget)
     n = ref["input_ids"].shape[1]
     np.testing.assert_array_equal(ref["image_grid_thw"], [[1, 48, 48]])
@@ -186,6 +202,7 @@ def test_teacher_inputs_left_pad_a_batch_at_the_fixed_grid(processor):
     assert np.all(out["attention_mask"][:, -1] == 1) and out["attention_mask"][1, 0] == 0
     row = out["input_ids"][0][out["attention_mask"][0] == 1]
     assert processor.decode(row).endswith(f"{QUESTION}\n{GROUNDING_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert "<image><|vision_start|>" in processor.decode(row)  # upstream's label-script text by default
 
 
 # ---- upstream readers ----------------------------------------------------------------------------------
@@ -237,9 +254,12 @@ def test_read_universal_jsonl(tmp_path):
          "mode": "textual", "short_prompt": False, "answers": ["x", "y", "y"]},
         {"uid": "doc:s:3:2", "question_id": "3", "dataset": "docvqa", "image": "img/gone.png", "text": "q3",
          "mode": "textual", "short_prompt": False},
+        {"uid": "ocr:s:4:3", "question_id": "4", "dataset": "ocr_vqa", "image": "img/a.png", "text": "q4",
+         "mode": "textual"},  # no short_prompt: upstream's default is true
     ]
     path = tmp_path / "universal.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n"
+                    + json.dumps(rows[3]) + "\n")
     skipped = collections.Counter()
     records = list(read_universal_jsonl(path, tmp_path, skipped))
     assert skipped == {"missing_image": 1}
@@ -249,6 +269,8 @@ def test_read_universal_jsonl(tmp_path):
          "short_prompt": True, "max_new_tokens": 64, "answer": "cat", "image_path": "img/a.png", "image": image},
         {"uid": "doc:s:2:1", "question_id": "2", "dataset": "docvqa", "mode": "textual", "prompt": "q2",
          "short_prompt": False, "max_new_tokens": 128, "answer": "y", "image_path": "img/a.png", "image": image},
+        {"uid": "ocr:s:4:3", "question_id": "4", "dataset": "ocr_vqa", "mode": "textual", "prompt": "q4",
+         "short_prompt": True, "max_new_tokens": 128, "answer": "", "image_path": "img/a.png", "image": image},
     ]
 
 

@@ -90,11 +90,14 @@ def pseudo_label_map(grounding, sink, orig_size=None, sink_thresh=1e-2, binary_c
         if h != w:
             raise ValueError(f"pseudo_label_map: orig_size needs a square grid, got {g_raw.shape}")
         content = content_mask(orig_size[0], orig_size[1], grid=h)
-    # Thresholds compare in float32, as the float32 maps of the reference do (0.005 != float32(0.005)).
+    # Precision as upstream's NumPy: the sink test compares the float32 map with the threshold rounded to float32;
+    # masking multiplies by a float64 mask, so every later threshold and the 5e-3 peak test are float64
+    # (a float32 peak test would keep samples whose peak is float32(0.005) < 0.005).
     not_sink_head = z < np.float32(sink_thresh)
+    g_raw = g_raw.astype(np.float64)
     # Step 1-2: sink-head cells and padding cells can never be foreground.
-    g = np.where(not_sink_head & content, g_raw, np.float32(0))
-    g = np.where(g > np.float32(binary_coff) * g.max(), g, np.float32(0))
+    g = np.where(not_sink_head & content, g_raw, 0.0)
+    g = np.where(g > g.max() * binary_coff, g, 0.0)
     peak = g.max()  # equals the pre-threshold max; the reference names it "max of the binarised map"
     fg = g > 0
     # Step 3: the blur spreads every positive cell to its 8 neighbours (all taps > 0), so this is fg's box
@@ -104,11 +107,11 @@ def pseudo_label_map(grounding, sink, orig_size=None, sink_thresh=1e-2, binary_c
     inside = np.zeros((h, w), bool)
     inside[y0:y1, x0:x1] = True
     # Step 4: background tests the raw grounding value with only the sink-head mask (not the padding mask).
-    bg = ~inside & (np.where(not_sink_head, g_raw, np.float32(0)) < np.float32(bg_coff) * peak)
+    bg = ~inside & (np.where(not_sink_head, g_raw, 0.0) < peak * bg_coff)
     bg |= ~content  # padding is known background, even inside the box or when bright
     labels = np.full((h, w), IGNORE, np.int32)
     # Step 5: a box covering too much of the grid, or a weak peak, makes the whole sample uninformative.
-    if (x1 - x0) * (y1 - y0) < max_ratio * h * w and peak >= np.float32(min_peak):
+    if (x1 - x0) * (y1 - y0) < max_ratio * h * w and peak >= min_peak:
         labels[bg] = 0
         labels[fg] = 1  # fg overrides bg
     return labels
@@ -139,32 +142,40 @@ def tight_box(mask):
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _fit_side(a: float, b: float, size: float, min_side: float):
-    """Grow [a, b) symmetrically to min_side, slide it back inside [0, size], clamp (§2.5 step 6)."""
-    if b - a < min_side:
-        c = (a + b) / 2.0
-        a, b = c - min_side / 2.0, c + min_side / 2.0
-    if a < 0:  # sticks out left/top: push right/down
-        a, b = 0.0, b - a
-    if b > size:  # sticks out right/bottom: push left/up
-        a, b = a - (b - size), float(size)
-    # Clamp only matters when the image itself is smaller than min_side; int() truncates toward zero.
-    return int(min(max(a, 0.0), size)), int(min(max(b, 0.0), size))
+def _fit_side(a, b, size: int, min_side: int):
+    """Grow [a, b) about its centre to ``min_side``, slide it back inside [0, size], clamp, truncate toward zero
+    (§2.5 step 6), in float32 in the order upstream's torch code computes it (a float64 variant differs by a
+    pixel on about one box in ten, and can drop a full-side box's last pixel)."""
+    f32 = np.float32
+    if min_side > 0:
+        half = max(f32(min_side) - (b - a), f32(0)) / f32(2)
+        a, b = a - half, b + half
+        shift = -min(a, f32(0))  # sticks out left/top: push right/down
+        a, b = a + shift, b + shift
+        shift = max(b - f32(size), f32(0))  # sticks out right/bottom: push left/up
+        a, b = a - shift, b - shift
+    return int(min(max(a, f32(0)), f32(size))), int(min(max(b, f32(0)), f32(size)))
 
 
-def box_to_source(box, grid_hw, src_wh, min_side=28):
+def _to_source(v: int, cells: int, size: int, patch: int):
+    """A grid coordinate in source pixels: cells -> the resized image (``patch`` px a cell) -> the source image.
+    float32 products with float32-rounded scales, as torch multiplies a float32 tensor by a Python float."""
+    f32 = np.float32
+    return f32(v) * f32(patch) * f32(size / (patch * cells))
+
+
+def box_to_source(box, grid_hw, src_wh, min_side=28, patch=28):
     """Grid box (x0, y0, x1, y1) -> int source-pixel box (inference ref §2.5 step 6).
 
-    grid_hw = (h, w) of the map, src_wh = (W, H) of the original image. Proportional mapping x*W/w, y*H/h,
-    then each side grown to at least `min_side` px, slid inside the image, clamped, truncated toward zero.
-    Scalar float64 arithmetic: exact for the integer inputs and free of float32 truncation surprises.
+    grid_hw = (h, w) of the map, src_wh = (W, H) of the original image, ``patch``: pixels of one merged cell in
+    the resized image (28 for Qwen2.5-VL). Proportional mapping, then each side grown to at least ``min_side``
+    px, slid inside the image, clamped, truncated toward zero: bit for bit upstream's float32 arithmetic.
     """
     x0, y0, x1, y1 = box
     h, w = grid_hw
     W, H = src_wh
-    sx, sy = W / w, H / h
-    ax, bx = _fit_side(x0 * sx, x1 * sx, W, min_side)
-    ay, by = _fit_side(y0 * sy, y1 * sy, H, min_side)
+    ax, bx = _fit_side(_to_source(x0, w, W, patch), _to_source(x1, w, W, patch), W, min_side)
+    ay, by = _fit_side(_to_source(y0, h, H, patch), _to_source(y1, h, H, patch), H, min_side)
     return ax, ay, bx, by
 
 
@@ -183,7 +194,7 @@ def roi_grid_box(roi_logits, threshold):
     return tight_box(gaussian_blur3x3(prob * sink_mask(h, w)) > np.float32(threshold))
 
 
-def roi_box(roi_logits, src_wh, threshold, min_side=28):
+def roi_box(roi_logits, src_wh, threshold, min_side=28, patch=28):
     """RoI logits [h, w] -> source-pixel crop box (x0, y0, x1, y1), or None when no cell passes (§2.5 steps 1-6)."""
     box = roi_grid_box(roi_logits, threshold)
-    return None if box is None else box_to_source(box, np.shape(roi_logits), src_wh, min_side)
+    return None if box is None else box_to_source(box, np.shape(roi_logits), src_wh, min_side, patch)

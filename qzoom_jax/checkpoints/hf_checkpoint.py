@@ -34,15 +34,12 @@ from qzoom_jax.models import param_axes
 from qzoom_jax.models import registry
 from qzoom_jax.models.checkpoint_keys import TRANSFORMS, TensorSpec
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+from qzoom_jax.runtime.errors import CheckpointError
 
 Params = dict[str, Any]
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the config: the message names the file, tensor and shapes."""
 
 
 def checkpoint_table(config) -> dict[str, TensorSpec]:

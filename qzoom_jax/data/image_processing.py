@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from qzoom_jax.data.resample import resize_bicubic_aa
+from qzoom_jax.runtime.errors import ImageError
 
 # OpenAI CLIP statistics: the defaults of Qwen2-VL's image processor and the values in the official
 # preprocessor_config.json files.
@@ -46,7 +47,7 @@ RESIZE_MODES = ("pil", "fast")
 ALPHA_MODES = ("composite", "drop")
 
 
-class ImageSizeError(ValueError):
+class ImageSizeError(ImageError):
     """An image the Qwen2-VL resize rules reject: a side shorter than the factor, or an aspect ratio above
     ``MAX_ASPECT_RATIO``. A ValueError (as before), so callers that skip unusable images can catch it and count."""
 

@@ -5,14 +5,32 @@ multi-process settings of ``qzoom_jax.runtime.distributed`` (``--coordinator_add
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qzoom_jax.runtime import distributed
+from qzoom_jax.runtime.errors import UserError
+
+TRACEBACK_ENV = "QZOOM_TRACEBACK"
+
+
+@contextlib.contextmanager
+def user_errors(traceback: bool = False) -> Iterator[None]:
+    """A :class:`UserError` raised inside prints ``error: <message>`` and exits with status 2, unless
+    ``traceback`` or ``QZOOM_TRACEBACK=1`` asks for the full traceback. Every entry point's main runs in this."""
+    try:
+        yield
+    except UserError as e:
+        if traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(main: Callable[[object, str], object], default_config: str, what: str) -> None:
@@ -41,6 +59,7 @@ def run(main: Callable[[object, str], object], default_config: str, what: str) -
             raise app.UsageError(str(e)) from None
         if default_verbosity and settings is not None and jax.process_index() != 0:
             logging.set_verbosity(logging.ERROR)  # the other processes would repeat process 0's warnings
-        main(config.value, workdir.value or os.path.join("runs", config.value.name))
+        with user_errors(traceback=flags.FLAGS.verbosity >= 1):
+            main(config.value, workdir.value or os.path.join("runs", config.value.name))
 
     app.run(_main)

@@ -174,9 +174,9 @@ def _prompt(question: str, short_prompt: bool) -> str:
 
 def _scene(rng: np.random.Generator) -> SyntheticSample:
     width, height = _scene_size(rng)
-    image = _gradient(rng, width, height)
+    image = gradient_background(rng, width, height)
     draw = ImageDraw.Draw(image)
-    _draw_clutter(draw, rng, image)
+    draw_clutter(draw, rng, image)
 
     color, shape = _pick(rng, tuple(PALETTE)), _pick(rng, SHAPES)
     side = round(rng.uniform(0.03, 0.08) * min(width, height))
@@ -203,8 +203,9 @@ def _muted_color(rng: np.random.Generator, low: int, high: int, tint: int) -> np
     return rng.integers(low, high + 1) + rng.integers(-tint, tint + 1, size=3)
 
 
-def _gradient(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A smooth two-colour linear gradient along a random direction."""
+def gradient_background(rng: np.random.Generator, width: int, height: int, low: int = 110,
+                        high: int = 215) -> Image.Image:
+    """A smooth two-colour linear gradient along a random direction, brightness in [low, high], slightly tinted."""
     # Computed on a 1/8 grid and upsampled: the ramp changes by under one grey level per 8 px, so nearest-neighbour
     # upsampling is indistinguishable from computing every pixel, at a fraction of the cost.
     small_w, small_h = -(-width // 8), -(-height // 8)
@@ -212,13 +213,13 @@ def _gradient(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     ys, xs = np.mgrid[0:small_h, 0:small_w]
     ramp = xs * np.cos(angle) + ys * np.sin(angle)
     ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
-    start, end = _muted_color(rng, 110, 215, 15), _muted_color(rng, 110, 215, 15)
+    start, end = _muted_color(rng, low, high, 15), _muted_color(rng, low, high, 15)
     pixels = start + ramp[..., None] * (end - start)
     small = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     return small.resize((width, height), Image.Resampling.NEAREST)
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, image: Image.Image) -> None:
+def draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, image: Image.Image) -> None:
     """Dozens of low-contrast ellipses, rectangles and lines: texture the RoI predictor must learn to ignore."""
     width, height = image.size
     scale = min(width, height)
@@ -263,7 +264,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 @functools.cache
-def _font() -> ImageFont.ImageFont:
+def bitmap_font() -> ImageFont.ImageFont:
     # The bitmap font ships inside Pillow (no font files) and renders the same with or without FreeType.
     return ImageFont.load_default_imagefont()
 
@@ -305,7 +306,7 @@ def _document(rng: np.random.Generator, short_prompt: bool) -> SyntheticSample:
 def _draw_filler_text(draw: ImageDraw.ImageDraw, rng: np.random.Generator, area: tuple[int, int, int, int]) -> None:
     """Paragraphs of random filler words in small grey type, filling `area` (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = area
-    font = _font()
+    font = bitmap_font()
     char_w = font.getlength(" ")  # the bitmap font is monospaced
     line_h = int(rng.integers(13, 19))
     max_chars = int((x1 - x0) // char_w)
@@ -336,7 +337,7 @@ def _filler_line(rng: np.random.Generator, max_chars: int) -> str:
 
 def _render_text(text: str) -> Image.Image:
     """`text` as an "L" mask at TEXT_SCALE times the bitmap font's size (nearest-neighbour keeps it crisp)."""
-    font = _font()
+    font = bitmap_font()
     x0, y0, x1, y1 = font.getbbox(text)
     mask = Image.new("L", (x1 - x0, y1 - y0), 0)
     ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font)

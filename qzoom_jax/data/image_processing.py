@@ -10,10 +10,21 @@ Two resize paths, chosen by ``ImageProcessor.resize``:
   (re-implemented in :mod:`qzoom_jax.data.resample`, bit-exact), then HF's fused rescale + normalisation.
 
 ``fetch_image`` is the first resize that upstream's evaluation applies before the processor (qwen-vl-utils).
+
+Loading (``to_rgb``) comes in two flavours, picked by ``alpha``:
+
+* ``"composite"`` (the default: processor, data pipeline, heat map): the image as a person sees it, as HF's
+  ``load_image`` does: EXIF orientation applied, transparency composited onto white.
+* ``"drop"`` (upstream-compatible, the evaluation's default): upstream's ``PIL.convert("RGB")``, which drops alpha
+  and never applies EXIF, so scores match the fork's (lmms-eval reference §1.4).
+
+Both scale 16-bit and float gray images to 8 bits (PIL's own conversion clips them at 255), and both turn every
+unreadable image (corrupt, truncated, a decompression bomb) into an ``ImageError`` naming its file when known.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from qzoom_jax.data.resample import resize_bicubic_aa
 from qzoom_jax.runtime.errors import ImageError
@@ -45,6 +56,12 @@ FETCH_MAX_PIXELS = 16384 * 28 * 28
 
 RESIZE_MODES = ("pil", "fast")
 ALPHA_MODES = ("composite", "drop")
+
+# What PIL raises for a file it cannot identify or decode (UnidentifiedImageError and "image file is truncated" are
+# OSErrors; oversized PNG text chunks are ValueErrors). DecompressionBombWarning is raised only where warnings are
+# errors (python -W error); elsewhere ``_check_pixels`` turns it into an error.
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
 
 
 class ImageSizeError(ImageError):
@@ -133,38 +150,130 @@ def fetch_image(
     max_pixels: int = FETCH_MAX_PIXELS,
     factor: int = FETCH_FACTOR,
     alpha: str = "drop",
+    exif: bool = False,
 ) -> Image.Image:
     """The resize upstream's evaluation applies before the processor (qwen-vl-utils ``fetch_image``).
 
-    ``alpha="drop"`` is upstream's ``doc_to_visual`` (``PIL.convert("RGB")``, which happens first, so
-    qwen-vl-utils' own compositing never sees an alpha band); then ``fetch_smart_resize`` and a PIL bicubic
-    resize. The processor then runs its own ``smart_resize`` on the result, whose aspect check can still fail
-    (30x6000 -> 28x5992 here, ratio 214 there): both raise ``ImageSizeError``.
+    ``alpha="drop"``, ``exif=False`` is upstream's ``doc_to_visual`` (``PIL.convert("RGB")``, which happens
+    first, so qwen-vl-utils' own compositing never sees an alpha band, and EXIF is never applied);
+    then ``fetch_smart_resize`` and a PIL bicubic resize. The processor then runs its own ``smart_resize`` on the
+    result, whose aspect check can still fail (30x6000 -> 28x5992 here, ratio 214 there): both raise
+    ``ImageSizeError``.
     """
-    rgb = to_rgb(image, alpha=alpha)
-    height, width = fetch_smart_resize(rgb.height, rgb.width, factor, min_pixels, max_pixels)
+    rgb = to_rgb(image, alpha=alpha, exif=exif)
+    try:
+        height, width = fetch_smart_resize(rgb.height, rgb.width, factor, min_pixels, max_pixels)
+    except ImageSizeError as e:
+        raise ImageSizeError(_named(image, str(e)), e.height, e.width) from None
     return rgb.resize((width, height), resample=Image.Resampling.BICUBIC)  # PIL takes (W, H)
 
 
-def to_rgb(image: Image.Image | np.ndarray | str | os.PathLike, alpha: str = "composite") -> Image.Image:
-    """An RGB PIL image. With ``alpha="composite"`` transparency (alpha band or palette transparency) is
-    composited onto white, as HF does; with ``alpha="drop"`` it is discarded as ``PIL.convert("RGB")`` does
-    (transparent pixels keep their stored colour), as upstream's evaluation does."""
+def to_rgb(
+    image: Image.Image | np.ndarray | bytes | str | os.PathLike,
+    alpha: str = "composite",
+    exif: bool = True,
+) -> Image.Image:
+    """An 8-bit RGB PIL image from a PIL image, a uint8 array, or an image file (its path or its bytes).
+
+    ``alpha="composite"``: transparency (alpha band or palette transparency) is composited onto white, as HF does.
+    ``alpha="drop"``: it is discarded as ``PIL.convert("RGB")`` does (transparent pixels keep their stored
+    colour), as upstream's evaluation does. ``exif``: rotate/flip by the EXIF orientation tag, as a person sees
+    the photo and HF's ``load_image`` does (upstream's evaluation never applies it: ``fetch_image`` and the
+    engine's evaluation default turn it off). The result has no metadata (no EXIF, no colour key), so converting
+    it again changes nothing.
+
+    Gray images of more than 8 bits are scaled to 8 bits rather than clipped (see ``_to_8bit``). ``ImageError``
+    (naming the file when known) for a corrupt or truncated file or a decompression bomb.
+    """
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    elif isinstance(image, np.ndarray):
+    if isinstance(image, (bytes, str, os.PathLike)):
+        with open_image(image) as opened:  # closes the file even when decoding fails
+            return _convert(opened, _named(image, ""), alpha, exif)
+    if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"numpy images must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, a uint8 numpy array or a path, got {type(image).__name__}")
-    if alpha == "composite" and ("A" in image.getbands() or image.info.get("transparency") is not None):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+        raise TypeError(f"expected a PIL image, a uint8 numpy array, image bytes or a path, got "
+                        f"{type(image).__name__}")
+    return _convert(image, _named(image, ""), alpha, exif)
+
+
+def open_image(source: bytes | str | os.PathLike) -> Image.Image:
+    """An image file (its path or its bytes) opened lazily: only the header is read. ``ImageError`` naming the
+    file when PIL cannot identify it or it is a decompression bomb; pixel errors surface when it is loaded."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(_named(source, f"possible decompression bomb, not decoded ({e})")) from None
+    except DECODE_ERRORS as e:
+        raise ImageError(_named(source, f"corrupt image ({type(e).__name__}: {e})")) from None
+    _check_pixels(image, _named(source, ""))
+    return image
+
+
+def _convert(image: Image.Image, prefix: str, alpha: str, exif: bool) -> Image.Image:
+    """``to_rgb`` on a PIL image; ``prefix`` starts error messages ("path: ", or "" when the file is unknown)."""
+    _check_pixels(image, prefix)  # images opened elsewhere: PIL only warned, and the pixels are not loaded yet
+    try:
+        if exif:
+            image = ImageOps.exif_transpose(image)
+        image = _to_8bit(image)
+        if alpha == "composite" and ("A" in image.getbands() or image.info.get("transparency") is not None):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        rgb = image.convert("RGB")  # always a new image, never the caller's
+    except DECODE_ERRORS as e:  # a lazily opened image is decoded here: a truncated file fails now
+        raise ImageError(f"{prefix}corrupt or truncated image ({type(e).__name__}: {e})") from None
+    # The result carries no metadata, so a later to_rgb (the processor's, after fetch_image) cannot apply an EXIF
+    # orientation this call skipped, nor composite the colour key that convert leaves in info["transparency"].
+    rgb.info.clear()
+    return rgb
+
+
+def _check_pixels(image: Image.Image, prefix: str) -> None:
+    """An error where PIL only warns (DecompressionBombWarning, above ``Image.MAX_IMAGE_PIXELS``; it raises
+    above twice that): a warning is easily lost, and decoding such a file can exhaust memory. Reads PIL's limit
+    rather than setting it, so other code keeps its own."""
+    limit, (w, h) = Image.MAX_IMAGE_PIXELS, image.size
+    if limit is not None and w * h > limit:
+        raise ImageError(f"{prefix}image of {w}x{h} px (WxH) has more pixels than PIL's limit "
+                         f"Image.MAX_IMAGE_PIXELS = {limit}: a possible decompression bomb, not decoded")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Gray images of more than 8 bits -> "L" by their bit range; PIL's convert would clip them at 255, turning
+    16-bit images white and [0, 1] float images black. Other modes are returned unchanged.
+
+    * 16-bit ("I;16", "I;16B", ...): round(v / 257), the nearest 8-bit level (255 / 65535 = 1 / 257; 8-bit
+      data widened by v * 257 comes back exactly). PIL itself reads 16-bit RGB files by their high byte, v >> 8,
+      which is at most one level lower.
+    * 32-bit int ("I", signed): the same rule over the smallest range of 8, 16 or 31 bits holding its maximum,
+      so "I" images of 8-bit data (``convert("I")``) or 16-bit data (16-bit PNGs in older PIL) stay as they
+      are or are scaled as 16-bit; negative values are black.
+    * float ("F"): values in [0, 1] (the usual float convention) are scaled by 255; any other range is taken as
+      8-bit levels and clipped to [0, 255], as PIL does (no min-max stretch: it would change the brightness of
+      each image differently). NaN is black.
+    """
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image, np.int64), 0, None)
+        bits = 16 if image.mode != "I" else next(b for b in (8, 16, 31) if values.max(initial=0) < 2 ** b)
+        values = np.rint(values * (255 / (2 ** bits - 1)))
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0)
+        if values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+            values = values * 255
+        values = np.rint(np.clip(values, 0, 255))
+    else:
+        return image
+    return Image.fromarray(values.astype(np.uint8))
+
+
+def _named(image, message: str) -> str:
+    """``message`` prefixed with the file the image came from, when known (a path, or a PIL image's filename)."""
+    path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "filename", "")
+    return f"{path}: {message}" if path else message
 
 
 @dataclass(frozen=True)
@@ -242,7 +351,10 @@ class ImageProcessor:
     def preprocess_one(self, image, min_pixels: int | None = None, max_pixels: int | None = None):
         """One image -> (patches float32 [gh*gw, C*T*P*P], (1, gh, gw))."""
         rgb = to_rgb(image)
-        height, width = self.target_size(rgb.height, rgb.width, min_pixels, max_pixels)
+        try:
+            height, width = self.target_size(rgb.height, rgb.width, min_pixels, max_pixels)
+        except ImageSizeError as e:
+            raise ImageSizeError(_named(image, str(e)), e.height, e.width) from None
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)
         if self.resize == "fast":

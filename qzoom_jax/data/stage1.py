@@ -14,7 +14,6 @@ malformed files (bad JSON, missing keys) are errors naming the file and line or 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import os
@@ -28,9 +27,10 @@ from PIL import Image
 from qzoom_jax.models import registry
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
-from qzoom_jax.data.image_processing import MAX_ASPECT_RATIO, ImageProcessor, to_rgb
+from qzoom_jax.data.image_processing import DECODE_ERRORS, MAX_ASPECT_RATIO, ImageProcessor, open_image, to_rgb
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
+from qzoom_jax.runtime.errors import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 PAD_FILL = (127, 127, 127)
 # Per-file skip warnings stop after this many; the total is always logged at the end of the file.
 _MAX_SKIP_WARNINGS = 10
-# PIL signals undecodable or truncated files with any of these.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# PIL signals undecodable, truncated or oversized files with any of these (ImageError, a ValueError, included).
+_IMAGE_ERRORS = DECODE_ERRORS
 
 
 class SkipSample(Exception):
@@ -109,14 +109,14 @@ def _check_chat_format(chat_format: str) -> None:
 # ---- images --------------------------------------------------------------------------------------------
 
 def decode_image(data: bytes, min_side: int = 28) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image; SkipSample when corrupt, smaller than ``min_side`` px or more
-    elongated than the processor accepts (checked on the image before square padding, which would hide it)."""
+    """Encoded image bytes -> RGB PIL image as a person sees it (``to_rgb``: EXIF orientation applied, 16-bit and
+    float gray scaled to 8 bits). SkipSample, with ``to_rgb``'s reason, when corrupt, truncated or a decompression
+    bomb; SkipSample when smaller than ``min_side`` px or more elongated than the processor accepts (checked on
+    the image before square padding, which would hide it)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        image = to_rgb(image)
-    except _IMAGE_ERRORS as e:
-        raise SkipSample(f"corrupt image ({type(e).__name__}: {e})") from None
+        image = to_rgb(data)
+    except ImageError as e:
+        raise SkipSample(str(e)) from None
     w, h = image.size
     if min(w, h) < min_side:
         raise SkipSample(f"image of {w}x{h} px (WxH) is smaller than {min_side} px")
@@ -251,11 +251,12 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
 # ---- upstream files ------------------------------------------------------------------------------------
 
 def read_image_file(path: str) -> bytes | None:
-    """The file's bytes if PIL recognises them as an image (header only, cheap), else None."""
+    """The file's bytes if PIL recognises them as an image of an acceptable pixel count (header only, cheap),
+    else None."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        Image.open(io.BytesIO(data))
+        open_image(data)
     except _IMAGE_ERRORS:
         return None
     return data

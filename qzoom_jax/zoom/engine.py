@@ -76,8 +76,9 @@ class Prepared:
 class QZoom:
     """A Q-Zoom model: backbone + twig (+ gate). ``QZoom.load(checkpoint)``; ``answer`` / ``prepare`` + ``run``."""
 
-    def __init__(self, parts: qzoom_checkpoint.QZoomParts, processor: Processor, alpha: str = "drop"):
-        self.parts, self.processor, self.alpha = parts, processor, alpha
+    def __init__(self, parts: qzoom_checkpoint.QZoomParts, processor: Processor, alpha: str = "drop",
+                 exif: bool = False):
+        self.parts, self.processor, self.alpha, self.exif = parts, processor, alpha, exif
         self.model, self.config = parts.model, parts.model.config
         impl = {"attn_impl": self.model.attn_impl}
         self._first = jax.jit(functools.partial(passes.first_pass, **impl), static_argnames=("config", "K",
@@ -90,12 +91,13 @@ class QZoom:
     @classmethod
     def load(cls, checkpoint: str | None = None, *, dtype="float32", attn_impl: str = "xla",
              twig_run: str | None = None, reuse_src_pos: bool | None = None, resize: str = "fast",
-             alpha: str = "drop") -> QZoom:
-        """``resize``/``alpha``: the processor's resize path and how transparency goes; the defaults are what
-        upstream's evaluation does (torchvision-exact resize, ``PIL.convert("RGB")``)."""
+             alpha: str = "drop", exif: bool = False) -> QZoom:
+        """``resize``/``alpha``/``exif``: the processor's resize path, how transparency goes, whether the EXIF
+        orientation is applied; the defaults are what upstream's evaluation does (torchvision-exact resize,
+        ``PIL.convert("RGB")``, no EXIF). ``infer`` loads images as a person sees them (composite, EXIF)."""
         parts = qzoom_checkpoint.load(checkpoint, twig_run=twig_run, dtype=dtype, attn_impl=attn_impl,
                                       reuse_src_pos=reuse_src_pos)
-        return cls(parts, Processor.from_pretrained(parts.backbone_path, resize=resize), alpha)
+        return cls(parts, Processor.from_pretrained(parts.backbone_path, resize=resize), alpha, exif)
 
     @property
     def has_gate(self) -> bool:
@@ -108,7 +110,7 @@ class QZoom:
         resize raises ``ImageSizeError``; small images are upscaled."""
         if len(images) != len(questions) or not images:
             raise ValueError(f"give one image per question; got {len(images)} images, {len(questions)} questions")
-        images = [to_rgb(im, alpha=self.alpha) for im in images]  # the crop pass cuts these originals
+        images = [to_rgb(im, alpha=self.alpha, exif=self.exif) for im in images]  # the crop pass cuts these
         f = self.processor.image_processor.factor
         fetched = [fetch_image(im, FETCH_MIN_TOKENS * f * f, FETCH_MAX_TOKENS * f * f, f) for im in images]
         texts = [chat_text(q, self.processor) for q in questions]

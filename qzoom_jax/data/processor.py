@@ -1,24 +1,39 @@
 """Qwen2.5-VL processor: prompt text + images -> the numpy arrays the model takes.
 
 Same outputs as HF ``Qwen2_5_VLProcessor(images=..., text=..., return_tensors="np", padding=True)``:
-every ``<|image_pad|>`` in the text becomes ``gh*gw / merge_size**2`` copies (one per merged vision
-token), images being consumed in order across the whole batch; then tokenise and pad.
-Videos are not supported.
+every ``<|image_pad|>`` token becomes ``gh*gw / merge_size**2`` copies (one per merged vision token), images
+being consumed in order across the whole batch; then pad. The text is tokenised first (``QwenTokenizer.encode``),
+so in a :class:`~qzoom_jax.data.tokenizer.ChatText` from ``apply_chat_template`` only the template's
+placeholders count: an ``<|image_pad|>`` typed into a question is text. A plain ``str`` is parsed as HF does.
+Prompts longer than the tokenizer's ``model_max_length`` raise :class:`PromptTooLongError`. Videos are not
+supported.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qzoom_jax.data.image_processing import ImageProcessor
-from qzoom_jax.data.tokenizer import QwenTokenizer
+from qzoom_jax.data.tokenizer import IMAGE_PAD, ChatText, QwenTokenizer, read_json_object
+from qzoom_jax.runtime.errors import ConfigError, DataError
 
-IMAGE_TOKEN = "<|image_pad|>"
-VIDEO_TOKEN = "<|video_pad|>"
+# preprocessor_config.json keys ImageProcessor.from_dict reads, with the type each must have.
+_INT_KEYS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size", "resample")
+_NUMBER_KEYS = ("rescale_factor",)
+_TRIPLE_KEYS = ("image_mean", "image_std")  # one value per RGB channel
+_SIZE_KEYS = ("shortest_edge", "longest_edge")
+
+
+class PromptTooLongError(DataError):
+    """A prompt (text plus image tokens) longer than the tokenizer's ``model_max_length``, found on the host
+    before any device work. ``length`` and ``limit`` are in tokens; ``row`` is the prompt's index in the batch."""
+
+    def __init__(self, message: str, length: int = 0, limit: int = 0, row: int = 0):
+        super().__init__(message)
+        self.length, self.limit, self.row = length, limit, row
 
 
 def _flatten_images(images) -> list:
@@ -30,22 +45,62 @@ def _flatten_images(images) -> list:
     return [images]
 
 
+def _expand_image_tokens(row: list[int], image_id: int, counts) -> list[int]:
+    """Each image token -> as many copies as its image has merged vision tokens. The same ids as HF's expansion
+    of the string before tokenising, as every ``<|image_pad|>`` is a token of its own."""
+    out = []
+    for i in row:
+        out.extend([i] * next(counts) if i == image_id else [i])
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_preprocessor_config(cfg: Mapping[str, Any], file: str) -> None:
+    """Types of the keys ImageProcessor.from_dict reads (absent keys take HF's defaults there)."""
+    def positive_int(key: str, value: Any) -> None:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"{file}: {key} must be a positive integer, got {value!r}")
+
+    for key in _INT_KEYS:
+        if cfg.get(key) is not None:
+            positive_int(key, cfg[key])
+    for key in _NUMBER_KEYS:
+        if key in cfg and not (_is_number(cfg[key]) and cfg[key] > 0):
+            raise ConfigError(f"{file}: {key} must be a positive number, got {cfg[key]!r}")
+    for key in _TRIPLE_KEYS:
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))):
+            raise ConfigError(f"{file}: {key} must be a list of 3 numbers (R, G, B), got {value!r}")
+    size = cfg.get("size")
+    if size is not None:
+        if not isinstance(size, dict):
+            raise ConfigError(f"{file}: size must be an object, got {size!r}")
+        for key in _SIZE_KEYS:
+            if size.get(key) is not None:
+                positive_int(f"size.{key}", size[key])
+
+
 class Processor:
     def __init__(self, tokenizer: QwenTokenizer, image_processor: ImageProcessor):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, resize: str = "pil") -> "Processor":
+    def from_pretrained(
+        cls, path: str | os.PathLike, resize: str = "pil", model_max_length: int | None = None
+    ) -> "Processor":
         """Read tokenizer.json, tokenizer_config.json and preprocessor_config.json from a HF-layout directory.
         ``resize``: the image processor's resize path ("pil" as HF's PIL processor, "fast" as its torchvision
-        one, which upstream's evaluation and teacher use)."""
+        one, which upstream's evaluation and teacher use). ``model_max_length`` overrides tokenizer_config.json's
+        prompt limit."""
         pre_file = os.path.join(os.fspath(path), "preprocessor_config.json")
-        pre_cfg = {}
-        if os.path.isfile(pre_file):
-            with open(pre_file, encoding="utf-8") as f:
-                pre_cfg = json.load(f)
-        return cls(QwenTokenizer.from_pretrained(path), ImageProcessor.from_dict(pre_cfg, resize=resize))
+        pre_cfg = read_json_object(pre_file) if os.path.isfile(pre_file) else {}
+        _check_preprocessor_config(pre_cfg, pre_file)
+        tokenizer = QwenTokenizer.from_pretrained(path, model_max_length=model_max_length)
+        return cls(tokenizer, ImageProcessor.from_dict(pre_cfg, resize=resize))
 
     def __call__(
         self,
@@ -59,20 +114,24 @@ class Processor:
         """Returns int64 ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` [B, L] and, with images,
         float32 ``pixel_values`` [sum(gh*gw), C*T*P*P] and int64 ``image_grid_thw`` [N, 3].
 
-        ``min_pixels``/``max_pixels`` override the pixel budget of the preprocessor config for this call.
+        ``text``: prompts from ``apply_chat_template`` (message text stays text), or plain strings (parsed as HF
+        does). ``min_pixels``/``max_pixels`` override the pixel budget of the preprocessor config for this call.
+        Raises :class:`PromptTooLongError` for a prompt over ``tokenizer.model_max_length`` tokens.
         """
         if text is None:
             raise ValueError("text is required (use the image processor directly for images only)")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
-        if any(VIDEO_TOKEN in t for t in texts):
-            raise NotImplementedError(f"videos are not supported ({VIDEO_TOKEN} found in the text)")
+        ids = self.tokenizer.encode_batch(texts)
+        image_id, video_id = self.tokenizer.image_token_id, self.tokenizer.video_token_id
+        if any(video_id in row for row in ids):
+            raise NotImplementedError("videos are not supported (the prompt has a video placeholder)")
         images = _flatten_images(images)
-        n_placeholders = sum(t.count(IMAGE_TOKEN) for t in texts)
+        n_placeholders = sum(row.count(image_id) for row in ids)
         if n_placeholders != len(images):
             raise ValueError(
-                f"the text has {n_placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images were given"
+                f"the text has {n_placeholders} {IMAGE_PAD} placeholders but {len(images)} images were given"
             )
 
         vision = {}
@@ -80,11 +139,11 @@ class Processor:
             vision = self.image_processor(images, min_pixels=min_pixels, max_pixels=max_pixels)
             merge = self.image_processor.merge_size
             counts = iter(int(np.prod(g)) // merge**2 for g in vision["image_grid_thw"])
-            texts = [self._expand_placeholders(t, counts) for t in texts]
+            ids = [_expand_image_tokens(row, image_id, counts) for row in ids]
+        self._check_lengths(ids)
 
-        ids = self.tokenizer.encode_batch(texts)
         input_ids, attention_mask = self._pad(ids, padding, padding_side or self.tokenizer.padding_side)
-        mm_token_type_ids = (input_ids == self.tokenizer.image_token_id).astype(np.int64)
+        mm_token_type_ids = (input_ids == image_id).astype(np.int64)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -92,13 +151,16 @@ class Processor:
             **vision,
         }
 
-    @staticmethod
-    def _expand_placeholders(text: str, counts) -> str:
-        pieces = text.split(IMAGE_TOKEN)
-        out = [pieces[0]]
-        for piece in pieces[1:]:
-            out.append(IMAGE_TOKEN * next(counts) + piece)
-        return "".join(out)
+    def _check_lengths(self, ids: list[list[int]]) -> None:
+        limit = self.tokenizer.model_max_length
+        for row, seq in enumerate(ids):
+            if limit is not None and len(seq) > limit:
+                which = f"prompt {row} of the batch" if len(ids) > 1 else "the prompt"
+                raise PromptTooLongError(
+                    f"{which} is {len(seq)} tokens (text and image tokens), over the limit of {limit} (the "
+                    "tokenizer's model_max_length): shorten the question or lower the image budget",
+                    len(seq), limit, row,
+                )
 
     def _pad(self, ids: list[list[int]], padding: bool, side: str) -> tuple[np.ndarray, np.ndarray]:
         if side not in ("left", "right"):
@@ -117,7 +179,7 @@ class Processor:
     # ---- passthroughs ----------------------------------------------------------------------------------
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
-    ) -> str:
+    ) -> ChatText:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt, add_vision_id)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -1,88 +1,230 @@
 """Qwen2.5-VL tokenizer: a thin wrapper over ``tokenizers.Tokenizer`` plus the chat template in plain Python.
 
 tokenizer.json carries the whole text pipeline (NFC, Qwen2 split regex, byte-level BPE, added tokens);
-tokenizer_config.json only adds the pad/eos names and the padding side. Defaults follow HF's
-``Qwen2Tokenizer``: ``decode`` keeps special tokens unless asked to skip them, and never "cleans up"
+tokenizer_config.json only adds the pad/eos names, the padding side and ``model_max_length``. Defaults follow
+HF's ``Qwen2Tokenizer``: ``decode`` keeps special tokens unless asked to skip them, and never "cleans up"
 spaces (HF ignores ``clean_up_tokenization_spaces`` for BPE tokenizers).
+
+Text is text. ``apply_chat_template`` returns a :class:`ChatText`: a ``str`` that also knows which of its
+characters are the template's own markers (``<|im_start|>``, ``<|image_pad|>``, ...) and which came from the
+messages (questions, system prompts, answers, roles). ``encode`` turns only the markers into control ids; an
+added-token string inside message text is encoded as the characters it is made of, so a data set cannot end
+a turn early with ``<|im_end|>`` or add an image placeholder. ``ChatText.plain(s)`` marks a whole string as
+text. A plain ``str`` is encoded as HF does, every added-token string in it becoming that token's id: passing a
+plain ``str`` is how a caller asks for HF's parsing (``str(chat)`` turns a ChatText back into one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
+from qzoom_jax.runtime.errors import ConfigError
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+TEMPLATE_MARKERS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
+Segment = tuple[str, bool]  # (characters, parsed): parsed segments have their added-token strings tokenised
 
 
-def _token_content(value: Any) -> str | None:
-    """tokenizer_config.json names a token either as a string or as an AddedToken dict."""
-    return value.get("content") if isinstance(value, Mapping) else value
+class ChatText(str):
+    """A prompt string that remembers which parts are markup (parsed) and which are text (never parsed).
+
+    It is a ``str`` (same characters, equality, hashing), so callers pass it on, print it or search it as
+    before. ``+`` with another ChatText or a ``str`` and contiguous slices keep the segments; a plain ``str``
+    joined in counts as markup, as it would be on its own. Other ``str`` methods (``replace``, ``strip``,
+    ``format``, ``"".join``) return a plain ``str``, which is parsed as HF does.
+    """
+
+    segments: tuple[Segment, ...]
+
+    def __new__(cls, segments: Iterable[Segment] = ()) -> "ChatText":
+        segments = tuple((s, bool(parsed)) for s, parsed in segments if s)
+        self = super().__new__(cls, "".join(s for s, _ in segments))
+        self.segments = segments
+        return self
+
+    @classmethod
+    def plain(cls, text: str) -> "ChatText":
+        """``text`` with every character as text: added-token strings in it are not control tokens."""
+        return cls([(str(text), False)])
+
+    def __reduce__(self):
+        return type(self), (self.segments,)
+
+    def __add__(self, other):
+        return ChatText(self.segments + _segments(other)) if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other):
+        return ChatText(_segments(other) + self.segments) if isinstance(other, str) else NotImplemented
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return str.__getitem__(self, key)
+        start, stop, _ = key.indices(len(self))
+        out, pos = [], 0
+        for s, parsed in self.segments:
+            out.append((s[max(start - pos, 0) : max(stop - pos, 0)], parsed))
+            pos += len(s)
+        return ChatText(out)
 
 
-def _render_content(content: Any, counts: dict[str, int], add_vision_id: bool) -> str:
+def _segments(text: str) -> tuple[Segment, ...]:
+    return text.segments if isinstance(text, ChatText) else ((text, True),)
+
+
+def _markers(*tokens: str) -> list[Segment]:
+    return [(t, True) for t in tokens]
+
+
+def _render_content(content: Any, counts: dict[str, int], add_vision_id: bool) -> list[Segment]:
     """One message's content, as the Qwen2.5-VL Jinja template renders it."""
     if isinstance(content, str):
-        return content
+        return [(content, False)]
     parts = []
     for item in content:
         # Same precedence as the template: image wins over video, unknown items render as nothing.
         if item.get("type") == "image" or "image" in item or "image_url" in item:
             counts["image"] += 1
-            parts.append((f"Picture {counts['image']}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+            parts += [(f"Picture {counts['image']}: " if add_vision_id else "", False)]
+            parts += _markers(VISION_START, IMAGE_PAD, VISION_END)
         elif item.get("type") == "video" or "video" in item:
             counts["video"] += 1
-            parts.append((f"Video {counts['video']}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+            parts += [(f"Video {counts['video']}: " if add_vision_id else "", False)]
+            parts += _markers(VISION_START, VIDEO_PAD, VISION_END)
         elif "text" in item:
-            parts.append(str(item["text"]))
-    return "".join(parts)
+            parts.append((str(item["text"]), False))
+    return parts
 
 
 def render_chat(
     messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
-) -> str:
-    """The Qwen2.5-VL chat template: ChatML turns, default system prompt when the first turn is not "system"."""
+) -> ChatText:
+    """The Qwen2.5-VL chat template: ChatML turns, default system prompt when the first turn is not "system".
+    Only the template's markers are markup; roles and contents are text."""
     counts = {"image": 0, "video": 0}
+
+    def turn(role: str, body: list[Segment]) -> list[Segment]:
+        return [(IM_START, True), (f"{role}\n", False), *body, (IM_END, True), ("\n", False)]
+
     out = []
     for i, message in enumerate(messages):
         if i == 0 and message["role"] != "system":
-            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
-        body = _render_content(message["content"], counts, add_vision_id)
-        out.append(f"<|im_start|>{message['role']}\n{body}<|im_end|>\n")
+            out += turn("system", [(DEFAULT_SYSTEM_PROMPT, False)])
+        out += turn(message["role"], _render_content(message["content"], counts, add_vision_id))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+        out += [(IM_START, True), ("assistant\n", False)]
+    return ChatText(out)
+
+
+def read_json_object(file: str) -> dict:
+    """A JSON config file that must hold an object; anything else is a ConfigError naming the file."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_tokenizer_json(file: str) -> Tokenizer:
+    data = read_json_object(file)
+    # tokenizers' own messages give a line and column but not the key for these two.
+    if not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{file}: 'model' must be an object (vocabulary and merges), got {data.get('model')!r:.60}")
+    if not isinstance(data.get("added_tokens"), list):
+        raise ConfigError(f"{file}: 'added_tokens' must be a list, got {data.get('added_tokens')!r:.60}")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception; its text names the field and position
+        raise ConfigError(f"{file}: not a tokenizers file ({e})") from None
+
+
+def _config_token(config: Mapping[str, Any], key: str, default: str, source: str) -> str:
+    """tokenizer_config.json names a token either as a string or as an AddedToken dict."""
+    value = config.get(key)
+    content = value.get("content") if isinstance(value, Mapping) else value
+    if value is not None and not isinstance(content, str):
+        raise ConfigError(f"{source}: {key} must be a token string or an object with 'content', got {value!r}")
+    return content or default
+
+
+def _positive_int_or_none(value: Any, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 
 class QwenTokenizer:
-    """Encode/decode with a Qwen2-family tokenizer.json; ids of the Qwen2.5-VL special tokens as properties."""
+    """Encode/decode with a Qwen2-family tokenizer.json; ids of the Qwen2.5-VL special tokens as properties.
 
-    def __init__(self, tokenizer: Tokenizer, config: Mapping[str, Any] | None = None):
+    ``model_max_length``: the longest prompt the processor accepts, in tokens; by default tokenizer_config.json's
+    ``model_max_length`` (None, no limit, when it has none, as in HF). ``path``: the directory the files came
+    from, for error messages. A tokenizer.json or config that cannot be used raises ConfigError naming the key.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: Mapping[str, Any] | None = None,
+        *,
+        model_max_length: int | None = None,
+        path: str = "",
+    ):
+        tok_file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
         config = dict(config or {})
         self.backend = tokenizer
-        self.pad_token = _token_content(config.get("pad_token")) or "<|endoftext|>"
-        self.eos_token = _token_content(config.get("eos_token")) or "<|im_end|>"
+        added = tokenizer.get_added_tokens_decoder()
+        self._added_ids = {t.content: i for i, t in added.items()}
+        for token in TEMPLATE_MARKERS:
+            if token not in self._added_ids:
+                raise ConfigError(f"{tok_file}: the chat template's {token!r} is not among its added_tokens")
+        for t in added.values():
+            # Markup is split on added tokens by _added_re below, which knows no whitespace stripping.
+            if t.lstrip or t.rstrip or t.single_word:
+                raise ConfigError(f"{tok_file}: added token {t.content!r} sets lstrip/rstrip/single_word, "
+                                  "which is not supported (no Qwen tokenizer does)")
+        # Leftmost-longest, as tokenizers' own added-token matcher; the group keeps the tokens in re.split.
+        by_length = sorted(self._added_ids, key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+        # The same model without the added vocabulary: text goes through NFC, the split and BPE only.
+        self._text_backend = Tokenizer(tokenizer.model)
+        for part in ("normalizer", "pre_tokenizer"):
+            if getattr(tokenizer, part) is not None:
+                setattr(self._text_backend, part, getattr(tokenizer, part))
+
+        self.pad_token = _config_token(config, "pad_token", "<|endoftext|>", cfg_file)
+        self.eos_token = _config_token(config, "eos_token", IM_END, cfg_file)
+        for key, token in (("pad_token", self.pad_token), ("eos_token", self.eos_token)):
+            if tokenizer.token_to_id(token) is None:
+                raise ConfigError(f"{cfg_file}: {key} {token!r} is not in the vocabulary of {tok_file}")
         self.padding_side = config.get("padding_side", "right")
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+            raise ConfigError(f"{cfg_file}: padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if model_max_length is None:
+            model_max_length = _positive_int_or_none(config.get("model_max_length"), f"{cfg_file}: model_max_length")
+        self.model_max_length = _positive_int_or_none(model_max_length, "model_max_length")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "QwenTokenizer":
-        """Load tokenizer.json (required) and tokenizer_config.json (optional) from a HF-layout directory."""
+    def from_pretrained(cls, path: str | os.PathLike, model_max_length: int | None = None) -> "QwenTokenizer":
+        """Load tokenizer.json (required) and tokenizer_config.json (optional) from a HF-layout directory;
+        ``model_max_length`` overrides the config's prompt limit."""
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
-            raise FileNotFoundError(f"no tokenizer.json in {path}")
+            raise ConfigError(f"no tokenizer.json in {path}")
         cfg_file = os.path.join(path, "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                config = json.load(f)
-        return cls(Tokenizer.from_file(tok_file), config)
+        config = read_json_object(cfg_file) if os.path.isfile(cfg_file) else {}
+        return cls(_load_tokenizer_json(tok_file), config, model_max_length=model_max_length, path=path)
 
     # ---- ids -------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int:
@@ -102,27 +244,27 @@ class QwenTokenizer:
 
     @property
     def im_start_id(self) -> int:
-        return self.token_to_id("<|im_start|>")
+        return self.token_to_id(IM_START)
 
     @property
     def im_end_id(self) -> int:
-        return self.token_to_id("<|im_end|>")
+        return self.token_to_id(IM_END)
 
     @property
     def vision_start_id(self) -> int:
-        return self.token_to_id("<|vision_start|>")
+        return self.token_to_id(VISION_START)
 
     @property
     def vision_end_id(self) -> int:
-        return self.token_to_id("<|vision_end|>")
+        return self.token_to_id(VISION_END)
 
     @property
     def image_token_id(self) -> int:
-        return self.token_to_id("<|image_pad|>")
+        return self.token_to_id(IMAGE_PAD)
 
     @property
     def video_token_id(self) -> int:
-        return self.token_to_id("<|video_pad|>")
+        return self.token_to_id(VIDEO_PAD)
 
     @property
     def pad_token_id(self) -> int:
@@ -134,10 +276,30 @@ class QwenTokenizer:
 
     # ---- text <-> ids ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
+        """Ids of ``text``. A :class:`ChatText` (``apply_chat_template``'s result, ``ChatText.plain``) gets control
+        ids only for the added-token strings of its markup; its text segments are encoded as their characters.
+        A plain ``str`` is parsed as HF does: every added-token string in it becomes that token's id."""
+        if not isinstance(text, ChatText):
+            return self.backend.encode(text).ids
+        ids, run = [], []
+        for piece, parsed in text.segments:
+            # re.split with one group puts the added-token strings at the odd positions.
+            for i, part in enumerate(self._added_re.split(piece) if parsed else [piece]):
+                if i % 2:
+                    ids += self._encode_text("".join(run))
+                    ids.append(self._added_ids[part])
+                    run = []
+                else:
+                    run.append(part)
+        return ids + self._encode_text("".join(run))
+
+    def _encode_text(self, text: str) -> list[int]:
+        """A run between two control tokens, encoded whole as tokenizers encodes the text between added tokens
+        (so markup and message text that meet, "user\\n" + question, pre-tokenise exactly as in one string)."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids if text else []
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts))]
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -147,6 +309,7 @@ class QwenTokenizer:
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
-    ) -> str:
-        """Prompt string for ``messages`` (the built-in Qwen2.5-VL template; tokenizer_config's Jinja is not run)."""
+    ) -> ChatText:
+        """Prompt for ``messages`` (the built-in Qwen2.5-VL template; tokenizer_config's Jinja is not run), as a
+        :class:`ChatText`: message text stays text when encoded; ``str(result)`` asks for HF's parsing."""
         return render_chat(messages, add_generation_prompt, add_vision_id)

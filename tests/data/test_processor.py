@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 from PIL import Image
 
 from qzoom_jax.data.image_processing import ImageProcessor
-from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.processor import Processor, PromptTooLongError
 from qzoom_jax.data.tiny_tokenizer import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from qzoom_jax.data.tokenizer import QwenTokenizer
+from qzoom_jax.runtime.errors import ConfigError, DataError
+from tests.data.test_tokenizer import broken_copy
 
 MIN_PIXELS, MAX_PIXELS = 16 * 28 * 28, 128 * 28 * 28
 KEYS = ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
@@ -141,3 +144,52 @@ def test_runtime_does_not_import_torch_or_transformers():
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _question_turn(question):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def test_50000_character_question_is_refused_on_the_host(processor):
+    question = "What is 1234567890? " * 2500  # 50,000 characters, 37,526 tokens with the template
+    assert len(question) == 50_000
+    start = time.perf_counter()
+    with pytest.raises(PromptTooLongError, match=r"^the prompt is 37782 tokens .*over the limit of 32768 "):
+        processor(images=[_rand_image(448, 448)], text=processor.apply_chat_template(_question_turn(question)))
+    assert time.perf_counter() - start < 5.0  # measured ~0.03 s: tokenising only, no device work
+
+
+def test_limit_counts_image_tokens_and_is_overridable(tiny_dir):
+    image = _rand_image(56, 56)  # 4 merged vision tokens (a 4x4 patch grid)
+    measure = Processor.from_pretrained(tiny_dir)
+    text = measure.apply_chat_template(_question_turn("Which colour?"))
+    length = measure(images=[image], text=text)["input_ids"].shape[1]
+    assert length == len(measure.tokenizer.encode(text)) - 1 + 4
+    assert Processor.from_pretrained(tiny_dir, model_max_length=length)(images=[image], text=text)
+    short = Processor.from_pretrained(tiny_dir, model_max_length=length - 1)
+    with pytest.raises(PromptTooLongError, match=f"prompt 1 of the batch is {length} tokens") as info:
+        short(images=[image, image], text=[measure.apply_chat_template(_question_turn("?")), text])
+    assert (info.value.length, info.value.limit, info.value.row) == (length, length - 1, 1)
+    assert isinstance(info.value, DataError)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("{", "not valid JSON"),
+        ("[1]", "expected a JSON object, got list"),
+        (lambda d: d.update(min_pixels="3136"), "min_pixels must be a positive integer, got '3136'"),
+        (lambda d: d.update(merge_size=0), "merge_size must be a positive integer, got 0"),
+        (lambda d: d.update(patch_size=14.0), "patch_size must be a positive integer, got 14.0"),
+        (lambda d: d.update(rescale_factor="1/255"), "rescale_factor must be a positive number"),
+        (lambda d: d.update(image_mean=[0.5, 0.5]), r"image_mean must be a list of 3 numbers .*got \[0.5, 0.5\]"),
+        (lambda d: d.update(image_std="0.5"), "image_std must be a list of 3 numbers"),
+        (lambda d: d.update(size=[3136]), "size must be an object"),
+        (lambda d: d.update(size={"longest_edge": -1}), "size.longest_edge must be a positive integer, got -1"),
+    ],
+)
+def test_bad_preprocessor_config_names_file_and_key(tiny_dir, tmp_path, edit, match):
+    file = broken_copy(tiny_dir, tmp_path, "preprocessor_config.json", edit)
+    with pytest.raises(ConfigError, match=match) as info:
+        Processor.from_pretrained(tmp_path)
+    assert str(info.value).startswith(file + ": ")

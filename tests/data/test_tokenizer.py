@@ -1,7 +1,9 @@
 """Tiny tokenizer files, the tokenizer wrapper vs HF, and the chat template vs HF's Jinja."""
 
 import filecmp
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import pytest
 
 from qzoom_jax.data.tiny_tokenizer import ADDED_TOKENS, TINY_BASE_VOCAB, tiny_special_token_ids
 from qzoom_jax.data.tokenizer import QwenTokenizer
+from qzoom_jax.runtime.errors import ConfigError
 
 TEXTS = [
     "Hello world, what color is the cat? 1234",
@@ -122,5 +125,62 @@ def test_chat_template_vision_ids_match_hf(tiny_dir, hf_tokenizer):
 
 
 def test_missing_tokenizer_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
         QwenTokenizer.from_pretrained(tmp_path)
+
+
+def broken_copy(src, dst, name, edit):
+    """A copy of the tokenizer directory ``src`` in ``dst`` with ``name`` replaced: ``edit`` is the new text, or a
+    function that changes the parsed JSON in place."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    file = os.path.join(dst, name)
+    if callable(edit):
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+        edit(data)
+        edit = json.dumps(data)
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(edit)
+    return file
+
+
+def _drop_image_pad(data):
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|image_pad|>"]
+
+
+@pytest.mark.parametrize(
+    "name, edit, match",
+    [
+        ("tokenizer.json", "{not json", r"not valid JSON \(Expecting property name"),
+        ("tokenizer.json", "[]", "expected a JSON object, got list"),
+        ("tokenizer.json", lambda d: d.pop("model"), "'model' must be an object .*got None"),
+        ("tokenizer.json", lambda d: d.update(added_tokens=5), "'added_tokens' must be a list, got 5"),
+        ("tokenizer.json", lambda d: d["model"].pop("merges"), r"not a tokenizers file \(Missing vocab/merges"),
+        ("tokenizer.json", _drop_image_pad, r"template's '<\|image_pad\|>' is not among its added_tokens"),
+        ("tokenizer.json", lambda d: d["added_tokens"][15].update(rstrip=True), "'</tool_call>' sets lstrip/rstrip"),
+        ("tokenizer_config.json", "", "not valid JSON"),
+        ("tokenizer_config.json", '"left"', "expected a JSON object, got str"),
+        ("tokenizer_config.json", lambda d: d.update(padding_side="up"), "padding_side must be .*got 'up'"),
+        ("tokenizer_config.json", lambda d: d.update(pad_token=5), "pad_token must be a token string .*got 5"),
+        ("tokenizer_config.json", lambda d: d.update(eos_token={"id": 3}), "eos_token must be a token string"),
+        ("tokenizer_config.json", lambda d: d.update(pad_token={"content": "<|nope|>"}),
+         r"pad_token '<\|nope\|>' is not in the vocabulary of .*tokenizer.json"),
+        ("tokenizer_config.json", lambda d: d.update(model_max_length="32k"), "model_max_length must be a positive"),
+        ("tokenizer_config.json", lambda d: d.update(model_max_length=0), "model_max_length .* got 0"),
+        ("tokenizer_config.json", lambda d: d.update(model_max_length=True), "model_max_length .* got True"),
+    ],
+)
+def test_bad_tokenizer_files_name_file_and_key(tiny_dir, tmp_path, name, edit, match):
+    file = broken_copy(tiny_dir, tmp_path, name, edit)
+    with pytest.raises(ConfigError, match=match) as info:
+        QwenTokenizer.from_pretrained(tmp_path)
+    assert str(info.value).startswith(file + ": ")
+
+
+def test_model_max_length_from_config_or_override(tiny_dir, tmp_path):
+    assert QwenTokenizer.from_pretrained(tiny_dir).model_max_length == 32768
+    assert QwenTokenizer.from_pretrained(tiny_dir, model_max_length=100).model_max_length == 100
+    broken_copy(tiny_dir, tmp_path, "tokenizer_config.json", lambda d: d.pop("model_max_length"))
+    assert QwenTokenizer.from_pretrained(tmp_path).model_max_length is None  # no limit, as HF
+    with pytest.raises(ConfigError, match="^model_max_length must be a positive integer, got -1"):
+        QwenTokenizer.from_pretrained(tiny_dir, model_max_length=-1)

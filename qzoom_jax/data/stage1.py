@@ -28,7 +28,7 @@ from qzoom_jax.models import registry
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data.image_processing import DECODE_ERRORS, MAX_ASPECT_RATIO, ImageProcessor, open_image, to_rgb
-from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.processor import Processor, PromptTooLongError
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
 from qzoom_jax.runtime.errors import ImageError
 
@@ -226,7 +226,10 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     except SkipSample as e:
         raise SkipSample(f"{uid}: {e}") from None
     text = student_chat(student_prompt(record["prompt"]), processor, chat_format)
-    out = fixed_grid_inputs([image], [text], processor, grid)
+    try:
+        out = fixed_grid_inputs([image], [text], processor, grid)
+    except PromptTooLongError as e:  # one record's problem: skipped and counted, the run goes on
+        raise SkipSample(f"{uid}: {e}") from None
     n = out["input_ids"].shape[1]
     if n > max_len:
         raise SkipSample(f"{uid}: prompt is {n} tokens, longer than max_len={max_len}")

@@ -33,7 +33,7 @@ import numpy as np
 from qzoom_jax.runtime.buckets import bucket, pow2
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data import stage1
-from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.processor import Processor, PromptTooLongError
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.models import registry
 
@@ -219,8 +219,11 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     except stage1.SkipSample as e:
         raise stage1.SkipSample(f"{uid}: {e}") from None
     pixels = budget * factor ** 2
-    out = processor(images=[image], text=[stage1.chat_text(short_answer_prompt(record["prompt"]), processor)],
-                    min_pixels=pixels, max_pixels=pixels)
+    try:
+        out = processor(images=[image], text=[stage1.chat_text(short_answer_prompt(record["prompt"]), processor)],
+                        min_pixels=pixels, max_pixels=pixels)
+    except PromptTooLongError as e:  # one record's problem: skipped and counted, the run goes on
+        raise stage1.SkipSample(f"{uid}: {e}") from None
     n, patches = out["input_ids"].shape[1], out["pixel_values"].shape[0]
     if n > max_len:
         raise stage1.SkipSample(f"{uid}: prompt is {n} tokens at budget {budget}, longer than max_len={max_len}")

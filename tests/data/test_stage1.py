@@ -285,3 +285,10 @@ def test_read_universal_jsonl_names_file_and_line(tmp_path, line, match):
     path.write_text("\n" + line + "\n")
     with pytest.raises(ValueError, match=match):
         list(read_universal_jsonl(path, tmp_path))
+
+
+def test_make_example_skips_a_prompt_over_model_max_length(processor, config, monkeypatch):
+    """A record whose prompt exceeds the tokenizer's model_max_length is one counted skip, not a crash."""
+    monkeypatch.setattr(processor.tokenizer, "model_max_length", 50)
+    with pytest.raises(SkipSample, match=r"over the limit of 50"):
+        make_example(_label_record(), processor, config, MAX_LEN)

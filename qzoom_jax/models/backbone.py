@@ -43,7 +43,8 @@ class Backbone:
     # NamedTuple of arrays of type layout_type (training batches stack one per row)
     vision_layout: Callable[..., Any]
     layout_type: type
-    # (visual params, vision config, pixel_values [P, patch_dim], layout, *, attn_impl) -> features [N, D]
+    # (visual params, vision config, pixel_values [P, patch_dim], layout, *, attn_impl) -> features [N, D];
+    # with ``deepstack``: (features [N, D], deepstack [k, N, D])
     encode_images: Callable[..., Any]
     # host: (config, input_ids [B, L], attention_mask, image_grid_thw) -> (positions [3, B, L] float32,
     # next_position [B]); also what the RoI splice re-uses to place the crop's tokens
@@ -60,3 +61,7 @@ class Backbone:
     # (one layer's self_attn params, text config, xq [B, Lq, D], x [B, L, D]) -> (q [B, Lq, H, hd],
     # k [B, L, KV, hd]) before RoPE: the twig's RoI map is its last layer's q.k (q/k norms belong here)
     project_qk: Callable[..., tuple]
+    # DeepStack (Qwen3-VL): encode_images also returns k extra feature sets, one per tapped vision block; row j is
+    # added to the hidden states at the image tokens right after decoder layer j (j < k), which
+    # ``vlm.decoder_trunk`` does between slices of the stack. False: encode_images returns the features alone.
+    deepstack: bool = False

@@ -6,11 +6,11 @@ import json
 import os
 from typing import Any, Mapping
 
-from qzoom_jax.models import qwen2_5_vl
+from qzoom_jax.models import qwen2_5_vl, qwen3_vl
 from qzoom_jax.models.backbone import Backbone
 from qzoom_jax.runtime.errors import ConfigError
 
-BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (qwen2_5_vl.BACKBONE,)}
+BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (qwen2_5_vl.BACKBONE, qwen3_vl.BACKBONE)}
 
 
 def get(model_type: str, source: str = "config") -> Backbone:

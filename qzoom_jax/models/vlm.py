@@ -48,6 +48,11 @@ def embed(params, config: ModelConfig, input_ids, image_features=None):
     x = params["model"]["embed_tokens"]["embedding"][input_ids]
     if image_features is None:
         return x
+    return _at_image_tokens(config, input_ids, image_features, x)
+
+
+def _at_image_tokens(config: ModelConfig, input_ids, image_features, x):
+    """``x`` [B, L, D] with ``image_features`` ([N, D] or [B, N, D], as ``embed``) written at the image tokens."""
     is_img = input_ids == config.image_token_id
     if image_features.ndim == 3:
         idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, image_features.shape[1] - 1)
@@ -57,6 +62,21 @@ def embed(params, config: ModelConfig, input_ids, image_features=None):
     idx = jnp.clip(jnp.cumsum(is_img) - 1, 0, image_features.shape[0] - 1)
     spliced = jnp.where(is_img[:, None], image_features[idx].astype(x.dtype), x.reshape(-1, x.shape[-1]))
     return spliced.reshape(x.shape)
+
+
+def encode(params, config: ModelConfig, pixel_values, layout, *, attn_impl: str = "einsum"):
+    """The vision tower: (features [N, D], DeepStack features [k, N, D] or None for a backbone without)."""
+    bb = registry.backbone(config)
+    dtype = params["model"]["embed_tokens"]["embedding"].dtype
+    out = bb.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout, attn_impl=attn_impl)
+    return out if bb.deepstack else (out, None)
+
+
+def deepstack_residuals(config: ModelConfig, input_ids, deepstack, dtype):
+    """[k, B, L, D]: DeepStack feature set j ([k, N, D], or [k, B, N, D] per row) at the image tokens, zeros
+    elsewhere; ``decoder_trunk`` adds row j after decoder layer j."""
+    zeros = jnp.zeros((*input_ids.shape, deepstack.shape[-1]), dtype)
+    return jnp.stack([_at_image_tokens(config, input_ids, d, zeros) for d in deepstack])
 
 
 def penalized(logits, seen, penalty):
@@ -90,18 +110,20 @@ def trunk(params, config: ModelConfig, input_ids, attention_mask, positions, pix
     the boolean causal mask they used (so a branch such as the Q-Zoom twig can continue from layer K with the
     same positions and mask), and the KV cache of those layers (None without ``cache_len``).
     """
-    feats = None
+    feats = residuals = None
     if pixel_values is not None:
-        dtype = params["model"]["embed_tokens"]["embedding"].dtype
-        feats = registry.backbone(config).encode_images(params["visual"], config.vision, pixel_values.astype(dtype),
-                                                        layout, attn_impl=attn_impl)
+        feats, deepstack = encode(params, config, pixel_values, layout, attn_impl=attn_impl)
     x = embed(params, config, input_ids, feats)
-    return decoder_trunk(params, config, x, attention_mask, positions, num_layers, cache_len, attn_impl=attn_impl)
+    if feats is not None and deepstack is not None:
+        residuals = deepstack_residuals(config, input_ids, deepstack, x.dtype)
+    return decoder_trunk(params, config, x, attention_mask, positions, num_layers, cache_len, attn_impl=attn_impl,
+                         deepstack=residuals)
 
 
 def decoder_trunk(params, config: ModelConfig, x, attention_mask, positions, num_layers: int | None = None,
-                  cache_len: int | None = None, *, attn_impl: str = "einsum"):
-    """``trunk`` from the input embeddings ``x`` [B, L, D] on (image features already spliced in)."""
+                  cache_len: int | None = None, *, attn_impl: str = "einsum", deepstack=None):
+    """``trunk`` from the input embeddings ``x`` [B, L, D] on (image features already spliced in).
+    ``deepstack`` [k, B, L, D] (``deepstack_residuals``): row j is added to the hidden states after layer j."""
     t, bb = config.text, registry.backbone(config)
     n = t.num_hidden_layers if num_layers is None else num_layers
     if not 1 <= n <= t.num_hidden_layers:
@@ -116,7 +138,22 @@ def decoder_trunk(params, config: ModelConfig, x, attention_mask, positions, num
     layers = params["model"]["layers"]
     if n != t.num_hidden_layers:
         layers = jax.tree_util.tree_map(lambda a: a[:n], layers)
-    h, cache = bb.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
+    if deepstack is None:
+        h, cache = bb.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
+        return h, cos, sin, mask, cache
+    # DeepStack: layers 0..k-1 one at a time, each followed by its residual, then the rest of the stack.
+    k = min(deepstack.shape[0], n)
+    bounds = [*range(k + 1), *([n] if n > k else [])]
+    h, parts = x, []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cut = lambda tree: jax.tree_util.tree_map(lambda v: v[a:b], tree)
+        h, part = bb.run_layers(cut(layers), t, h, cos, sin, mask, None if cache is None else cut(cache), 0,
+                                dtype=x.dtype, attn_impl=attn_impl)
+        if a < k:
+            h = h + deepstack[a].astype(h.dtype)
+        parts.append(part)
+    if cache is not None:
+        cache = KVCache(jnp.concatenate([p.k for p in parts]), jnp.concatenate([p.v for p in parts]))
     return h, cos, sin, mask, cache
 
 
@@ -126,14 +163,15 @@ def batch_trunk(params, config: ModelConfig, batch, layout, num_layers: int, *, 
     ``positions`` [B, 3, L], ``pixel_values`` [B, P, C] of one image per row. Each row's image is encoded on its own
     (vmap), so a batch-sharded input never gathers across devices; ``layout`` is shared by every row or, with
     ``per_row_layout``, stacked with a leading batch axis. Returns ``(h, cos, sin, mask)``."""
-    dtype = params["model"]["embed_tokens"]["embedding"].dtype
-    encode = lambda pv, lay: registry.backbone(config).encode_images(params["visual"], config.vision,
-                                                                     pv.astype(dtype), lay, attn_impl=attn_impl)
-    feats = jax.vmap(encode, in_axes=(0, 0 if per_row_layout else None))(batch["pixel_values"], layout)
+    one = lambda pv, lay: encode(params, config, pv, lay, attn_impl=attn_impl)
+    feats, deepstack = jax.vmap(one, in_axes=(0, 0 if per_row_layout else None))(batch["pixel_values"], layout)
     x = embed(params, config, batch["input_ids"], feats)
+    residuals = None
+    if deepstack is not None:  # [B, k, N, D] -> [k, B, N, D]: each row's own DeepStack features
+        residuals = deepstack_residuals(config, batch["input_ids"], jnp.swapaxes(deepstack, 0, 1), x.dtype)
     positions = jnp.transpose(batch["positions"], (1, 0, 2))
     h, cos, sin, mask, _ = decoder_trunk(params, config, x, batch["attention_mask"], positions, num_layers,
-                                         attn_impl=attn_impl)
+                                         attn_impl=attn_impl, deepstack=residuals)
     return h, cos, sin, mask
 
 

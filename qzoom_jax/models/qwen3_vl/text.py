@@ -1,0 +1,139 @@
+"""The Qwen3-VL text decoder: GQA attention without biases, per-head RMSNorm on q and k (before RoPE),
+interleaved M-RoPE, RMSNorm, SwiGLU, KV cache.
+
+``DecoderLayer`` is one block (flax.linen, used via init/apply); the stack is a pytree with a leading layer axis
+run by ``run_layers`` with ``lax.scan``, so callers can run any slice ``layers[a:b]`` (Q-Zoom branches off after
+layer K). DeepStack is not a layer's business: ``vlm.decoder_trunk`` adds its features between layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from qzoom_jax.models.attention import attention
+from qzoom_jax.models.cache import KVCache
+from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, hf_init, scan_layers
+from qzoom_jax.models.qwen3_vl.config import TextConfig
+
+
+def _rms(x, scale, eps):
+    """RMSNorm with an explicit scale (q_norm / k_norm outside a module), float32 statistics."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "einsum"
+    sow_probs: bool = False  # record the attention probabilities in "intermediates" (einsum path only)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
+        c = self.cfg
+        B, L, _ = x.shape
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, name=name)
+        q = norm("q_norm")(dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(B, L, -1, c.head_dim))
+        k = norm("k_norm")(dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(B, L, -1, c.head_dim))
+        v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(B, L, -1, c.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the cache and attend over all of it
+            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+            kv, k, v = (k_all, v_all), k_all, v_all
+        if self.sow_probs:
+            out, probs = attention(q, k, v, mask, impl="einsum", return_probs=True)
+            self.sow("intermediates", "probs", probs)
+        else:
+            out = attention(q, k, v, mask, impl=self.attn_impl)
+        return dense(c.hidden_size, "o_proj")(out.reshape(B, L, -1)), kv
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    attn_impl: str = "einsum"
+    sow_probs: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
+        c = self.cfg
+        h, kv = Attention(c, self.dtype, self.attn_impl, self.sow_probs, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, kv, cache_index)
+        x = x + h
+        y = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + GatedMLP(c.intermediate_size, use_bias=False, act=c.hidden_act, dtype=self.dtype, name="mlp")(y)
+        return x, kv
+
+
+def init_layers(cfg: TextConfig, rng, num_layers: int, dtype=jnp.float32):
+    """Stacked params of ``num_layers`` decoder layers (leading layer axis), HF-like init."""
+    x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+    cos = sin = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
+    mask = jnp.ones((1, 1, 1, 1), bool)
+    shapes = jax.eval_shape(lambda: DecoderLayer(cfg, dtype).init(jax.random.key(0), x, cos, sin, mask))["params"]
+    return hf_init(shapes, rng, leading=(num_layers,))
+
+
+def init_text_params(cfg: TextConfig, rng, dtype=jnp.float32):
+    """(the ``"model"`` subtree, the ``"lm_head"`` subtree or None when embeddings are tied)."""
+    k_layers, k_rest = jax.random.split(rng)
+    shape = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+    rest = hf_init({"embed_tokens": {"embedding": shape(cfg.vocab_size, cfg.hidden_size)},
+                    "norm": {"scale": shape(cfg.hidden_size)},
+                    "lm_head": {"kernel": shape(cfg.hidden_size, cfg.vocab_size)}}, k_rest)
+    lm_head = rest.pop("lm_head")
+    return {**rest, "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype)}, (
+        None if cfg.tie_word_embeddings else lm_head)
+
+
+def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,
+               cache_index=0, *, dtype=jnp.float32, attn_impl: str = "einsum", remat: bool = False):
+    """Run a stack of decoder layers (any slice of the model's stack) over ``x`` [B, L, D]; ``mask`` boolean
+    [B, 1, L, S]. With ``cache``, this step's keys/values are written at ``cache_index``; returns (x, cache)."""
+    layer = DecoderLayer(cfg, dtype, attn_impl)
+
+    def apply(p, h, kv):
+        return layer.apply({"params": p}, h, cos, sin, mask, kv, cache_index)
+
+    x, new_kv = scan_layers(apply, layer_params, x, None if cache is None else tuple(cache), remat=remat)
+    return x, (None if cache is None else KVCache(*new_kv))
+
+
+def run_layers_capturing(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache, cache_index,
+                         capture: tuple[int, ...], *, dtype=jnp.float32, attn_impl: str = "einsum"):
+    """``run_layers`` over the whole stack that also returns the attention probabilities of the layers in
+    ``capture`` (sorted layer indices): (x, cache, probs [len(capture), B, H, Lq, S] float32). Only the captured
+    layers take the einsum path; the runs between them are ordinary scanned slices."""
+    depth = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+    if list(capture) != sorted(set(capture)) or not all(0 <= i < depth for i in capture):
+        raise ValueError(f"capture layers must be sorted, distinct and in 0..{depth - 1}; got {capture}")
+    probe = DecoderLayer(cfg, dtype, "einsum", sow_probs=True)
+    bounds = sorted({0, depth, *capture, *(i + 1 for i in capture)})
+    ks, vs, probs = [], [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        p, kv = jax.tree_util.tree_map(lambda t: t[a:b], (layer_params, tuple(cache)))
+        if a in capture:  # a single layer (b == a + 1)
+            (x, kv), state = probe.apply({"params": jax.tree_util.tree_map(lambda t: t[0], p)}, x, cos, sin, mask,
+                                         (kv[0][0], kv[1][0]), cache_index, mutable=["intermediates"])
+            probs.append(state["intermediates"]["self_attn"]["probs"][0])
+            kv = (kv[0][None], kv[1][None])
+        else:
+            x, kv = run_layers(p, cfg, x, cos, sin, mask, KVCache(*kv), cache_index, dtype=dtype,
+                               attn_impl=attn_impl)
+        ks.append(kv[0])
+        vs.append(kv[1])
+    return x, KVCache(jnp.concatenate(ks), jnp.concatenate(vs)), jnp.stack(probs)
+
+
+def project_qk(attn_params, cfg: TextConfig, xq, x):
+    """One layer's queries at ``xq`` [B, Lq, D] and keys at ``x`` [B, L, D] after q_norm / k_norm, before RoPE:
+    ([B, Lq, H, hd], [B, L, KV, hd]). Q-Zoom's RoI map reads the twig's last layer through this (reference §6)."""
+    hd, eps = cfg.head_dim, cfg.rms_norm_eps
+    q = (xq @ attn_params["q_proj"]["kernel"]).reshape(*xq.shape[:2], -1, hd)
+    k = (x @ attn_params["k_proj"]["kernel"]).reshape(*x.shape[:2], -1, hd)
+    return _rms(q, attn_params["q_norm"]["scale"], eps), _rms(k, attn_params["k_norm"]["scale"], eps)

@@ -16,6 +16,11 @@ every device and written one tensor at a time, so host memory holds about one sh
 
 ``--from-hf``: an HF directory (plain or Q-Zoom) -> our Orbax model directory (``qzoom_jax.orbax_params``),
 which every entry point accepts as a model path.
+
+Both directions write into a temporary sibling of ``--out`` and rename it into place when complete (an existing
+``--out`` is replaced then), so ``--out`` holds the old complete output or the new one, never a mix; a failure
+or a kill midway leaves the old one as it was. A problem with a checkpoint or a flag value prints one line,
+``error: <message>``, and exits with status 2 (``--verbosity 1``: the traceback).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import argparse
 import os
 import re
 
-from qzoom_jax.checkpoints import hf_export, orbax_params, qzoom_checkpoint
-from qzoom_jax.runtime import parallel
+from qzoom_jax.checkpoints import atomic, hf_export, orbax_params, qzoom_checkpoint
+from qzoom_jax.runtime import cli, parallel
+from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -36,7 +42,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,20 +60,43 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of the written tensors (the backbone is read in it; trained branches are cast)")
     p.add_argument("--max-shard-size", type=parse_size, default=hf_export.DEFAULT_MAX_SHARD_BYTES,
                    help="--from-run: largest safetensors file (default 2GiB)")
+    p.add_argument("--verbosity", type=int, default=0, help="1: show the traceback of an error")
     return p.parse_args(argv)
+
+
+def _check_out(out: str, sources) -> None:
+    """``out`` may be replaced as a whole: it is no source (nor holds one), and if it exists it is a model
+    directory (config.json), not some directory that happens to be named."""
+    real = os.path.realpath(out)
+    for source in sources:
+        if source and "://" not in source and os.path.commonpath([real, os.path.realpath(source)]) == real:
+            raise ConfigError(f"--out {out} would replace {source}, which this conversion reads")
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(
+            os.path.join(out, "config.json")))):
+        raise ConfigError(f"--out {out} exists and is not a model directory (no config.json); not replacing it")
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    with cli.user_errors(traceback=args.verbosity >= 1):
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> str:
+    out = os.path.abspath(args.out)
+    _check_out(out, (args.from_run, args.from_hf, args.twig))  # before the minutes a large backbone takes
     mesh = parallel.make_mesh()  # the backbone is spread over every device, whatever its size
     if args.from_run:
         parts = qzoom_checkpoint.load(args.from_run, twig_run=args.twig, dtype=args.dtype, mesh=mesh)
-        out = qzoom_checkpoint.save_hf(parts, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        _check_out(out, (parts.backbone_path,))  # named by the run's meta
+        with atomic.replacing(out) as tmp:
+            qzoom_checkpoint.save_hf(parts, tmp, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
         branches = [name for name, part in (("twig", parts.twig), ("gate", parts.gate)) if part is not None]
         print(f"wrote {out}: backbone {parts.backbone_path} + {' + '.join(branches) or 'no branch'} (K={parts.K})")
     else:
         model = load_pretrained(args.from_hf, dtype=args.dtype, mesh=mesh)
-        out = orbax_params.save(model.params, model.config, args.out, files_from=args.from_hf)
+        with atomic.replacing(out) as tmp:
+            orbax_params.save(model.params, model.config, tmp, files_from=args.from_hf)
         print(f"wrote {out} ({orbax_params.PARAMS_DIR}/ + config.json) from {os.path.abspath(args.from_hf)}")
     return out
 

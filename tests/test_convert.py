@@ -3,6 +3,10 @@ checked by an independent PyTorch computation of the RoI map and gate probabilit
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -17,12 +21,15 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_mod
 
 from qzoom_jax import convert, infer, train
 from qzoom_jax.labelling import gate_labels, teacher
-from qzoom_jax.checkpoints import embedded
+from qzoom_jax.checkpoints import embedded, hf_export
+from qzoom_jax.checkpoints import hf_checkpoint as hc
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.checkpoints.hf_export import export_params
 from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.zoom.engine import QZoom
+from qzoom_jax.models.qzoom import gate, twig
+from tests.test_checkpoint_safety import fake_run
 from tests.test_gate_train import gate_config
 from tests.test_train import sdrpn_config
 
@@ -198,3 +205,108 @@ def test_export_matches_infer_json_by_an_independent_pytorch_computation(exporte
           f"vs {gate:.6f}")
     assert got.shape == (16, 16) and err < 1e-4 and roi.std() > 0.01
     assert out["gate_prob"] == pytest.approx(gate, abs=1e-5)
+
+
+# ---- errors, and the output replaced whole or not at all -----------------------------------------------
+def _fails(main, argv, capsys) -> str:
+    """What ``main(argv)`` prints on stderr as it exits with status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    missing, out = str(tmp_path / "no_run"), str(tmp_path / "out")
+    assert _fails(convert.main, ["--from-run", missing, "--out", out], capsys) == (
+        f"error: no checkpoint at {missing} (expected a model directory or a training run)\n")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(EMBEDDED_DEFAULT, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 3)
+    assert _fails(convert.main, ["--from-hf", str(corrupt), "--out", out], capsys) == (
+        f"error: {corrupt}/model.safetensors: not a valid safetensors file (header length 16777215 does not fit a "
+        "3-byte file)\n")
+    assert sorted(os.listdir(tmp_path)) == ["corrupt"]
+    # --out may only be replaced whole when that cannot destroy anything: not a source, not some other directory.
+    assert _fails(convert.main, ["--from-hf", str(corrupt), "--out", str(corrupt)], capsys) == (
+        f"error: --out {corrupt} would replace {corrupt}, which this conversion reads\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert _fails(convert.main, ["--from-hf", EMBEDDED_DEFAULT, "--out", str(tmp_path / "notes")], capsys) == (
+        f"error: --out {tmp_path}/notes exists and is not a model directory (no config.json); not replacing it\n")
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+    with pytest.raises(hc.CheckpointError):  # --verbosity 1: the exception itself, for its traceback
+        convert.main(["--from-run", missing, "--out", out, "--verbosity", "1"])
+
+
+def test_from_hf_replaces_the_output_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "jax")
+    convert.main(["--from-hf", EMBEDDED_DEFAULT, "--out", out, "--dtype", "float32"])
+    old = load_pretrained(out).params
+
+    def disk_full(*args):  # the last step of the writer: the params are already written
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(hf_export, "copy_processor_files", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            convert.main(["--from-hf", embedded.EMBEDDED_QZOOM, "--out", out, "--dtype", "float32"])
+    assert os.listdir(tmp_path) == ["jax"]  # no partial directory left beside it
+    jax.tree.map(np.testing.assert_array_equal, load_pretrained(out).params, old)  # the old weights, whole
+
+    convert.main(["--from-hf", embedded.EMBEDDED_QZOOM, "--out", out, "--dtype", "float32"])
+    assert os.listdir(tmp_path) == ["jax"] and "twig_layers" in load_pretrained(out).params["model"]
+
+
+def test_from_run_replaces_the_output_whole_or_not_at_all(tmp_path, monkeypatch):
+    layers = load_pretrained(None).params["model"]["layers"]
+    sdrpn = fake_run(tmp_path / "sdrpn", twig.init_twig_params(layers, K, 2))
+    gate_run = fake_run(tmp_path / "gate", gate.init_gate_params(layers, K, 2, jax.random.key(0)), stage="gate",
+                        twig_run=sdrpn)
+    out = str(tmp_path / "hf")
+    common = ["--out", out, "--dtype", "float32", "--max-shard-size", "4MB"]
+    convert.main(["--from-run", sdrpn, *common])  # twig only
+    old = hf_tensors(out)
+    write_shard = hf_export._write_shard
+
+    def fails_after_one_shard(out_dir, i, tensors):
+        if i > 1:
+            raise OSError("disk full")
+        return write_shard(out_dir, i, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(hf_export, "_write_shard", fails_after_one_shard)
+        with pytest.raises(OSError, match="disk full"):
+            convert.main(["--from-run", gate_run, *common])
+    assert sorted(os.listdir(tmp_path)) == ["gate", "hf", "sdrpn"]  # no partial directory left beside it
+    now = hf_tensors(out)
+    assert now.keys() == old.keys() and all(np.array_equal(now[k], v) for k, v in old.items())
+
+    convert.main(["--from-run", gate_run, *common])
+    assert sorted(os.listdir(tmp_path)) == ["gate", "hf", "sdrpn"]
+    assert set(hf_tensors(out)) == set(old) | {"model.high_res_head.weight", "model.high_res_head.bias"} | {
+        k.replace("twig_layers", "high_res_layers") for k in old if "twig_layers" in k}
+
+
+def test_a_killed_conversion_leaves_a_complete_output(tmp_path):
+    """kill -9 while the new output is being written: --out is the old complete output (or, had the writer
+    already finished, the new complete one), never a mix; the partial one is only under its temporary name."""
+    out = tmp_path / "jax"
+    convert.main(["--from-hf", EMBEDDED_DEFAULT, "--out", str(out), "--dtype", "float32"])
+    old = load_pretrained(out).params
+    proc = subprocess.Popen([sys.executable, "-m", "qzoom_jax.convert", "--from-hf", embedded.EMBEDDED_QZOOM,
+                             "--out", str(out), "--dtype", "float32"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = tmp_path / f"jax.tmp-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    got = load_pretrained(out).params
+    if "twig_layers" in got["model"]:  # finished before the kill
+        assert os.listdir(tmp_path) == ["jax"]
+    else:
+        jax.tree.map(np.testing.assert_array_equal, got, old)
+        assert sorted(os.listdir(tmp_path)) == ["jax", partial.name]

@@ -270,3 +270,48 @@ def test_generation_config_sets_the_repetition_penalty(tmp_path):
     (tmp_path / "ckpt" / "generation_config.json").write_text('{"repetition_penalty": -1}')
     with pytest.raises(ConfigError, match=r"generation_config.json: repetition_penalty must be a positive"):
         load_pretrained(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------- weights checked at load
+def test_error_non_finite_tensor_names_the_file_and_tensor(hf, sd4, tmp_path):
+    config = hf[1]
+    sd4["model.layers.1.mlp.up_proj.weight"] = sd4["model.layers.1.mlp.up_proj.weight"].copy()
+    sd4["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    path = _write(tmp_path / "nan", sd4, config)
+    with pytest.raises(hc.CheckpointError) as e:
+        hc.load_params(path, config)
+    assert str(e.value) == (f"{path / hc.SAFETENSORS_FILE}: tensor 'model.layers.1.mlp.up_proj.weight' holds "
+                            "non-finite values (NaN or inf)")
+    # Sharded over a mesh, every block is checked: the one shard holding the inf is found, and its file named.
+    sd4["model.layers.1.mlp.up_proj.weight"][3, 5] = 1.0
+    sd4["visual.merger.mlp.0.weight"] = sd4["visual.merger.mlp.0.weight"].copy()
+    sd4["visual.merger.mlp.0.weight"][-1, -1] = -np.inf
+    keys = sorted(sd4)
+    out = tmp_path / "inf_sharded"
+    shutil.copytree(path, out)
+    os.remove(out / hc.SAFETENSORS_FILE)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd4[k] for k in ks}, str(out / name))
+    with open(out / hc.SAFETENSORS_INDEX, "w") as f:
+        json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    where = out / ("a.safetensors" if "visual.merger.mlp.0.weight" in shards["a.safetensors"] else "b.safetensors")
+    with pytest.raises(hc.CheckpointError) as e:
+        hc.load_params(out, config, mesh=parallel.make_mesh(data=2, fsdp=2, tensor=2))
+    assert str(e.value) == f"{where}: tensor 'visual.merger.mlp.0.weight' holds non-finite values (NaN or inf)"
+
+
+def test_error_integer_tensor_unless_a_cast_is_asked_for(hf, sd4, tmp_path):
+    config = hf[1]
+    sd4["model.layers.0.self_attn.o_proj.weight"] = np.ones((64, 64), np.int8)
+    path = _write(tmp_path, sd4, config)
+    with pytest.raises(hc.CheckpointError) as e:
+        hc.load_params(path, config, dtype="bfloat16")
+    assert str(e.value) == (f"{path / hc.SAFETENSORS_FILE}: tensor 'model.layers.0.self_attn.o_proj.weight' has "
+                            "dtype int8, expected floating-point weights")
+    with pytest.raises(hc.CheckpointError, match=r"'model.layers.0.self_attn.o_proj.weight' has dtype bool"):
+        hc.params_from_state_dict({**sd4, "model.layers.0.self_attn.o_proj.weight": torch.ones(64, 64, dtype=torch.bool)},
+                                  config)
+    params = hc.load_params(path, config, cast_non_float=True)  # asked for: the integers, as floats
+    kernel = params["model"]["layers"]["self_attn"]["o_proj"]["kernel"]
+    assert kernel.dtype == jax.numpy.float32 and np.array_equal(np.asarray(kernel[0]), np.ones((64, 64)))

@@ -10,6 +10,9 @@ drift apart.
 transformers-5.x checkpoints nest the towers under ``model.`` (``model.visual.*``,
 ``model.language_model.*``); :func:`hf_key_v5` maps a 4.x name to its 5.x spelling and the readers accept both.
 
+Every tensor is checked as it is read (``weight_checks``): an integer or bool tensor is an error unless
+``cast_non_float`` asks for the cast, and a block holding NaN or inf is an error naming the file and tensor.
+
 Tied embeddings: with ``config.text.tie_word_embeddings`` there is no ``lm_head`` leaf and the checkpoint
 normally has no ``lm_head.weight``. If it has one anyway it is ignored with a warning, as transformers does
 when it re-ties the weights on load (the config decides; it is also what the model code will compute with).
@@ -30,6 +33,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from qzoom_jax.checkpoints import weight_checks
 from qzoom_jax.models import param_axes
 from qzoom_jax.models import registry
 from qzoom_jax.models.checkpoint_keys import TRANSFORMS, TensorSpec
@@ -121,12 +125,16 @@ def param_shapes(config: QwenVLConfig, dtype="float32") -> Params:
 class _TensorSource:
     """Checkpoint tensors by 4.x name, whatever the file naming; arrays are read only when asked for."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], np.ndarray], where: str):
+    def __init__(self, entries: Mapping[str, tuple[tuple[int, ...], np.dtype, str]],
+                 read: Callable[[str], np.ndarray], where: str):
+        """``entries``: name in the source -> (shape, dtype, the file holding it, for error messages)."""
         self.where = where  # names the checkpoint in error messages
         self._read = read
-        self.v5 = _is_v5(shapes)
-        self.names = {(_v4_of(k) if self.v5 else k): k for k in shapes}  # 4.x name -> name in the source
-        self.shapes = {k4: tuple(shapes[k]) for k4, k in self.names.items()}
+        self.v5 = _is_v5(entries)
+        self.names = {(_v4_of(k) if self.v5 else k): k for k in entries}  # 4.x name -> name in the source
+        self.shapes = {k4: tuple(entries[k][0]) for k4, k in self.names.items()}
+        self.dtypes = {k4: entries[k][1] for k4, k in self.names.items()}
+        self.files = {k4: entries[k][2] for k4, k in self.names.items()}
 
     def __getitem__(self, key4: str) -> np.ndarray:
         return self._read(self.names[key4])
@@ -136,8 +144,8 @@ class _TensorSource:
         return hf_key_v5(key4) if self.v5 else key4
 
 
-def _check(source: _TensorSource, table: Mapping[str, TensorSpec]) -> None:
-    """Fail before reading anything if the checkpoint and the config disagree on names or shapes."""
+def _check(source: _TensorSource, table: Mapping[str, TensorSpec], cast_non_float: bool) -> None:
+    """Fail before reading anything if the checkpoint and the config disagree on names, shapes or dtypes."""
     extra = set(source.shapes) - set(table)
     if "lm_head.weight" in extra:  # the config says tied, yet the source has a head (a live tied model's
         # state dict lists the shared tensor twice: only a head that differs is worth a warning)
@@ -158,6 +166,7 @@ def _check(source: _TensorSource, table: Mapping[str, TensorSpec]) -> None:
         if source.shapes[key] != spec.hf_shape:
             raise CheckpointError(f"{source.where}: tensor {source.names[key]!r} has shape {list(source.shapes[key])}, "
                                   f"expected {list(spec.hf_shape)} from the config")
+        weight_checks.check_float(source.dtypes[key], source.files[key], source.names[key], cast_non_float)
 
 
 def _more(keys) -> str:
@@ -173,7 +182,11 @@ def _leaf_block(leaf: _Leaf, source: _TensorSource, dtype: np.dtype, index) -> n
         # Transform and slice views first, then copy: only the wanted part of a mem-mapped tensor is read.
         # Always a copy (np.array, not np.asarray): a CPU jax array may alias its numpy buffer, and it must
         # not alias the file, which the caller may overwrite.
-        return np.array(TRANSFORMS[spec.transform][0](source[key])[idx], dtype=dtype)
+        block = np.array(TRANSFORMS[spec.transform][0](source[key])[idx], dtype=dtype)
+        # Checked on the host copy before it goes to the device (costs about what the copy does).
+        if not weight_checks.all_finite(block):
+            raise weight_checks.non_finite(source.files[key], source.names[key])
+        return block
 
     if not leaf.stacked:
         return one(leaf.keys[0], leaf.specs[0], index)
@@ -181,9 +194,10 @@ def _leaf_block(leaf: _Leaf, source: _TensorSource, dtype: np.dtype, index) -> n
     return np.stack([one(leaf.keys[i], leaf.specs[i], index[1:]) for i in layers])
 
 
-def _build(source: _TensorSource, config: QwenVLConfig, dtype, shardings: Params | None) -> Params:
+def _build(source: _TensorSource, config: QwenVLConfig, dtype, shardings: Params | None,
+           cast_non_float: bool) -> Params:
     table = checkpoint_table(config)
-    _check(source, table)
+    _check(source, table, cast_non_float)
     np_dtype = np.dtype(jnp.dtype(dtype))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params: Params = {}
@@ -209,12 +223,17 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _dtype_of(x) -> np.dtype:
+    """The dtype ``_to_numpy(x)`` will have, converting nothing (a torch tensor: through an empty one)."""
+    return _to_numpy(x.new_empty(0)).dtype if hasattr(x, "detach") else np.asarray(x).dtype
+
+
 def params_from_state_dict(state_dict: Mapping[str, Any], config: QwenVLConfig, dtype=jnp.float32,
-                           shardings: Params | None = None) -> Params:
+                           shardings: Params | None = None, cast_non_float: bool = False) -> Params:
     """Our params from an HF state dict (4.x or 5.x names; numpy arrays or torch tensors)."""
-    source = _TensorSource({k: tuple(v.shape) for k, v in state_dict.items()},
-                           lambda k: _to_numpy(state_dict[k]), "state dict")
-    return _build(source, config, dtype, shardings)
+    entries = {k: (tuple(v.shape), _dtype_of(v), "state dict") for k, v in state_dict.items()}
+    source = _TensorSource(entries, lambda k: _to_numpy(state_dict[k]), "state dict")
+    return _build(source, config, dtype, shardings, cast_non_float)
 
 
 def hf_tensor(params: Params, spec: TensorSpec, dtype=None) -> np.ndarray:
@@ -265,8 +284,9 @@ class _SafetensorsFile:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else None
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: shape for k, (_, shape, _) in self.entries.items()}
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+        """name -> (shape, dtype, this file), as :class:`_TensorSource` takes them."""
+        return {k: (shape, dt, self.path) for k, (dt, shape, _) in self.entries.items()}
 
     def __getitem__(self, key: str) -> np.ndarray:
         dt, shape, (begin, end) = self.entries[key]
@@ -286,7 +306,7 @@ def _open_checkpoint(path: str) -> _TensorSource:
         path = index if os.path.exists(index) else os.path.join(path, SAFETENSORS_FILE)
     if not path.endswith(".json"):
         f = _SafetensorsFile(path)
-        return _TensorSource(f.shapes(), f.__getitem__, path)
+        return _TensorSource(f.tensors(), f.__getitem__, path)
     try:
         with open(path) as fh:
             weight_map = json.load(fh)["weight_map"]
@@ -299,17 +319,20 @@ def _open_checkpoint(path: str) -> _TensorSource:
     for key, name in weight_map.items():
         if key not in files[name].entries:
             raise CheckpointError(f"{path}: tensor {key!r} is listed in the index but not in {files[name].path}")
-    shapes = {key: files[name].entries[key][1] for key, name in weight_map.items()}
-    return _TensorSource(shapes, lambda key: files[weight_map[key]][key], path)
+    tensors = {name: f.tensors() for name, f in files.items()}
+    entries = {key: tensors[name][key] for key, name in weight_map.items()}
+    return _TensorSource(entries, lambda key: files[weight_map[key]][key], path)
 
 
 def load_params(path: str | os.PathLike, config: QwenVLConfig | None = None, dtype="float32", mesh=None,
-                rules=None) -> Params:
+                rules=None, cast_non_float: bool = False) -> Params:
     """Read an HF Qwen2.5-VL safetensors checkpoint (4.x or 5.x names) into our params.
 
     ``config`` None reads ``config.json`` next to the weights. With a ``mesh`` every leaf is placed with
     :func:`qzoom_jax.models.param_axes.param_shardings` (``rules`` default: the default rules), otherwise on the first
     device. Leaves are built one at a time from memory-mapped tensors, so the host never holds the model twice.
+    Floating-point tensors are cast to ``dtype``; integer or bool ones only with ``cast_non_float`` (else an
+    error), and any NaN or inf is an error naming the file and tensor.
     """
     path = os.fspath(path)
     if config is None:
@@ -321,4 +344,4 @@ def load_params(path: str | os.PathLike, config: QwenVLConfig | None = None, dty
 
         shardings = param_axes.param_shardings(param_shapes(config, dtype), mesh,
                                              parallel.DEFAULT_RULES if rules is None else rules)
-    return _build(source, config, dtype, shardings)
+    return _build(source, config, dtype, shardings, cast_non_float)

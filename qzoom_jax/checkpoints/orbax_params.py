@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qzoom_jax.models import param_axes
-from qzoom_jax.checkpoints import hf_checkpoint, hf_export
+from qzoom_jax.checkpoints import hf_checkpoint, hf_export, weight_checks
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 
 PARAMS_DIR = "params"
@@ -42,9 +42,11 @@ def save(params, config: QwenVLConfig, out_dir: str | os.PathLike, files_from: s
     return out_dir
 
 
-def load(path: str | os.PathLike, config: QwenVLConfig, dtype="float32", mesh=None, rules=None):
+def load(path: str | os.PathLike, config: QwenVLConfig, dtype="float32", mesh=None, rules=None,
+         cast_non_float: bool = False):
     """The params of an Orbax model directory, cast to ``dtype``, each leaf on its shard of ``mesh`` (default:
-    the first device). Shapes are checked against ``config`` (including the branches it enables)."""
+    the first device). Shapes are checked against ``config`` (including the branches it enables); stored
+    integer or bool arrays are an error unless ``cast_non_float``, and so is any NaN or inf."""
     shapes = hf_checkpoint.param_shapes(config, dtype)
     if mesh is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
@@ -53,5 +55,11 @@ def load(path: str | os.PathLike, config: QwenVLConfig, dtype="float32", mesh=No
 
         shardings = param_axes.param_shardings(shapes, mesh, parallel.DEFAULT_RULES if rules is None else rules)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    directory = os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR), target)
+        # The stored dtypes, before the restore casts them to the target's.
+        weight_checks.check_float_tree(checkpointer.metadata(directory).item_metadata.tree, directory,
+                                       cast_non_float)
+        params = checkpointer.restore(directory, target)
+    weight_checks.check_finite_tree(params, directory)
+    return params

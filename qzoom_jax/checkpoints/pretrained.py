@@ -13,16 +13,19 @@ from qzoom_jax.runtime.errors import ConfigError
 
 
 def load_pretrained(path: str | os.PathLike | None = None, dtype="float32", mesh=None,
-                    attn_impl: str = "einsum", rules=None) -> QwenVL:
+                    attn_impl: str = "einsum", rules=None, cast_non_float: bool = False) -> QwenVL:
     """Load a HF checkpoint directory (safetensors + config.json, any registered backbone) or one of our Orbax
     model directories (``orbax_params``); None = the embedded default. With ``mesh`` every tensor lands on its
-    shard under ``rules`` (default: ``parallel.DEFAULT_RULES``)."""
+    shard under ``rules`` (default: ``parallel.DEFAULT_RULES``). Floating-point weights are cast to ``dtype``;
+    integer or bool ones are an error unless ``cast_non_float`` asks for the cast (``weight_checks``)."""
     path = os.fspath(path) if path is not None else EMBEDDED_DEFAULT
     config = registry.read_config(path)
     if orbax_params.is_orbax_dir(path):
-        params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+        params = orbax_params.load(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules,
+                                   cast_non_float=cast_non_float)
     else:
-        params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules)
+        params = hf_checkpoint.load_params(path, config, dtype=as_dtype(dtype), mesh=mesh, rules=rules,
+                                           cast_non_float=cast_non_float)
     penalty = generation_config(path).get("repetition_penalty", 1.0)
     return QwenVL(config, params, attn_impl, repetition_penalty=float(penalty))
 

@@ -8,12 +8,14 @@ Two kinds of checkpoint name the same parts:
 * a training run directory of ours (``WORKDIR/checkpoints/<step>/``, Orbax): a stage-1 run holds the twig, a
   stage-3 run the gate; its meta names the backbone path and, for the gate, the stage-1 run with its twig.
 
-A checkpoint without a gate always zooms (upstream's stage-1/2 behaviour, reference §4.3).
+A checkpoint without a gate always zooms (upstream's stage-1/2 behaviour, reference §4.3). Reading a run never
+writes to it (Orbax opens it read-only), and its trained params are checked like a backbone's (``weight_checks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -21,11 +23,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qzoom_jax.checkpoints import hf_export
+from qzoom_jax.checkpoints import hf_export, weight_checks
 from qzoom_jax.models.qzoom.config import QZoomConfig
 from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
 from qzoom_jax.models.vlm import QwenVL
 from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.runtime.errors import CheckpointError
 
 
 @dataclasses.dataclass
@@ -47,22 +50,32 @@ def is_run_dir(path: str) -> bool:
     return (epath.Path(path) / "checkpoints").is_dir()
 
 
-def _latest(run: str) -> tuple[ocp.CheckpointManager, int]:
-    directory = _resolved(os.path.join(run, "checkpoints"))
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run}: no finished checkpoint under {directory}")
-    return manager, step
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # Orbax warns "Given directory is read only" at every such open: as asked
+    try:
+        return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+    finally:
+        absl.setLevel(level)
 
 
 def read_run(run: str) -> tuple[dict, dict]:
     """(trained params, meta) of the latest checkpoint of a training run directory (host arrays)."""
-    manager, step = _latest(run)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-    manager.close()
+    directory = _resolved(os.path.join(run, "checkpoints"))
+    if not is_run_dir(run):  # checked first: a CheckpointManager would create the directory
+        raise CheckpointError(f"no training run at {run} (no {directory})")
+    with _read_only_manager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{run}: no finished checkpoint under {directory}")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
     params = jax.tree_util.tree_map(jnp.asarray, restored["state"]["params"])
+    where = os.path.join(directory, str(step), "state")
+    weight_checks.check_float_tree(params, where)
+    weight_checks.check_finite_tree(params, where)
     return params, restored["meta"]
 
 
@@ -73,14 +86,14 @@ def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="f
     is sharded over it (the branches stay on the default device)."""
     path = os.fspath(checkpoint) if checkpoint is not None else EMBEDDED_QZOOM
     if not epath.Path(path).is_dir():
-        raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
+        raise CheckpointError(f"no checkpoint at {path} (expected a model directory or a training run)")
     if is_run_dir(path):  # a training run may live on gs://; model directories are read from a local disk
         parts = _from_run(path, dtype, attn_impl, mesh)
     elif os.path.isfile(os.path.join(path, "config.json")):
         parts = _from_hf(path, dtype, attn_impl, mesh)
     else:
-        raise FileNotFoundError(f"{path}: neither a model directory (config.json: Hugging Face or ours) nor a "
-                                "training run (checkpoints/)")
+        raise CheckpointError(f"{path}: neither a model directory (config.json: Hugging Face or ours) nor a "
+                              "training run (checkpoints/)")
     if twig_run is not None:
         twig, meta = read_run(twig_run)
         _expect_stage(twig_run, meta, "sdrpn")
@@ -105,16 +118,16 @@ def _from_hf(path: str, dtype, attn_impl: str, mesh) -> QZoomParts:
 
 def _expect_stage(run: str, meta: dict, stage: str) -> None:
     if meta.get("stage") != stage:
-        raise ValueError(f"{run} is a {meta.get('stage')!r} run, expected a {stage!r} run")
+        raise CheckpointError(f"{run} is a {meta.get('stage')!r} run, expected a {stage!r} run")
 
 
 def _check_branch(parts: QZoomParts, meta: dict, where: str) -> None:
     # The twig and the gate must branch off the same layer of the same backbone (reference §7 #10).
     if parts.K is not None and meta["K"] != parts.K:
-        raise ValueError(f"{where} branches off layer K={meta['K']}, but the checkpoint uses K={parts.K}")
+        raise CheckpointError(f"{where} branches off layer K={meta['K']}, but the checkpoint uses K={parts.K}")
     if _resolved(meta["backbone"]) != _resolved(parts.backbone_path):
-        raise ValueError(f"{where} was trained on {meta['backbone']}, but the checkpoint's backbone is "
-                         f"{parts.backbone_path}")
+        raise CheckpointError(f"{where} was trained on {meta['backbone']}, but the checkpoint's backbone is "
+                              f"{parts.backbone_path}")
 
 
 def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
@@ -132,7 +145,7 @@ def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
             _check_branch(parts, twig_meta, meta["twig_run"])
             parts.twig = twig
     else:
-        raise ValueError(f"{run}: unknown stage {meta.get('stage')!r} in the checkpoint meta")
+        raise CheckpointError(f"{run}: unknown stage {meta.get('stage')!r} in the checkpoint meta")
     return parts
 
 

@@ -246,6 +246,11 @@ def hf_tensor(params: Params, spec: TensorSpec, dtype=None) -> np.ndarray:
     return np.ascontiguousarray(TRANSFORMS[spec.transform][1](value, spec.hf_shape))
 
 
+def file_key(config, key: str) -> str:
+    """The name table key ``key`` (4.x spelling) has in the backbone's official checkpoints."""
+    return hf_key_v5(key) if registry.backbone(config).v5_names else key
+
+
 def state_dict_from_params(params: Params, config: QwenVLConfig, dtype=None) -> dict[str, np.ndarray]:
     """The official 4.x-named HF state dict (numpy) of ``params``; ``dtype`` None keeps the params' dtype."""
     return {key: hf_tensor(params, spec, dtype) for key, spec in checkpoint_table(config).items()}

@@ -44,7 +44,7 @@ def export_params(params, config: QwenVLConfig, out_dir: str | os.PathLike, *, d
             if pending and pending_bytes + tensor.nbytes > max_shard_bytes:
                 shards.append(_write_shard(out_dir, len(shards) + 1, pending))
                 pending, pending_bytes = {}, 0
-            pending[key] = tensor
+            pending[hf_checkpoint.file_key(config, key)] = tensor
             pending_bytes += tensor.nbytes
             total += tensor.nbytes
             bar.update(1)

@@ -65,3 +65,6 @@ class Backbone:
     # added to the hidden states at the image tokens right after decoder layer j (j < k), which
     # ``vlm.decoder_trunk`` does between slices of the stack. False: encode_images returns the features alone.
     deepstack: bool = False
+    # The official checkpoints spell keys the transformers-5.x way (model.visual.*, model.language_model.*); the
+    # table stays in the 4.x spelling (the loader reads both), the exporter writes what transformers expects.
+    v5_names: bool = False

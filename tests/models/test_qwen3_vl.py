@@ -206,3 +206,19 @@ def test_config_errors_name_the_key():
         Qwen3VLConfig.from_dict(bad)
     with pytest.raises(ConfigError, match="vision_config"):
         Qwen3VLConfig.from_dict({k: v for k, v in raw.items() if k != "vision_config"})
+
+
+def test_export_loads_in_transformers(pair, tmp_path):
+    """Our exporter writes the 5.x names Qwen3-VL checkpoints use: transformers loads every tensor (none missing,
+    none initialised afresh) and computes the same logits."""
+    import transformers
+
+    from qzoom_jax.checkpoints.hf_export import export_params
+
+    name, hf, ours = pair
+    export_params(ours.params, ours.config, tmp_path, dtype="float32")
+    loaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = _image_batch(np.random.default_rng(1))
+    loaded.set_attn_implementation("eager")
+    assert _rel_err(_reference(hf, inputs), _reference(loaded.eval(), inputs), inputs) <= 1e-6

@@ -69,4 +69,5 @@ BACKBONE = Backbone(
     run_layers_capturing=text.run_layers_capturing,
     project_qk=text.project_qk,
     deepstack=True,
+    v5_names=True,
 )

@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 
 from qzoom_jax.labelling import gate_labels, teacher
-from qzoom_jax.runtime import cli, distributed
+from qzoom_jax.runtime import cli, distributed, workdir as workdir_lib
 
 
 def main(cfg, workdir: str) -> None:
-    """Stage-1 pseudo-labels, or stage-3 multi-resolution answers for a ``stage="gate"`` config."""
-    if cfg.get("stage", "sdrpn") == "gate":
-        parts = gate_labels.generate_answers(cfg, workdir)
-    else:
-        parts = teacher.generate_labels(cfg, workdir)
+    """Stage-1 pseudo-labels, or stage-3 multi-resolution answers for a ``stage="gate"`` config; the workdir is
+    locked for the run (``runtime.workdir``)."""
+    generate = gate_labels.generate_answers if cfg.get("stage", "sdrpn") == "gate" else teacher.generate_labels
+    with workdir_lib.lock(workdir):
+        parts = generate(cfg, workdir)
     distributed.print0(f"{len(parts)} label dataset part(s) under {os.path.join(workdir, 'labels')}")
 
 

@@ -19,13 +19,17 @@ import os
 import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.data import pipeline
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.labelling import parts as label_parts
-from qzoom_jax.runtime import cli, distributed, parallel
+from qzoom_jax.models import registry
+from qzoom_jax.runtime import cli, distributed, parallel, workdir as workdir_lib
+from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.training import metrics as metrics_lib
 from qzoom_jax.training import optim as optim_lib
 from qzoom_jax.training import stages
@@ -35,9 +39,16 @@ from qzoom_jax.training.checkpoint import TrainCheckpointer
 
 def main(cfg, workdir: str, devices=None) -> dict:
     """Train from ``cfg`` in ``workdir`` (resuming from its latest checkpoint) on ``devices`` (default: all);
-    returns the final state."""
+    returns the final state. The workdir is locked for the run (``runtime.workdir``)."""
+    with workdir_lib.lock(workdir):
+        return _train(cfg, workdir, devices)
+
+
+def _train(cfg, workdir: str, devices) -> dict:
     train, m = cfg.train, cfg.model
     stage = stages.get(cfg)
+    backbone_path = label_parts.model_path(m.path)
+    _check_config(cfg, backbone_path)
 
     # Mesh and labels (a label run first when the config names no label datasets).
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
@@ -46,7 +57,6 @@ def main(cfg, workdir: str, devices=None) -> dict:
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Frozen backbone, sharded straight from the checkpoint.
-    backbone_path = label_parts.model_path(m.path)
     model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl, rules=rules)
     config, backbone = model.config, model.params
     processor = Processor.from_pretrained(backbone_path)
@@ -70,8 +80,9 @@ def main(cfg, workdir: str, devices=None) -> dict:
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         state = ckpt.restore(start, abstract, data_iter)
-        writer.truncate_after(start)
         distributed.print0(f"resumed from step {start} in {ckpt.directory}")
+    # Also with no checkpoint (start 0): steps an interrupted run logged before its first checkpoint are redone.
+    writer.truncate_after(start)
     meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T, **label_meta,
             "config": json.loads(cfg.to_json_best_effort())}
 
@@ -103,6 +114,7 @@ def main(cfg, workdir: str, devices=None) -> dict:
                 values["samples_per_s"] = train.global_batch_size / per_step
                 values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
                 values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
+                values["skipped"] = _total_skipped(data_iter)
                 writer.write(done, {k: v for k, v in values.items() if v is not None})
                 bar.set_postfix({label: f"{values[key]:.4f}" for label, key in stage.progress.items()})
                 last_time, last_step = now, done
@@ -112,9 +124,30 @@ def main(cfg, workdir: str, devices=None) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
-    distributed.print0(f"trained {num_steps} steps; checkpoint {ckpt.directory / str(num_steps)}; metrics "
-                       f"{writer.jsonl_path}")
+    distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped); checkpoint "
+                       f"{ckpt.directory / str(num_steps)}; metrics {writer.jsonl_path}")
     return state
+
+
+def _check_config(cfg, backbone_path: str) -> None:
+    """Settings that would otherwise fail only after the labels are made and the backbone is loaded."""
+    m, train = cfg.model, cfg.train
+    layers = registry.read_config(backbone_path).text.num_hidden_layers
+    if m.K < 0 or m.T < 1 or m.K + m.T > layers:
+        raise ConfigError(f"model.K={m.K} + model.T={m.T}: the trained layers copy base layers K..K+T-1, but the "
+                          f"backbone {backbone_path} has {layers} decoder layers (need K >= 0, T >= 1, "
+                          f"K + T <= {layers})")
+    if train.num_steps < 0 or (train.num_steps == 0 and train.num_epochs < 1):
+        raise ConfigError(f"train.num_steps={train.num_steps} with train.num_epochs={train.num_epochs} leaves "
+                          f"nothing to train; set train.num_steps >= 1 (or 0 and train.num_epochs >= 1)")
+
+
+def _total_skipped(data_iter) -> int:
+    """Samples every process's loader has skipped so far. With several processes a collective: every process
+    calls it at the same step (the loop logs the same steps everywhere)."""
+    if jax.process_count() == 1:
+        return data_iter.skipped
+    return int(multihost_utils.process_allgather(np.int64(data_iter.skipped)).sum())
 
 
 if __name__ == "__main__":

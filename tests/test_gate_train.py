@@ -176,3 +176,19 @@ def test_twig_run_must_be_a_stage1_run_with_the_same_K(label_dirs, tmp_path):
     cfg.model.twig_run = str(tmp_path / "twig")
     with pytest.raises(ValueError, match="K=2.*same K=3"):
         stages.get(cfg)
+
+
+def test_the_pool_cache_is_recomputed_when_an_answer_dataset_changes(label_dirs, tmp_path, caplog):
+    from qzoom_jax.data import tfds_stage3
+
+    cache = tmp_path / "gate_pool.json"
+    pool = lambda: tfds_stage3.training_pool(label_dirs, str(cache), seed=0, roi_samples=8)
+    warnings = lambda: [r.getMessage() for r in caplog.records if r.name == tfds_stage3.__name__]
+    first = pool()
+    assert pool()[1] == first[1] and not warnings()  # unchanged: read from the cache
+    shard = next(p for p in sorted(os.listdir(label_dirs[0])) if ".array_record" in p)
+    stat = os.stat(os.path.join(label_dirs[0], shard))
+    os.utime(os.path.join(label_dirs[0], shard), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten
+    assert pool()[1] == first[1]
+    assert warnings() == [f"{os.path.join(label_dirs[0], shard)} changed since the cached pool {cache} was built; "
+                          "rebuilding"]

@@ -208,3 +208,18 @@ def test_mfu_from_a_sharded_matmul():
     assert metrics.mfu(flops, 1.0, 8, None) is None
     with pytest.raises(ValueError, match="seconds_per_step"):
         metrics.mfu(flops, 0.0, 8, 989.4e12)
+
+
+def test_a_run_restarting_from_no_checkpoint_drops_every_line(tmp_path):
+    killed = metrics.MetricsWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3):  # logged by a run killed before its first checkpoint
+        killed.write(step, {"loss": float(step)})
+    again = metrics.MetricsWriter(tmp_path, enabled=True)
+    again.truncate_after(0)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    again.write(1, {"loss": 10.0})
+    again.close()
+    killed.close()
+    assert [(line["step"], line["loss"]) for line in _lines(tmp_path)] == [(1, 10.0)]
+    # TensorBoard hides the killed run's events from step 1 on: they are not shown twice.
+    assert [e.step for e in _events(tmp_path) if e.session_log.status == event_pb2.SessionLog.START] == [1]

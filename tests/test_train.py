@@ -172,3 +172,46 @@ def test_finished_label_parts_are_not_redone(label_dirs, monkeypatch):
     workdir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(label_dirs[0]))))
     monkeypatch.setattr(teacher, "load_pretrained", lambda *a, **k: pytest.fail("the teacher ran again"))
     assert tuple(teacher.generate_labels(sdrpn_config().teacher, workdir)) == label_dirs
+
+
+def test_configs_that_cannot_train_are_refused_before_any_work(label_dirs, tmp_path, monkeypatch):
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.runtime.errors import ConfigError
+    from qzoom_jax.training import stages
+
+    monkeypatch.setattr(stages.Sdrpn, "training_source", lambda *a: pytest.fail("labels were read or made"))
+    cfg = _config(label_dirs)
+    cfg.model.K = 4
+    with pytest.raises(ConfigError) as e:
+        train.main(cfg, str(tmp_path))
+    assert str(e.value) == ("model.K=4 + model.T=3: the trained layers copy base layers K..K+T-1, but the backbone "
+                            f"{EMBEDDED_DEFAULT} has 6 decoder layers (need K >= 0, T >= 1, K + T <= 6)")
+    cfg = _config(label_dirs)
+    cfg.train.update(num_steps=0, num_epochs=0)
+    with pytest.raises(ConfigError) as e:
+        train.main(cfg, str(tmp_path))
+    assert str(e.value) == ("train.num_steps=0 with train.num_epochs=0 leaves nothing to train; set "
+                            "train.num_steps >= 1 (or 0 and train.num_epochs >= 1)")
+    assert not os.path.exists(tmp_path / "qzoom.lock")  # released on the error
+
+
+def test_a_data_grid_other_than_the_labels_is_refused(label_dirs, tmp_path):
+    from qzoom_jax.runtime.errors import ConfigError
+    from qzoom_jax.training import stages
+
+    cfg = _config(label_dirs)
+    cfg.data.grid = 12
+    with pytest.raises(ConfigError) as e:
+        stages.get(cfg).training_source(str(tmp_path))
+    assert str(e.value) == (f"data.grid=12 does not match the labels: their maps are 8x8 ({label_dirs[0]}); set "
+                            "--config.data.grid=8")
+
+
+def test_a_single_step_run_trains(label_dirs, tmp_path):
+    """One step leaves no room for the cosine after the warm-up (ceil(0.03 * 1) = 1): the ramp alone, as HF's."""
+    cfg = _config(label_dirs)
+    cfg.train.num_steps = 1
+    assert [float(optim_lib.lr_schedule(cfg.optim, 1)(s)) for s in (0, 1)] == [0.0, pytest.approx(cfg.optim.lr)]
+    train.main(cfg, str(tmp_path), devices=jax.devices()[:1])
+    assert [s for s, _ in _losses(str(tmp_path))] == [1]
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]

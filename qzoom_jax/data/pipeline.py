@@ -11,10 +11,14 @@ preprocessing) and mark rejected samples; the batches are therefore identical fo
 The returned iterator is a grain ``DatasetIterator``: ``get_state()``/``set_state()`` (JSON-serialisable,
 the skip count included) resume exactly where it was. Orbax: ``grain.checkpoint.CheckpointHandler`` with
 ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``.
+
+A loader that skips every sample of an epoch (every image bad, a config the records do not fit) would search
+for a usable sample forever; it stops with a :class:`RunError` that counts the skip reasons instead.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -26,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from qzoom_jax.data.stage1 import SkipSample
+from qzoom_jax.runtime.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,8 @@ _MAX_SKIP_WARNINGS = 20
 class _Skipped:
     """Stands in for a sample that ``example_fn`` rejected, so every input still gives one output."""
 
-    reason: str
+    uid: str
+    reason: str  # without the uid, so that the reasons of many samples can be counted together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +56,9 @@ class _CatchSkip:
         try:
             return self.example_fn(record)
         except SkipSample as e:
-            return _Skipped(str(e))
+            uid = str(record.get("uid", "?")) if isinstance(record, Mapping) else "?"
+            reason = str(e)
+            return _Skipped(uid, reason.removeprefix(f"{uid}: "))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +83,17 @@ class _WithEpoch:
 
 
 class _BatchValidIterator(grain.DatasetIterator):
-    """Stacks the next ``batch_size`` non-skipped examples; a final partial batch is dropped."""
+    """Stacks the next ``batch_size`` non-skipped examples; a final partial batch is dropped. ``max_skip_run``
+    samples skipped in a row raise :class:`RunError` (see ``training_loader``)."""
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_skip_run: int):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._max_skip_run = max_skip_run
         self._skipped = 0
+        # The current run of skips, by reason. Not checkpointed: a resumed run counts afresh, which can only
+        # delay the error.
+        self._run = collections.Counter()
 
     @property
     def skipped(self) -> int:
@@ -94,8 +107,12 @@ class _BatchValidIterator(grain.DatasetIterator):
             if isinstance(example, _Skipped):
                 self._skipped += 1
                 level = logging.WARNING if self._skipped <= _MAX_SKIP_WARNINGS else logging.DEBUG
-                log.log(level, "skipped sample #%d: %s", self._skipped, example.reason)
+                log.log(level, "skipped sample #%d: %s: %s", self._skipped, example.uid, example.reason)
+                self._run[example.reason] += 1
+                if self._run.total() >= self._max_skip_run:
+                    raise RunError(_no_usable_sample(self._run))
                 continue
+            self._run.clear()
             examples.append(example)
         return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
@@ -111,13 +128,21 @@ class _BatchValidIterator(grain.DatasetIterator):
         return f"BatchValidIterator(batch_size={self._batch_size})"
 
 
+def _no_usable_sample(reasons: collections.Counter, shown: int = 5) -> str:
+    top = reasons.most_common(shown)
+    more = len(reasons) - len(top)
+    return (f"every sample of an epoch was skipped ({reasons.total()} in a row): "
+            + "; ".join(f"{n} x {reason}" for reason, n in top) + (f"; {more} other reasons" if more else ""))
+
+
 class _BatchValidDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, max_skip_run: int):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._max_skip_run = max_skip_run
 
     def __iter__(self) -> _BatchValidIterator:
-        return _BatchValidIterator(self._parent.__iter__(), self._batch_size)
+        return _BatchValidIterator(self._parent.__iter__(), self._batch_size, self._max_skip_run)
 
     def __str__(self) -> str:
         return f"BatchValidDataset(batch_size={self._batch_size})"
@@ -131,6 +156,7 @@ def training_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, n
 
     source: random access (len + __getitem__), e.g. ``tfds_datasets.open_source(...)``.
     example_fn: record -> dict of fixed-shape arrays; raising SkipSample drops the sample (``iterator.skipped``).
+    When every sample of one epoch (this process's share of it) is skipped, the iterator raises RunError.
     num_epochs: None repeats forever. Process p takes rows p, p+P, p+2P, ... of the global stream, so the
     processes' batch b together hold exactly the global batch b of a single-process run (without skips).
     worker_count: grain worker processes for example_fn (0: threads of this process). prefetch: batches'
@@ -169,4 +195,7 @@ def training_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, n
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                per_worker_buffer_size=ahead))
-    return iter(_BatchValidDataset(it_ds, batch_size))
+    # Epochs are reshuffled, so a run of skips between two good samples can span the ends of two epochs; a run
+    # this long covers a whole epoch of the global stream, of which this process's samples were all skipped.
+    max_skip_run = math.ceil((2 * len(source) - 2) / process_count) + 1
+    return iter(_BatchValidDataset(it_ds, batch_size, max_skip_run))

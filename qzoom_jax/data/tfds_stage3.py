@@ -3,7 +3,8 @@
 Datasets live at ``<data_dir>/stage3_answers/<name>/1.0.0`` and are read with ``tfds_datasets.open_source`` (the
 reader is schema-agnostic). The training pool (:func:`training_pool`) is the consistency-filtered subset of them;
 finding it reads every record once (images included), so its indices and rule counts are cached as JSON in the
-run directory and reused while the datasets, seed, cap and consensus size are the same.
+run directory and reused while the datasets (every file of them: ``tfds_datasets.source_key``), seed, cap and
+consensus size are the same.
 """
 
 from __future__ import annotations
@@ -43,17 +44,17 @@ class Stage3Answers(tfds_datasets.RecordsBuilder, skip_registration=True):
 
 def write_answer_dataset(records: Iterable[dict], data_dir: str | os.PathLike, name: str) -> str:
     """Answer dataset of ``records`` (in order); returns its directory. An existing one of that name is an error."""
-    builder = Stage3Answers(records=records, name=name, description="multi-resolution answers", data_dir=data_dir)
-    return tfds_datasets.prepare(builder, exist_ok=False)
+    return tfds_datasets.prepare(Stage3Answers, records, name=name, description="multi-resolution answers",
+                                 data_dir=data_dir)
 
 
 def build_pickle_answers(pickle_path: str | os.PathLike, data_dir: str | os.PathLike, name: str,
                          image_root: str | os.PathLike | None = None) -> str:
     """Answer dataset from an upstream stage-3 pickle (images default to the pickle's directory); returns its
-    directory. Reuses a prepared dataset of the same name."""
-    builder = Stage3Answers(records=stage3.read_stage3_pickle(pickle_path, image_root), name=name,
-                            description=f"stage-3 pickle {os.fspath(pickle_path)}", data_dir=data_dir)
-    return tfds_datasets.prepare(builder, exist_ok=True)
+    directory. Reuses the prepared dataset of that name while the pickle and ``image_root`` are the same."""
+    return tfds_datasets.prepare(Stage3Answers, stage3.read_stage3_pickle(pickle_path, image_root), name=name,
+                                 description=f"stage-3 pickle {os.fspath(pickle_path)}", data_dir=data_dir,
+                                 key=tfds_datasets.pickle_key(pickle_path, image_root))
 
 
 def answer_parts(out_dir: str) -> list[str]:
@@ -83,8 +84,8 @@ def training_pool(label_dirs: Sequence[str], cache_path: str, *, seed: int, roi_
     (``write_cache``): the others compute the same pool when the file is not there yet.
     """
     source = tfds_datasets.open_source(label_dirs)
-    key = {"label_dirs": [_absolute(d) for d in label_dirs], "records": len(source), "seed": seed,
-           "roi_samples": roi_samples, "high": high}
+    key = tfds_datasets.source_key(label_dirs, label_dirs=list(label_dirs), seed=seed, roi_samples=roi_samples,
+                                   high=high)
     cache = epath.Path(cache_path)
     cached = _read_cache(cache, key)
     if cached is None:
@@ -110,15 +111,12 @@ def training_pool(label_dirs: Sequence[str], cache_path: str, *, seed: int, roi_
     return PoolSource(source, cached["indices"]), cached["summary"]
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def _read_cache(path: epath.Path, key: dict) -> dict | None:
     if not path.exists():
         return None
     cached = json.loads(path.read_text())
-    if cached.get("key") != key:
-        log.warning("%s was computed for other answer datasets or settings; recomputing the pool", path)
+    change = tfds_datasets.key_change(cached.get("key"), key, f"pool {path}")
+    if change is not None:
+        log.warning("%s", change)
         return None
     return cached

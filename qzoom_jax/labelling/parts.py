@@ -1,5 +1,9 @@
 """Label runs in resumable parts: each process writes its share of records in datasets of ``part_size`` records;
-a finished part is never redone. Shared by stage-1 labels and stage-3 answers."""
+a finished part is never redone. Shared by stage-1 labels and stage-3 answers.
+
+A part is written into a temporary sibling and moved into place complete (``tfds_datasets.prepare``), and
+``tfds_datasets.prepared_dirs`` counts it finished only with every file it lists, so a run killed while writing
+a part leaves nothing that reads as finished: the next run removes the leftover and writes that part again."""
 
 from __future__ import annotations
 

@@ -123,11 +123,13 @@ class MetricsWriter:
         self._last_flush = time.monotonic()
 
     def truncate_after(self, step: int) -> None:
-        """Forgets everything logged after ``step``; call it when resuming from the checkpoint of ``step``.
+        """Forgets everything logged after ``step``; call it when a run starts, with the step of the checkpoint
+        it resumes from, or 0 when there is none (a run killed before its first checkpoint is redone from 0).
 
-        The JSONL file is rewritten without those lines. TensorBoard event files are append-only, so the next
-        event file starts with a restart marker at ``step + 1`` (tensorboardX ``purge_step``), which makes
-        TensorBoard hide the older events from that step on.
+        The JSONL file is rewritten without those lines. TensorBoard event files are append-only: the earlier
+        runs' files are kept whole (their events after ``step`` too), and the next event file starts with a
+        restart marker at ``step + 1`` (tensorboardX ``purge_step``), on which TensorBoard hides the older
+        events from that step on, so its curves show each step once.
         """
         if not self.enabled:
             return

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from qzoom_jax.runtime import distributed
+from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.labelling import gate_labels
 from qzoom_jax.training import gate_objective, sdrpn
 from qzoom_jax.labelling import teacher
@@ -71,7 +72,12 @@ class Sdrpn:
         label_dirs = _label_dirs(self.cfg.data, workdir, tfds_datasets.build_pickle_labels, "pickle_",
                                  lambda: teacher.generate_labels(_label_run(self.cfg.teacher, self.cfg.model.path),
                                                                     workdir))
-        return tfds_datasets.open_source(label_dirs), {"label_dirs": label_dirs}
+        source = tfds_datasets.open_source(label_dirs)
+        grid, shape = self.cfg.data.grid, source[0]["grounding_attn"].shape
+        if shape != (grid, grid):  # every example would be refused, after the backbone is loaded and compiled
+            raise ConfigError(f"data.grid={grid} does not match the labels: their maps are {shape[0]}x{shape[1]} "
+                              f"({label_dirs[0]}); set --config.data.grid={shape[0]}")
+        return source, {"label_dirs": label_dirs}
 
     def init_params(self, base_layers, K: int, T: int):
         return twig_lib.init_twig_params(base_layers, K, T)

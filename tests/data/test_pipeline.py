@@ -14,6 +14,7 @@ from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import SkipSample, make_example
 from qzoom_jax.data.tfds_datasets import open_source, write_label_dataset
 from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.runtime.errors import RunError
 
 N = 40
 
@@ -163,3 +164,35 @@ def test_annotate_adds_source_index_and_epoch():
     resumed = next(whole)
     for key in ("index", "epoch"):
         np.testing.assert_array_equal(resumed[key], expected[key])
+
+
+def _uid_records(n):
+    return [{"uid": f"u{i}", "i": i} for i in range(n)]
+
+
+def _all_bad(record):
+    if record["i"] % 2:
+        raise SkipSample(f"{record['uid']}: corrupt image (OSError: truncated)")
+    raise SkipSample(f"{record['uid']}: image of 10x10 px (WxH) is smaller than 28 px")
+
+
+def test_an_epoch_of_skipped_samples_stops_with_the_reasons():
+    it = training_loader(_uid_records(10), _all_bad, global_batch_size=2, seed=0, shuffle=False)
+    # 2 * 10 - 1 in a row: a run this long holds a whole epoch (0..9, then 0..8 of the next one).
+    with pytest.raises(RunError) as e:
+        next(it)
+    assert str(e.value) == ("every sample of an epoch was skipped (19 in a row): 10 x image of 10x10 px (WxH) is "
+                            "smaller than 28 px; 9 x corrupt image (OSError: truncated)")
+    assert it.skipped == 19
+
+
+def test_one_usable_sample_keeps_the_loader_going():
+    def only_3(record):
+        if record["i"] != 3:
+            _all_bad(record)
+        return {"i": np.int64(record["i"])}
+
+    # Reshuffled epochs put the usable sample up to 2 * 9 skips apart; that never counts as a whole bad epoch.
+    it = training_loader(_uid_records(10), only_3, global_batch_size=1, seed=0)
+    assert [int(next(it)["i"][0]) for _ in range(30)] == [3] * 30
+    assert 9 * 29 <= it.skipped < 9 * 30  # 29 whole epochs and part of the 30th

@@ -120,3 +120,45 @@ def test_synthetic_inputs_round_trip(tmp_path):
     assert all(set(g) == set(RECORD_KEYS) for g in got)
     _assert_records_equal(got, list(synthetic_records(3, seed=5)))
     assert build_synthetic_inputs(tmp_path, num=3, seed=5) == path  # prepared once, then reused
+
+
+def test_universal_inputs_are_rebuilt_when_the_jsonl_changes(tmp_path, caplog):
+    (tmp_path / "img").mkdir()
+    jsonl = tmp_path / "universal.jsonl"
+
+    def write_rows(n):
+        rows = []
+        for i in range(n):
+            (tmp_path / "img" / f"{i}.png").write_bytes(_png(40, 30, i))
+            rows.append({"uid": f"gqa:s:{i}:{i}", "question_id": i, "dataset": "gqa", "image": f"img/{i}.png",
+                         "text": f"question {i}", "mode": "natural", "short_prompt": True, "answers": ["a"]})
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write_rows(2)
+    path = build_universal_inputs(jsonl, tmp_path, tmp_path / "tfds", "pool")
+    caplog.set_level("INFO", logger="qzoom_jax.data.tfds_datasets")
+    warnings = lambda: [r.getMessage() for r in caplog.records
+                        if r.name == "qzoom_jax.data.tfds_datasets" and r.levelname == "WARNING"]
+    assert build_universal_inputs(jsonl, tmp_path, tmp_path / "tfds", "pool") == path
+    assert not warnings()  # unchanged: reused as it is
+    write_rows(3)  # rows added under the same file name
+    assert build_universal_inputs(jsonl, tmp_path, tmp_path / "tfds", "pool") == path
+    assert len(open_source(path)) == 3
+    assert warnings() == [
+        f"{jsonl} changed since the cached dataset was built; rebuilding ({path})"]
+    # The old dataset was moved aside and removed, the temporary one moved into place: nothing is left over.
+    assert sorted(p.name for p in (tmp_path / "tfds").iterdir()) == ["stage1_inputs"]
+    assert sorted(p.name for p in (tmp_path / "tfds" / "stage1_inputs" / "pool").iterdir()) == ["1.0.0"]
+
+
+def test_a_half_written_dataset_is_not_finished(tmp_path):
+    path = write_label_dataset(_label_records(2), tmp_path, "labels_p000_c00000")
+    assert prepared_dirs(tmp_path, "labels_p*") == [path]
+    # An object store moves a directory file by file: dataset_info.json may be there before a shard.
+    shard = next(p for p in (tmp_path / "stage1_labels" / "labels_p000_c00000" / "1.0.0").iterdir()
+                 if ".array_record" in p.name)
+    shard.unlink()
+    assert prepared_dirs(tmp_path, "labels_p*") == []
+    # ... and the part can be written again: the incomplete directory is replaced, not refused.
+    assert write_label_dataset(_label_records(2), tmp_path, "labels_p000_c00000") == path
+    assert prepared_dirs(tmp_path, "labels_p*") == [path]

@@ -20,7 +20,7 @@ import numpy as np
 
 from qzoom_jax.models import layers
 from qzoom_jax.models.layers import hf_init
-from qzoom_jax.models.qwen2_5_vl.vision import PAD, _segment_table, segment_attention
+from qzoom_jax.models.qwen2_5_vl.vision import _segment_table, segment_attention
 from qzoom_jax.models.qwen3_vl.config import VisionConfig
 from qzoom_jax.runtime.buckets import bucket, pow2
 

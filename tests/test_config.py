@@ -62,6 +62,13 @@ def test_qzoom_keys_are_kept():
     # upstream silently skips base layers 16..17 here (reference §7 #10); we refuse the checkpoint
     ({"enable_twig": True, "twig_K": 18, "twig_T": 3, "enable_high_res": True, "high_res_K": 16},
      "high_res_K=16 must equal twig_K=18"),
+    # the 7B backbone has 28 decoder layers: the branches are copies of layers K..K+T-1
+    ({"enable_twig": True, "twig_K": 26, "twig_T": 3}, r"config: twig_K=26 \+ twig_T=3 exceeds the backbone's 28"),
+    ({"enable_high_res": True, "high_res_K": 27, "high_res_T": 2}, r"high_res_K=27 \+ high_res_T=2 exceeds"),
+    # config.json values are user input: wrong types are named, never silently truthy
+    ({"enable_twig": "false"}, r"config: enable_twig must be bool, got 'false'"),
+    ({"enable_twig": True, "twig_K": 18.5, "twig_T": 3}, r"twig_K must be int \| None, got 18.5"),
+    ({"high_res_thresh": "0.1"}, r"high_res_thresh must be float, got '0.1'"),
 ])
 def test_inconsistent_qzoom_keys_are_named(keys, message):
     with pytest.raises(ConfigError, match=message):

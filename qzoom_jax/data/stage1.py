@@ -29,6 +29,7 @@ from qzoom_jax.models.qzoom import roi
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data.image_processing import DECODE_ERRORS, MAX_ASPECT_RATIO, ImageProcessor, open_image, to_rgb
 from qzoom_jax.data.processor import Processor, PromptTooLongError
+from qzoom_jax.runtime.errors import DataError
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
 from qzoom_jax.runtime.errors import ImageError
 
@@ -304,7 +305,7 @@ def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
+                raise DataError(f"{where}: invalid JSON ({e})") from None
 
 
 def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
@@ -316,14 +317,21 @@ def read_universal_jsonl(path: str | os.PathLike, image_root: str | os.PathLike,
     path, image_root = os.fspath(path), os.fspath(image_root)
     skips = SkipLog(path, skipped)
     for where, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         missing = [k for k in ("uid", "question_id", "dataset", "image", "text", "mode") if k not in row]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {missing}")
+            raise DataError(f"{where}: missing key(s) {missing}")
         if row["mode"] not in MODES:
-            raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
+            raise DataError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
+        for key in ("image", "text"):
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key} must be a string, got {type(row[key]).__name__} {row[key]!r}")
+        max_new = row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise DataError(f"{where}: max_new_tokens must be a positive integer, got {max_new!r}")
         record = _input_record(row, where, image_root, skips, prompt=row["text"],
-                               short_prompt=bool(row.get("short_prompt", True)),
-                               max_new_tokens=int(row.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                               short_prompt=bool(row.get("short_prompt", True)), max_new_tokens=max_new,
                                answer=_answer_text(row.get("answer", row.get("answers", ""))))
         if record is not None:
             yield record

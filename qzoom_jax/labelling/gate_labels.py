@@ -69,9 +69,8 @@ def _answer_records(answer_fn, source, indices, cfg, factor: int, skipped, progr
                 skipped["unusable image"] += 1
                 log.warning("skipping %s: %s", record["uid"], e)
         progress.update(len(chunk))
-        if not records:
-            continue
-        for record, answers in zip(records, answer_fn(records)):
+        records, answered = parts.without_overlong(records, answer_fn, skipped, "answers")
+        for record, answers in zip(records, answered or ()):
             yield {"uid": record["uid"], "image": record["image"], "image_path": record["image_path"],
                    "prompt": stage3.short_answer_prompt(record["prompt"]), "text": record["answer"],
                    "res": np.asarray(cfg.budgets, np.int32), "ms_answers": answers}

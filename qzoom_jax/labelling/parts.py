@@ -11,6 +11,7 @@ import collections
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -19,8 +20,10 @@ from tqdm import tqdm
 
 from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
 from qzoom_jax.data import tfds_datasets
+from qzoom_jax.data.processor import PromptTooLongError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def write_in_parts(num_records: int, out_dir: str, prefix: str, part_size: int,
@@ -62,3 +65,18 @@ def model_path(path) -> str:
 def label_parts(out_dir: str) -> list[str]:
     """All finished label dataset parts under ``out_dir``, ordered by (process, part)."""
     return tfds_datasets.prepared_dirs(out_dir, "labels_p*")
+
+
+def without_overlong(records: list, build: Callable[[list], T], skipped, what: str) -> tuple[list, T | None]:
+    """``(records, build(records))`` after dropping, one by one, each record whose prompt is over the tokenizer's
+    ``model_max_length`` (``PromptTooLongError`` names its row; a row past the end is a top-up copy of the last
+    record): one skipped and counted sample each, never a stopped run. ``([], None)`` when none is left."""
+    records = list(records)
+    while records:
+        try:
+            return records, build(records)
+        except PromptTooLongError as e:
+            bad = records.pop(min(e.row, len(records) - 1))
+            skipped["prompt too long"] += 1
+            log.warning("%s: skipping %s: %s", what, bad.get("uid", "?"), e)
+    return records, None

@@ -79,8 +79,12 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
             continue
         # A short batch (the last one, or one with skipped images) is topped up with copies so every batch has
         # the same shape and the teacher compiles once; the copies' outputs are dropped.
+        records, inputs = parts.without_overlong(
+            records, lambda rs: stage1.teacher_inputs(rs + [rs[-1]] * (cfg.batch_size - len(rs)), processor,
+                                                      cfg.grid, cfg.chat_format), skipped, "labels")
+        if not records:
+            continue
         padded = records + [records[-1]] * (cfg.batch_size - len(records))
-        inputs = stage1.teacher_inputs(padded, processor, cfg.grid, cfg.chat_format)
         # Each record's own max_new_tokens (upstream's universal JSONL field), capped by the config's when set.
         limits = [int(r["max_new_tokens"]) if cfg.max_new_tokens is None else min(int(r["max_new_tokens"]),
                                                                                   cfg.max_new_tokens)

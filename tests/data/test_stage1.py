@@ -14,6 +14,7 @@ from qzoom_jax.models.qzoom import roi
 from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
+from qzoom_jax.runtime.errors import DataError
 from qzoom_jax.data.stage1 import (SkipSample, chat_text, expand2square, fixed_grid_budget, fixed_grid_pixels,
     make_example, read_stage1_pickle, read_universal_jsonl, student_chat, student_prompt, teacher_chat, teacher_inputs,
     teacher_prompt)
@@ -279,11 +280,18 @@ def test_read_universal_jsonl(tmp_path):
     ('{"uid": "a"}', r"universal.jsonl:2: missing key"),
     ('{"uid": "a", "question_id": 1, "dataset": "d", "image": "i", "text": "t", "mode": "visual"}',
      r"universal.jsonl:2: mode must be"),
+    ('{"uid": "a", "question_id": 1, "dataset": "d", "image": ["i"], "text": "t", "mode": "natural"}',
+     r"universal.jsonl:2: image must be a string, got list \['i'\]"),
+    ('{"uid": "a", "question_id": 1, "dataset": "d", "image": "i", "text": "t", "mode": "natural", '
+     '"max_new_tokens": "64"}', r"universal.jsonl:2: max_new_tokens must be a positive integer, got '64'"),
+    ('{"uid": "a", "question_id": 1, "dataset": "d", "image": "i", "text": "t", "mode": "natural", '
+     '"max_new_tokens": 0}', r"universal.jsonl:2: max_new_tokens must be a positive integer, got 0"),
+    ('["a list"]', r"universal.jsonl:2: expected a JSON object, got list"),
 ])
 def test_read_universal_jsonl_names_file_and_line(tmp_path, line, match):
     path = tmp_path / "universal.jsonl"
     path.write_text("\n" + line + "\n")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataError, match=match):
         list(read_universal_jsonl(path, tmp_path))
 
 

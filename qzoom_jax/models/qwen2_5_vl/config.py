@@ -111,7 +111,9 @@ class QwenVLConfig:
         ids = {k: v for k, v in ids.items() if v is not None or k == "pad_token_id"}
         if isinstance(ids.get("eos_token_id"), list):
             ids["eos_token_id"] = ids["eos_token_id"][0]
-        return cls(text=text, vision=vision, model_type=model_type, qzoom=QZoomConfig.from_dict(raw), **ids)
+        qzoom = QZoomConfig.from_dict(raw, source)
+        qzoom.check_depth(text.num_hidden_layers, source)
+        return cls(text=text, vision=vision, model_type=model_type, qzoom=qzoom, **ids)
 
     # ------------------------------------------------------------------ writing
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:

@@ -7,6 +7,9 @@ from typing import Any, Mapping
 
 from qzoom_jax.runtime.errors import ConfigError
 
+# What each annotated field accepts (bool is an int in Python, so it is told apart explicitly).
+_KINDS = {"bool": (bool,), "int | None": (int, type(None)), "str": (str,), "float": (int, float)}
+
 
 @dataclasses.dataclass(frozen=True)
 class QZoomConfig:
@@ -27,6 +30,10 @@ class QZoomConfig:
     max_pixels: int | None = None
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # config.json values are user input: check their types first
+            value, kinds = getattr(self, field.name), _KINDS[field.type]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise ConfigError(f"{field.name} must be {field.type}, got {value!r}")
         if self.enable_twig and (not self.twig_K or not self.twig_T):
             raise ConfigError(f"enable_twig=true needs positive twig_K and twig_T, got {self.twig_K}, {self.twig_T}")
         if self.enable_twig and self.roi_source != "qk":
@@ -37,6 +44,14 @@ class QZoomConfig:
         if self.enable_high_res and self.enable_twig and self.gate_K != self.twig_K:
             raise ConfigError(f"high_res_K={self.high_res_K} must equal twig_K={self.twig_K}: the gate and the twig "
                               "branch off the same layer")
+
+    def check_depth(self, num_layers: int, source: str = "config") -> None:
+        """The branches must fit the backbone: K + T base layers (they start as copies of layers K..K+T-1)."""
+        for on, name, K, T in ((self.enable_twig, "twig", self.twig_K, self.twig_T),
+                               (self.enable_high_res, "high_res", self.gate_K, self.gate_T)):
+            if on and K + T > num_layers:
+                raise ConfigError(f"{source}: {name}_K={K} + {name}_T={T} exceeds the backbone's {num_layers} "
+                                  "decoder layers")
 
     @property
     def gate_K(self) -> int | None:
@@ -49,9 +64,12 @@ class QZoomConfig:
         return self.high_res_T if self.high_res_T is not None else self.twig_T
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QZoomConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "QZoomConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The keys for config.json. With the twig enabled, also the keys upstream's training script writes

@@ -7,16 +7,22 @@ gate, RoI map, crop and re-encoding, both prefills, decoding), as upstream times
 reference §6.4). Per task: accuracy, samples/s and tokens/s, visual tokens, zoom and gate rates; per group:
 accuracy (mean over tasks), rectified samples/s and visual tokens.
 
+Each task is prompted, generated, post-processed and scored as upstream's lmms-eval fork does it (its ``rules``:
+evaluation/tasks.py, evaluation/scoring.py, lmms-eval-tasks.md), under ``scoring`` "lmms" (the fork's numbers) or
+"official"; images go to the engine as decoded, and the engine resizes (``resize``) and converts them
+(``alpha``) as upstream's evaluation does.
+
 Output under the workdir:
 
-    <variant>/<task>.jsonl     one header line {"settings": ...}, then one record per sample (question_id,
-                               prediction, answers, score, latency_s, num_tokens, visual_tokens, gate_prob,
-                               zoomed, box, throughput) or {question_id, skipped} for an unusable image
+    <variant>/<task>.jsonl     one header line {"settings": ..., "scoring": ..., "judge": ...}, then one record per
+                               sample (question_id, prompt, reply, prediction (the post-processed reply), answers,
+                               score, matched, category, latency_s, num_tokens, visual_tokens, gate_prob, zoomed,
+                               box, throughput), or {question_id, skipped} for an unusable image
     <variant>/<task>.json      the task summary;  results.json: everything, plus Q-Zoom's relative throughput
     sweep/<variant>/max<N>/    the same per Max-N budget with --sweep;  sweep.json, pareto.png
 
-A restarted run keeps the records whose header matches its settings, scores them again with the current
-metric, and carries on after them.
+A restarted run keeps the records written under the same settings with the same prompt, scores them again under
+the current scoring (so a scoring change or fix needs no new generations), and carries on after them.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import jax
 from absl import flags
 from tqdm import tqdm
 
-from qzoom_jax.runtime import cli
-from qzoom_jax.evaluation import report
-from qzoom_jax.evaluation import benchmarks
+from qzoom_jax.data.image_processing import ALPHA_MODES, RESIZE_MODES, ImageSizeError
 from qzoom_jax.data.stage1 import SkipSample
-from qzoom_jax.evaluation.metrics import score
+from qzoom_jax.evaluation import benchmarks, report, scoring, tasks
+from qzoom_jax.evaluation.judge import EngineJudge
+from qzoom_jax.runtime import cli
+from qzoom_jax.runtime.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +50,59 @@ VARIANTS = ("qzoom", "baseline")
 _MAX_SKIP_WARNINGS = 5  # per task; the summary counts every skipped sample
 
 
-def load_engine(model):
-    """The Q-Zoom engine of ``config.model`` (path None = the embedded tiny checkpoint)."""
-    if model.path == "":
-        raise ValueError("this preset needs a checkpoint: pass --config.model.path=DIR")
+def check_config(cfg) -> None:
+    """The run's settings, checked before anything is read or loaded; each error names the key and value."""
+    unknown = [n for n in cfg.task_names if n not in cfg.tasks]
+    if unknown:
+        raise ConfigError(f"task_names {unknown} are not in config.tasks ({sorted(cfg.tasks)})")
+    bad = [v for v in cfg.variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"config.variants: unknown variant(s) {bad}; choose from {VARIANTS}")
+    for key, choices in (("scoring", scoring.SCORINGS), ("resize", RESIZE_MODES), ("alpha", ALPHA_MODES)):
+        if cfg[key] not in choices:
+            raise ConfigError(f"config.{key}={cfg[key]!r} is not one of {choices}")
+    if cfg.judge is not None and not (isinstance(cfg.judge, str) and cfg.judge):
+        raise ConfigError(f"config.judge={cfg.judge!r}: give None (no judge), 'self' or a checkpoint path")
+    for name in cfg.task_names:
+        task = cfg.tasks[name]
+        if task.rules not in tasks.TASKS:
+            raise ConfigError(f"config.tasks.{name}.rules={task.rules!r} is not one of {sorted(tasks.TASKS)}")
+        budget = task.max_new_tokens
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ConfigError(f"config.tasks.{name}.max_new_tokens={budget!r}: give None (the task's own) or an "
+                              f"int >= 1")
+
+
+def task_max_new_tokens(task) -> int:
+    """The configured task's generation budget: its override, else its rules' own (tasks.max_new_tokens)."""
+    return tasks.max_new_tokens(task.rules) if task.max_new_tokens is None else task.max_new_tokens
+
+
+def load_engine(cfg):
+    """The Q-Zoom engine of ``config.model`` (path None = the embedded tiny checkpoint), with the run's image path."""
+    if cfg.model.path == "":
+        raise ConfigError("config.model.path: this preset needs a checkpoint; pass --config.model.path=DIR")
+    return _load(cfg, cfg.model.path)
+
+
+def _load(cfg, path):
     # Imported here so that this module (and tests with stand-in engines) does not pull in the model stack.
     from qzoom_jax.zoom.engine import QZoom
 
-    return QZoom.load(model.path, dtype=model.dtype, attn_impl=model.attn_impl)
+    return QZoom.load(path, dtype=cfg.model.dtype, attn_impl=cfg.model.attn_impl, resize=cfg.resize,
+                      alpha=cfg.alpha)
+
+
+def load_judge(cfg, engine) -> EngineJudge | None:
+    """The HR-Bench fallback judge of ``config.judge``: None, the evaluated engine ("self"), or another checkpoint."""
+    if cfg.judge is None:
+        return None
+    return EngineJudge(engine if cfg.judge == "self" else _load(cfg, cfg.judge))
 
 
 def load_tasks(cfg) -> dict[str, list[benchmarks.Sample]]:
     """The samples of every task in ``task_names``, all read (and checked) before anything runs."""
-    unknown = [n for n in cfg.task_names if n not in cfg.tasks]
-    if unknown:
-        raise ValueError(f"task_names {unknown} are not in config.tasks ({sorted(cfg.tasks)})")
-    bad = [v for v in cfg.variants if v not in VARIANTS]
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    check_config(cfg)
     return {name: benchmarks.load_task(name, cfg.tasks[name], cfg.data_dir) for name in cfg.task_names}
 
 
@@ -93,26 +135,27 @@ def _used(setting: Mapping, variant: str) -> dict:
 
 
 def _header(cfg, name: str, variant: str, setting: Mapping) -> dict:
-    """Everything a task's generations depend on; records under another header are redone. (The metric is not
-    part of it: records are scored again on every run.)"""
+    """The records file's first line. ``settings``: everything a task's generations depend on but the prompt
+    (each record carries its own); records under other settings are redone. ``scoring`` and ``judge`` say what
+    produced the records' scores; they are rescored on every run, so these take no part in the match."""
     task = cfg.tasks[name]
-    settings = {"variant": variant, "task": name, "max_new_tokens": task.max_new_tokens,
-                "post_prompt": task.post_prompt, "suffix_on_options": cfg.suffix_on_options,
+    settings = {"variant": variant, "task": name, "max_new_tokens": task_max_new_tokens(task),
                 "source": task.jsonl if task.source == "jsonl" else f"synthetic:{task.kind}:{task.seed}",
-                "model": cfg.model.to_dict(), "device": jax.devices()[0].device_kind,
-                "throughput_limit": cfg.throughput_limit, "warmup_runs": cfg.warmup_runs,
-                **_used(setting, variant)}
-    return {"settings": json.loads(json.dumps(settings))}
+                "model": cfg.model.to_dict(), "resize": cfg.resize, "alpha": cfg.alpha,
+                "device": jax.devices()[0].device_kind, "throughput_limit": cfg.throughput_limit,
+                "warmup_runs": cfg.warmup_runs, **_used(setting, variant)}
+    return {"settings": json.loads(json.dumps(settings)), "scoring": cfg.scoring, "judge": cfg.judge}
 
 
-def _read_records(path: str, header: dict) -> list[dict]:
-    """The records in `path` if it was written under `header`, else none; a last line cut short by an
+def _read_records(path: str, settings: dict) -> list[dict]:
+    """The records in `path` if it was written under `settings`, else none; a last line cut short by an
     interruption is dropped."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    if not lines or _json_or_none(lines[0]) != header:
+    first = _json_or_none(lines[0]) if lines else None
+    if not isinstance(first, dict) or first.get("settings") != settings:
         log.warning("%s was written with other settings; evaluating the task again", path)
         return []
     records = []
@@ -131,58 +174,83 @@ def _json_or_none(line: str):
         return None
 
 
+def _scores(rules: str, reply: str, row: Mapping, scoring_name: str, judge) -> dict:
+    """The post-processed prediction of a reply and its score under the task's rules (the one scoring path)."""
+    prediction = tasks.postprocess(rules, reply)
+    detail = scoring.score_detail(rules, prediction, row, scoring_name, judge)
+    return {"prediction": prediction, "score": detail.score, "matched": detail.matched}
+
+
 def run_task(engine, cfg, name: str, samples: Sequence[benchmarks.Sample], variant: str, setting: Mapping,
-             out_dir: str, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Evaluate one task at one setting; returns its summary (also written to ``out_dir/<task>.json``)."""
+             out_dir: str, clock: Callable[[], float] = time.perf_counter, judge=None) -> dict:
+    """Evaluate one task at one setting; returns its summary (also written to ``out_dir/<task>.json``).
+    `judge`: the HR-Bench fallback judge (scoring.Judge), or None."""
     task = cfg.tasks[name]
+    rules, max_new_tokens = task.rules, task_max_new_tokens(task)
     path = os.path.join(out_dir, f"{name}.jsonl")
     header = _header(cfg, name, variant, setting)
     by_id = {s.question_id: s for s in samples}
-    old = _read_records(path, header)
-    for r in old:  # scored again, so that a metric's fix or a task's new metric needs no new generations
+    prompts = {qid: tasks.prompt(rules, s.row) for qid, s in by_id.items()}
+    judge_errors = getattr(judge, "errors", 0)
+    # A record generated from another prompt (a rules change, a prompt fix) is redone; records beyond the
+    # current samples (an earlier run with a larger limit) stay in the file, out of the summary.
+    old = [r for r in _read_records(path, header["settings"])
+           if "skipped" in r or r["question_id"] not in by_id or r.get("prompt") == prompts[r["question_id"]]]
+    for r in old:  # scored again under the current scoring
         if "skipped" not in r and r["question_id"] in by_id:
-            r["score"] = _score(by_id[r["question_id"]], r["prediction"], task.metric)
+            r.update(_scores(rules, r["reply"], by_id[r["question_id"]].row, cfg.scoring, judge))
     os.makedirs(out_dir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in [header, *old])
-    # Records beyond the current samples (an earlier run with a larger limit) stay in the file, out of the summary.
     records = [r for r in old if r["question_id"] in by_id]
     done = {r["question_id"] for r in records}
     usable = sum("skipped" not in r for r in records)
     factor = engine.processor.image_processor.factor
     run_args = {"roi_threshold": setting["roi_threshold"], "gate_threshold": setting["gate_threshold"],
-                "max_new_tokens": task.max_new_tokens, "zoom": variant == "qzoom"}
+                "max_new_tokens": max_new_tokens, "zoom": variant == "qzoom"}
     warnings = 0
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(samples), initial=len(done), unit="sample",
                                                       desc=f"{variant} max{setting['max_tokens']} {name}") as bar:
         for sample in samples:
             if sample.question_id in done:
                 continue
+            prompt = prompts[sample.question_id]
             try:
-                image = benchmarks.load_image(sample, factor)
-            except SkipSample as e:
-                record = {"question_id": sample.question_id, "skipped": str(e)}
-                warnings += 1
-                if warnings <= _MAX_SKIP_WARNINGS:
-                    log.warning("%s: skipping %s: %s", name, sample.question_id, e)
-            else:
-                timed = cfg.throughput_limit <= 0 or usable < cfg.throughput_limit
-                prompt = benchmarks.task_prompt(sample, task.post_prompt, cfg.suffix_on_options)
+                image = benchmarks.load_image(sample)
                 prepared = engine.prepare([image], [prompt], min_pixels=setting["min_tokens"] * factor**2,
                                           max_pixels=setting["max_tokens"] * factor**2)
+            except (SkipSample, ImageError) as e:
+                record = {"question_id": sample.question_id, "skipped": _skip_reason(sample, e)}
+                warnings += 1
+                if warnings <= _MAX_SKIP_WARNINGS:
+                    log.warning("%s: skipping %s: %s", name, sample.question_id, record["skipped"])
+            else:
+                timed = cfg.throughput_limit <= 0 or usable < cfg.throughput_limit
                 answer, latency = _timed_run(engine, prepared, run_args, cfg.warmup_runs if timed else 0, clock)
-                record = _record(sample, answer, task.metric, latency, timed)
+                record = _record(sample, prompt, answer, latency, timed,
+                                 _scores(rules, answer.answer, sample.row, cfg.scoring, judge))
                 usable += 1
             f.write(json.dumps(record) + "\n")
             f.flush()
             records.append(record)
             bar.update()
-    summary = {"task": name, "variant": variant, "metric": task.metric, **_used(setting, variant),
-               "max_new_tokens": task.max_new_tokens, "full_size": task.full_size,
-               **report.task_summary(records, task.aggregate,
-                                          setting["gate_threshold"] if variant == "qzoom" else None)}
+    summary = {"task": name, "rules": rules, "metric": tasks.get_task(rules).metric, "variant": variant,
+               "scoring": cfg.scoring, "judge": cfg.judge, "resize": cfg.resize, "alpha": cfg.alpha,
+               **_used(setting, variant), "max_new_tokens": max_new_tokens, "full_size": task.full_size,
+               **report.task_summary(records, {qid: s.row for qid, s in by_id.items()}, rules, cfg.scoring,
+                                     setting["gate_threshold"] if variant == "qzoom" else None),
+               "judge_errors": None if judge is None else getattr(judge, "errors", 0) - judge_errors}
     _write_json(os.path.join(out_dir, f"{name}.json"), summary)
     return summary
+
+
+def _skip_reason(sample: benchmarks.Sample, error: Exception) -> str:
+    """"<reason>: <details>" of a skipped sample; the summary counts and lists them per reason."""
+    if isinstance(error, ImageSizeError):  # an aspect ratio above 200 at either resize: upstream's run aborts
+        return f"image size: {error}"
+    if isinstance(error, ImageError):  # the engine's RGB conversion failed on the decoded pixels
+        return f"unusable image: {sample.image_path or sample.question_id}: {error}"
+    return str(error)
 
 
 def _timed_run(engine, prepared, run_args: Mapping, warmup_runs: int, clock: Callable[[], float]):
@@ -194,16 +262,13 @@ def _timed_run(engine, prepared, run_args: Mapping, warmup_runs: int, clock: Cal
     return answer, clock() - start
 
 
-def _score(sample: benchmarks.Sample, prediction: str, metric: str) -> float:
-    return score(metric, prediction, sample.answers, sample.options, sample.category)
-
-
-def _record(sample: benchmarks.Sample, answer, metric: str, latency: float, timed: bool) -> dict:
+def _record(sample: benchmarks.Sample, prompt: str, answer, latency: float, timed: bool, scores: Mapping) -> dict:
     return {
         "question_id": sample.question_id,
-        "prediction": answer.answer,
+        "prompt": prompt,
+        "reply": answer.answer,
+        **scores,
         "answers": list(sample.answers),
-        "score": _score(sample, answer.answer, metric),
         "category": sample.category,
         "latency_s": latency,
         "num_tokens": int(answer.num_tokens),
@@ -215,24 +280,30 @@ def _record(sample: benchmarks.Sample, answer, metric: str, latency: float, time
     }
 
 
-def _groups(cfg, tasks: Mapping[str, Mapping]) -> dict:
-    sizes = {name: cfg.tasks[name].full_size for name in tasks}
-    return {g: report.group_summary(tasks, group.tasks, sizes) for g, group in cfg.groups.items()}
+def _groups(cfg, summaries: Mapping[str, Mapping]) -> dict:
+    sizes = {name: cfg.tasks[name].full_size for name in summaries}
+    return {g: report.group_summary(summaries, group.tasks, sizes) for g, group in cfg.groups.items()}
 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _provenance(cfg) -> dict:
+    """What every number of a results file was produced with, beside the full config."""
+    return {"device": jax.devices()[0].device_kind, "scoring": cfg.scoring, "judge": cfg.judge,
+            "images": {"resize": cfg.resize, "alpha": cfg.alpha}}
+
+
 def evaluate(cfg, workdir: str, engine, samples: Mapping[str, Sequence[benchmarks.Sample]],
-             clock: Callable[[], float] = time.perf_counter) -> dict:
+             clock: Callable[[], float] = time.perf_counter, judge=None) -> dict:
     """Every task (`samples`: name -> samples) at its canonical budget for every variant -> results.json."""
     variants = {}
     for variant in cfg.variants:
-        tasks = {name: run_task(engine, cfg, name, samples[name], variant, canonical_setting(cfg.tasks[name]),
-                                os.path.join(workdir, variant), clock) for name in samples}
-        variants[variant] = {"tasks": tasks, "groups": _groups(cfg, tasks)}
-    results = {"device": jax.devices()[0].device_kind, "variants": variants, "config": cfg.to_dict()}
+        summaries = {name: run_task(engine, cfg, name, samples[name], variant, canonical_setting(cfg.tasks[name]),
+                                    os.path.join(workdir, variant), clock, judge) for name in samples}
+        variants[variant] = {"tasks": summaries, "groups": _groups(cfg, summaries)}
+    results = {**_provenance(cfg), "variants": variants, "config": cfg.to_dict()}
     if {"qzoom", "baseline"} <= set(variants):  # the paper tables' "Tp": Q-Zoom's throughput / the baseline's
         qz, base = variants["qzoom"], variants["baseline"]
         results["relative_throughput"] = {
@@ -246,20 +317,21 @@ def evaluate(cfg, workdir: str, engine, samples: Mapping[str, Sequence[benchmark
 
 
 def sweep(cfg, workdir: str, engine, samples: Mapping[str, Sequence[benchmarks.Sample]],
-          clock: Callable[[], float] = time.perf_counter) -> dict:
+          clock: Callable[[], float] = time.perf_counter, judge=None) -> dict:
     """The Max-N ladder of every variant -> ``workdir/sweep.json`` and the Pareto plot ``workdir/pareto.png``."""
     runs: dict[str, dict[int, dict]] = {}
     for variant in cfg.variants:
         for max_tokens in cfg.sweep[f"{variant}_budgets"]:
             out_dir = os.path.join(workdir, "sweep", variant, f"max{max_tokens}")
-            tasks = {name: run_task(engine, cfg, name, samples[name], variant,
-                                    sweep_setting(cfg.tasks[name], variant, max_tokens, cfg.sweep), out_dir, clock)
-                     for name in samples}
-            runs.setdefault(variant, {})[max_tokens] = {"tasks": tasks, "groups": _groups(cfg, tasks)}
+            summaries = {name: run_task(engine, cfg, name, samples[name], variant,
+                                        sweep_setting(cfg.tasks[name], variant, max_tokens, cfg.sweep), out_dir,
+                                        clock, judge)
+                         for name in samples}
+            runs.setdefault(variant, {})[max_tokens] = {"tasks": summaries, "groups": _groups(cfg, summaries)}
     headline = {g: report.headline(runs, g, group.speedup_budget, cfg.sweep.reference_budget)
                 for g, group in cfg.groups.items()}
     report.pareto_plot(runs, list(cfg.groups), os.path.join(workdir, "pareto.png"))
-    results = {"device": jax.devices()[0].device_kind, "headline": headline, "runs": runs, "config": cfg.to_dict()}
+    results = {**_provenance(cfg), "headline": headline, "runs": runs, "config": cfg.to_dict()}
     _write_json(os.path.join(workdir, "sweep.json"), results)
     return results
 
@@ -276,19 +348,31 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _print_provenance(results: Mapping) -> None:
+    images = results["images"]
+    print(f"scoring {results['scoring']} (judge: {results['judge'] or 'none'}), images: resize={images['resize']} "
+          f"alpha={images['alpha']}")
+
+
 def _print_results(results: Mapping) -> None:
+    _print_provenance(results)
+    acc = f"acc[{results['scoring']}]"
     for variant, out in results["variants"].items():
         for name, t in out["tasks"].items():
-            print(f"{variant:8s} {name:20s} acc {_fmt(t['accuracy'], '6.2f')}  "
+            extra = "".join(f"  {label} {t[key]}" for key, label in (("unmatched", "unmatched"),
+                                                                      ("num_skipped", "skipped")) if t[key])
+            print(f"{variant:8s} {name:20s} {acc} {_fmt(t['accuracy'], '6.2f')}  "
                   f"samples/s {_fmt(t['throughput']['samples_per_s'], '8.3f')}  "
-                  f"visual tokens {_fmt(t['mean_visual_tokens'], '7.1f')}  zoomed {_fmt(t['zoom_rate'], '.0%')}")
+                  f"visual tokens {_fmt(t['mean_visual_tokens'], '7.1f')}  zoomed {_fmt(t['zoom_rate'], '.0%')}"
+                  f"{extra}")
         for name, g in out["groups"].items():
-            print(f"{variant:8s} {name:20s} acc {_fmt(g['accuracy'], '6.2f')}  "
+            print(f"{variant:8s} {name:20s} {acc} {_fmt(g['accuracy'], '6.2f')}  "
                   f"samples/s {_fmt(g['rectified_samples_per_s'], '8.3f')}  "
                   f"visual tokens {_fmt(g['rectified_visual_tokens'], '7.1f')}  (rectified)")
 
 
 def _print_headline(results: Mapping) -> None:
+    _print_provenance(results)
     for group, h in results["headline"].items():
         print(f"{group}: Q-Zoom Max-{h['qzoom_budget']} vs baseline Max-{h['reference_budget']}: "
               f"speed-up {_fmt(h['speedup'], '.2f')}, visual-token reduction {_fmt(h['token_reduction'], '.1%')}; "
@@ -297,12 +381,13 @@ def _print_headline(results: Mapping) -> None:
 
 def main(cfg, workdir: str, run_sweep: bool = False) -> None:
     samples = load_tasks(cfg)  # every benchmark file is checked before the model loads
-    engine = load_engine(cfg.model)
+    engine = load_engine(cfg)
+    judge = load_judge(cfg, engine)
     if run_sweep:
-        _print_headline(sweep(cfg, workdir, engine, samples))
+        _print_headline(sweep(cfg, workdir, engine, samples, judge=judge))
         print(f"sweep: {os.path.join(workdir, 'sweep.json')}, plot: {os.path.join(workdir, 'pareto.png')}")
     else:
-        _print_results(evaluate(cfg, workdir, engine, samples))
+        _print_results(evaluate(cfg, workdir, engine, samples, judge=judge))
         print(f"results: {os.path.join(workdir, 'results.json')}")
 
 

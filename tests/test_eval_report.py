@@ -6,40 +6,54 @@ from PIL import Image
 from qzoom_jax.evaluation import report
 
 
-def _rec(score, latency, tokens=5, vt=100, gate=None, zoomed=False, category="", timed=True):
-    return {"score": score, "latency_s": latency, "num_tokens": tokens, "visual_tokens": vt, "gate_prob": gate,
-            "zoomed": zoomed, "category": category, "throughput": timed}
+def _rec(qid, score, latency, tokens=5, vt=100, gate=None, zoomed=False, timed=True, matched=True):
+    return {"question_id": qid, "score": score, "matched": matched, "latency_s": latency, "num_tokens": tokens,
+            "visual_tokens": vt, "gate_prob": gate, "zoomed": zoomed, "throughput": timed}
+
+
+RECORDS = [
+    _rec("a", 1.0, 0.5, tokens=4, vt=100, gate=0.9, zoomed=True),
+    _rec("b", 0.0, 1.5, tokens=8, vt=60, gate=0.2, zoomed=False, matched=False),
+    _rec("c", 1.0, 9.0, tokens=2, vt=80, gate=0.6, zoomed=False, timed=False),
+    {"question_id": "x", "skipped": "missing image: /data/x.png (FileNotFoundError)"},
+    {"question_id": "y", "skipped": "image size: image of size 28x5992 (HxW) has aspect ratio 214.0, must be <= 200"},
+    {"question_id": "z", "skipped": "missing image: /data/z.png (FileNotFoundError)"},
+]
+ROWS = {  # HR-Bench-style rows: categories single/cross, cycle groups c1 (a, b) and c2 (c)
+    "a": {"category": "single", "cycle_category": "c1"},
+    "b": {"category": "cross", "cycle_category": "c1"},
+    "c": {"category": "single", "cycle_category": "c2"},
+}
 
 
 def test_task_summary():
-    records = [
-        _rec(1.0, 0.5, tokens=4, vt=100, gate=0.9, zoomed=True, category="FSP"),
-        _rec(0.0, 1.5, tokens=8, vt=60, gate=0.2, zoomed=False, category="FCP"),
-        _rec(1.0, 9.0, tokens=2, vt=80, gate=0.6, zoomed=False, category="FSP", timed=False),
-        {"question_id": "x", "skipped": "missing image: /data/x.png (FileNotFoundError)"},
-        {"question_id": "y", "skipped": "unusable image: /data/y.png: corrupt image"},
-    ]
-    s = report.task_summary(records, "mean", gate_threshold=0.5)
-    assert s["accuracy"] == pytest.approx(200 / 3)
-    assert s["categories"] == pytest.approx({"FCP": 0.0, "FSP": 100.0})
-    assert (s["num_samples"], s["num_skipped"]) == (3, 2)
-    assert s["skipped"] == {"missing image": 1, "unusable image": 1}
+    s = report.task_summary(RECORDS, ROWS, "docvqa", gate_threshold=0.5)
+    assert s["accuracy"] == pytest.approx(200 / 3)  # the plain mean
+    assert s["categories"] == pytest.approx({"cross": 0.0, "single": 100.0})
+    assert (s["num_samples"], s["num_skipped"], s["unmatched"]) == (3, 3, 1)
+    assert s["skipped"] == {"missing image": 2, "image size": 1}
+    assert s["skipped_ids"] == {"missing image": ["x", "z"], "image size": ["y"]}
     # throughput over the two timed samples only: 2 samples / 2.0 s, 12 tokens / 2.0 s
     assert s["throughput"] == {"samples": 2, "latency_s": 2.0, "samples_per_s": 1.0, "tokens_per_s": 6.0}
     assert s["mean_visual_tokens"] == pytest.approx(80.0)
     assert s["zoom_rate"] == pytest.approx(1 / 3)       # one RoI inserted
     assert s["gate_fire_rate"] == pytest.approx(2 / 3)  # 0.9 and 0.6 reach 0.5 (the RPN may still find no RoI)
     assert s["mean_gate_prob"] == pytest.approx(1.7 / 3)
-    hr = report.task_summary(records, "category_mean")
-    assert hr["accuracy"] == pytest.approx(50.0) and hr["gate_fire_rate"] is None
+    # HR-Bench: the mean over cycle_category, c1 (1 + 0) / 2 and c2 1 -> 75, within each category too
+    hr = report.task_summary(RECORDS, ROWS, "hrbench8k")
+    assert hr["accuracy"] == pytest.approx(75.0) and hr["gate_fire_rate"] is None
+    assert hr["categories"] == pytest.approx({"cross": 0.0, "single": 100.0})
+    # OCRBench: the fork's sum / 1000 under "lmms", the mean under "official"
+    assert report.task_summary(RECORDS, ROWS, "ocrbench")["accuracy"] == pytest.approx(0.2)
+    assert report.task_summary(RECORDS, ROWS, "ocrbench", "official")["accuracy"] == pytest.approx(200 / 3)
 
 
 def test_task_summary_without_gate_or_samples():
-    s = report.task_summary([_rec(1.0, 0.25)], gate_threshold=0.5)
+    s = report.task_summary([_rec("a", 1.0, 0.25)], {"a": {}}, "docvqa", gate_threshold=0.5)
     assert s["mean_gate_prob"] is None and s["gate_fire_rate"] is None and s["zoom_rate"] == 0.0
-    empty = report.task_summary([{"question_id": "x", "skipped": "missing image: x"}])
+    empty = report.task_summary([{"question_id": "x", "skipped": "missing image: x"}], {}, "docvqa")
     assert empty["accuracy"] is None and empty["throughput"]["samples_per_s"] is None
-    assert empty["mean_visual_tokens"] is None and empty["zoom_rate"] is None
+    assert empty["mean_visual_tokens"] is None and empty["zoom_rate"] is None and empty["unmatched"] == 0
 
 
 def test_rectified_throughput_is_the_size_weighted_harmonic_mean():

@@ -13,12 +13,16 @@ import pytest
 from PIL import Image
 
 from qzoom_jax import evaluate
-from qzoom_jax.evaluation import benchmarks
-from qzoom_jax.data.prompts import ANSWER_SUFFIX
+from qzoom_jax.data.image_processing import ImageSizeError, fetch_smart_resize, smart_resize
+from qzoom_jax.data.stage1 import SkipSample
+from qzoom_jax.evaluation import benchmarks, judge
+from qzoom_jax.runtime.errors import ConfigError, ImageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FACTOR = 28
 ZOOM_TOKENS = 64  # RoI tokens the stand-in adds when it zooms
+SUFFIX = "Answer the question using a single word or phrase."
+JUDGE_KEY = judge.PROMPT.split("\n")[0]  # the first line of every judge prompt
 
 
 def eval_config(preset=None):
@@ -49,7 +53,8 @@ class Clock:
 
 class FakeEngine:
     """Replies by the question's first line: script[question] = (reply, gate probability). A run takes
-    max_tokens / 1000 s on the clock, 1.5x that when it zooms (gate probability >= τ_gate)."""
+    max_tokens / 1000 s on the clock, 1.5x that when it zooms (gate probability >= τ_gate). prepare models the
+    engine's two resizes: small images are upscaled, an aspect ratio above 200 at either raises ImageSizeError."""
 
     processor = SimpleNamespace(image_processor=SimpleNamespace(factor=FACTOR))
     has_gate = True
@@ -60,8 +65,10 @@ class FakeEngine:
 
     def prepare(self, images, questions, *, min_pixels, max_pixels):
         assert len(images) == len(questions) == 1 and isinstance(images[0], Image.Image)
+        h, w = fetch_smart_resize(images[0].height, images[0].width)  # qwen-vl-utils' fetch_image
+        smart_resize(h, w, FACTOR, min_pixels, max_pixels)  # the processor's
         item = {"question": questions[0], "min_tokens": min_pixels // FACTOR**2,
-                "max_tokens": max_pixels // FACTOR**2}
+                "max_tokens": max_pixels // FACTOR**2, "size": images[0].size}
         self.prepared.append(item)
         return item
 
@@ -75,49 +82,56 @@ class FakeEngine:
                        (0, 0, 28, 28) if zoomed else None, tokens)]
 
 
-DOCS = [  # question, answers, image name, scripted reply, gate probability
-    ("What is the title?", ["Annual Report"], "d1.png", "annual report", 0.9),   # ANLS 1, zooms
-    ("What is the date?", ["12 May 2020"], "d2.png", "12 may 2021", 0.1),       # ANLS 10/11, no zoom
-    ("Who signed?", ["J. Doe"], "missing.png", "J. Doe", 0.9),                   # image missing: skipped
-    ("What is the total?", ["$1,000"], "d4.png", "$1,000", 0.6),                 # ANLS 1, zooms, not timed
+DOCS = [  # question, answers, image (name, W x H), scripted reply, gate probability; rules docvqa
+    ("What is the title?", ["Annual Report"], ("d1.png", (120, 90)), "annual report", 0.9),  # ANLS 1, zooms
+    ("What is the date?", ["12 May 2020"], ("d2.png", (120, 90)), "12 may 2021", 0.1),      # ANLS 10/11
+    ("Who signed?", ["J. Doe"], ("missing.png", None), "J. Doe", 0.9),                       # skipped: missing
+    ("What is the total?", ["$1,000"], ("d4.png", (120, 90)), "$1,000", 0.6),                # 1, zooms, untimed
+    ("What is the code?", ["X1"], ("tiny.png", (10, 40)), "x1", 0.1),                        # small: upscaled, 1
+    ("What is the long text?", ["abc"], ("long.png", (30, 6000)), "abc", 0.1),  # 28x5992 after fetch: skipped
 ]
-MC = [  # question, options, answer, category, reply, gate probability
-    ("Which animal?", ["dog", "cat"], "B", "attr", "(B) cat", 0.7),
-    ("Which colour?", ["red", "blue", "green"], "A", "spatial", "The answer is C", 0.2),
+MC = [  # question, options, answer, category, cycle_category, reply, gate probability; rules hrbench4k
+    ("Which animal?", ["dog", "cat"], "B", "single", "c1", "(B) cat", 0.7),          # B: right
+    ("Which colour?", ["red", "blue", "green"], "A", "cross", "c2", "The answer is C", 0.2),  # C: wrong
+    ("Which shape?", ["circle", "square"], "A", "single", "c2", "Maybe A or B", 0.9),  # unmatched: judge's case
 ]
 
 
 @pytest.fixture
 def bench(tmp_path):
-    """A two-task benchmark folder (docs: ANLS, mc: multiple choice), the config and the stand-in's script."""
+    """A two-task benchmark folder (docs: DocVQA rules, mc: HR-Bench rules), the config and the stand-in's script."""
     data = tmp_path / "data"
     (data / "docs").mkdir(parents=True)
     (data / "mc").mkdir()
-    for _, _, image, _, _ in DOCS:
-        if image != "missing.png":
-            Image.new("RGB", (120, 90), (200, 200, 200)).save(data / "docs" / image)
+    for _, _, (image, size), _, _ in DOCS:
+        if size:
+            Image.new("RGB", size, (200, 200, 200)).save(data / "docs" / image)
     Image.new("RGB", (100, 100)).save(data / "mc" / "m.png")
     with open(data / "docs.jsonl", "w") as f:
-        for i, (q, answers, image, _, _) in enumerate(DOCS):
+        for i, (q, answers, (image, _), _, _) in enumerate(DOCS):
             f.write(json.dumps({"question_id": f"d{i}", "image": image, "question": q, "answers": answers}) + "\n")
     with open(data / "mc.jsonl", "w") as f:
-        for i, (q, options, answer, category, _, _) in enumerate(MC):
+        for i, (q, options, answer, category, cycle, _, _) in enumerate(MC):
             f.write(json.dumps({"question_id": i, "image": "m.png", "question": q, "options": options,
-                                "answer": answer, "category": category}) + "\n")
+                                "answer": answer, "category": category, "cycle_category": cycle}) + "\n")
     module, cfg = eval_config()
     cfg.data_dir = str(data)
     # docs: 4-16 tokens, mc: 8-32 tokens; τ_gate 0.5; N_i 300 and 100
-    docs = module._task("docs", ("anls", 300, 32, 4, 16, 0.15, 0.5, "mean"), (0.1, 0.5, 0.1, 0.5, 4, 8), False)
-    mc = module._task("mc", ("option", 100, 16, 8, 32, 0.05, 0.5, "mean"), (0.1, 0.5, 0.1, 0.5, 4, 8), False)
+    docs = module._task("docs", (300, 4, 16, 0.15, 0.5), (0.1, 0.5, 0.1, 0.5, 4, 8), False, rules="docvqa")
+    mc = module._task("mc", (100, 8, 32, 0.05, 0.5), (0.1, 0.5, 0.1, 0.5, 4, 8), False, rules="hrbench4k")
     cfg.tasks = ml_collections.ConfigDict({"docs": docs, "mc": mc})
+    cfg.tasks.docs.max_new_tokens = 32  # an override (DocVQA's own is 32 too); fixed when the rules change below
     cfg.task_names = ("docs", "mc")
     cfg.groups = ml_collections.ConfigDict({"doc": {"tasks": ("docs",), "speedup_budget": 32},
                                             "all": {"tasks": ("docs", "mc"), "speedup_budget": 32}})
     cfg.throughput_limit = 2
     cfg.warmup_runs = 1
     script = {q: (reply, gate) for q, _, _, reply, gate in DOCS}
-    script.update({q: (reply, gate) for q, _, _, _, reply, gate in MC})
+    script.update({q: (reply, gate) for q, _, _, _, _, reply, gate in MC})
     return cfg, script, tmp_path / "run"
+
+
+DOCS_ACCURACY = 100 * (1 + 10 / 11 + 1 + 1) / 4
 
 
 def test_evaluate_reports_hand_computed_numbers(bench):
@@ -126,23 +140,32 @@ def test_evaluate_reports_hand_computed_numbers(bench):
     engine = FakeEngine(clock, script)
     results = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
 
+    assert (results["scoring"], results["judge"], results["images"]) == ("lmms", None,
+                                                                         {"resize": "fast", "alpha": "drop"})
     qz, base = results["variants"]["qzoom"], results["variants"]["baseline"]
     docs = qz["tasks"]["docs"]
-    assert docs["accuracy"] == pytest.approx(100 * (1 + 10 / 11 + 1) / 3)
-    assert (docs["num_samples"], docs["skipped"]) == (3, {"missing image": 1})
+    assert (docs["rules"], docs["scoring"], docs["resize"], docs["alpha"]) == ("docvqa", "lmms", "fast", "drop")
+    assert docs["accuracy"] == pytest.approx(DOCS_ACCURACY)
+    assert (docs["num_samples"], docs["num_skipped"]) == (4, 2)
+    assert docs["skipped"] == {"missing image": 1, "image size": 1}
+    assert docs["skipped_ids"] == {"missing image": ["d2"], "image size": ["d5"]}
+    assert docs["unmatched"] == 0 and docs["judge_errors"] is None
     # timed: the first two usable samples, 0.016 s x 1.5 (zoomed) + 0.016 s
     assert docs["throughput"]["samples"] == 2
     assert docs["throughput"]["samples_per_s"] == pytest.approx(2 / 0.040)
     assert docs["throughput"]["tokens_per_s"] == pytest.approx((3 + 4) / 0.040)
-    assert docs["mean_visual_tokens"] == pytest.approx((80 + 16 + 80) / 3)
-    assert docs["zoom_rate"] == pytest.approx(2 / 3) and docs["gate_fire_rate"] == pytest.approx(2 / 3)
-    assert docs["mean_gate_prob"] == pytest.approx((0.9 + 0.1 + 0.6) / 3)
-    assert (docs["min_tokens"], docs["max_tokens"], docs["full_size"]) == (4, 16, 300)
+    assert docs["mean_visual_tokens"] == pytest.approx((80 + 16 + 80 + 16) / 4)
+    assert docs["zoom_rate"] == pytest.approx(2 / 4) and docs["gate_fire_rate"] == pytest.approx(2 / 4)
+    assert docs["mean_gate_prob"] == pytest.approx((0.9 + 0.1 + 0.6 + 0.1) / 4)
+    assert (docs["min_tokens"], docs["max_tokens"], docs["full_size"], docs["max_new_tokens"]) == (4, 16, 300, 32)
 
+    # HR-Bench: the mean over cycle_category (c1: 1/1, c2: 0/2), not the micro mean 1/3; single/cross likewise
     mc = qz["tasks"]["mc"]
-    assert mc["accuracy"] == 50.0 and mc["categories"] == {"attr": 100.0, "spatial": 0.0}
+    assert mc["accuracy"] == pytest.approx(50.0) and mc["unmatched"] == 1
+    assert mc["categories"] == pytest.approx({"cross": 0.0, "single": 50.0})
+    assert mc["max_new_tokens"] == 128  # HR-Bench's own budget (no override)
     assert mc["throughput"]["samples_per_s"] == pytest.approx(2 / (0.048 + 0.032))
-    assert mc["mean_visual_tokens"] == pytest.approx((96 + 32) / 2)
+    assert mc["mean_visual_tokens"] == pytest.approx((96 + 32 + 96) / 3)
 
     assert base["tasks"]["docs"]["accuracy"] == docs["accuracy"]
     assert base["tasks"]["docs"]["throughput"]["samples_per_s"] == pytest.approx(2 / 0.032)
@@ -151,30 +174,101 @@ def test_evaluate_reports_hand_computed_numbers(bench):
 
     # group "all": N = (300, 100) at (50, 25) samples/s -> 400 / (6 + 4) s
     group = qz["groups"]["all"]
-    assert group["accuracy"] == pytest.approx((docs["accuracy"] + 50.0) / 2)
+    assert group["accuracy"] == pytest.approx((DOCS_ACCURACY + 50.0) / 2)
     assert group["rectified_samples_per_s"] == pytest.approx(40.0)
-    assert group["rectified_visual_tokens"] == pytest.approx((300 * 176 / 3 + 100 * 64) / 400)
+    assert group["rectified_visual_tokens"] == pytest.approx((300 * 48 + 100 * 224 / 3) / 400)
     assert results["relative_throughput"]["tasks"]["docs"] == pytest.approx(50 / 62.5)
 
     # batch 1; budgets in pixels; warm-up runs only for the timed samples; the task's thresholds and tokens
     assert {(p["min_tokens"], p["max_tokens"]) for p in engine.prepared} == {(4, 16), (8, 32)}
+    assert (10, 40) in {p["size"] for p in engine.prepared}  # the small image is not skipped
     docs_runs = [r for r in engine.runs if r[0].startswith("What is") or r[0].startswith("Who")]
-    assert len(docs_runs) == 2 * (3 + 2)  # per variant: 3 usable samples + 2 warm-up runs
+    assert len(docs_runs) == 2 * (4 + 2)  # per variant: 4 usable samples + 2 warm-up runs
     assert {r[1:] for r in docs_runs} == {(True, 0.15, 0.5, 32), (False, 0.15, 0.5, 32)}
-    assert engine.runs[-1][0].endswith(ANSWER_SUFFIX)  # the suffix quirk on a MC prompt
+    # the fork's prompts (tasks.prompt): DocVQA's question + suffix, HR-Bench's "A. text" lines + both instructions
+    assert docs_runs[0][0] == "What is the title?\n" + SUFFIX
+    assert engine.runs[-1][0] == ("Which shape?\nA. circle\nB. square\nAnswer the option letter directly.\n"
+                                  + SUFFIX)
 
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["variants"]["qzoom"]["groups"]["all"]["rectified_samples_per_s"] == pytest.approx(40.0)
-    assert saved["config"]["task_names"] == ["docs", "mc"]
+    assert saved["config"]["task_names"] == ["docs", "mc"] and saved["scoring"] == "lmms"
     lines = (workdir / "qzoom" / "docs.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["settings"]["max_tokens"] == 16
+    header = json.loads(lines[0])
+    assert header["settings"]["max_tokens"] == 16 and header["scoring"] == "lmms" and header["judge"] is None
+    assert (header["settings"]["resize"], header["settings"]["alpha"]) == ("fast", "drop")
     first = json.loads(lines[1])
-    assert first["prediction"] == "annual report" and first["score"] == 1.0 and first["zoomed"]
-    assert first["box"] == [0, 0, 28, 28] and first["visual_tokens"] == 80 and first["throughput"]
+    assert first["prompt"] == "What is the title?\n" + SUFFIX and first["reply"] == "annual report"
+    assert first["prediction"] == "annual report" and first["score"] == 1.0 and first["matched"]
+    assert first["zoomed"] and first["box"] == [0, 0, 28, 28] and first["visual_tokens"] == 80
     assert first["latency_s"] == pytest.approx(0.024) and first["answers"] == ["Annual Report"]
+    assert first["throughput"]
     skipped = json.loads(lines[3])
     assert set(skipped) == {"question_id", "skipped"} and skipped["question_id"] == "d2"
     assert skipped["skipped"].startswith("missing image:")
+    elongated = json.loads(lines[6])
+    assert elongated["question_id"] == "d5" and "aspect ratio 214.0" in elongated["skipped"]
+    assert elongated["skipped"].startswith("image size: ")
+    unmatched = json.loads((workdir / "qzoom" / "mc.jsonl").read_text().splitlines()[3])
+    assert (unmatched["reply"], unmatched["score"], unmatched["matched"]) == ("Maybe A or B", 0.0, False)
+
+
+def test_the_printed_table_says_how_it_was_scored(bench, capsys):
+    cfg, script, workdir = bench
+    cfg.scoring = "official"
+    clock = Clock()
+    evaluate._print_results(evaluate.evaluate(cfg, str(workdir), FakeEngine(clock, script),
+                                              evaluate.load_tasks(cfg), clock))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "scoring official (judge: none), images: resize=fast alpha=drop"
+    assert lines[1].startswith(f"qzoom    docs                 acc[official] {DOCS_ACCURACY:6.2f}  samples/s ")
+    assert lines[1].endswith("zoomed 50%  skipped 2")
+    assert lines[2].endswith("zoomed 67%  unmatched 1")
+
+
+def test_skip_reasons_name_the_cause():
+    sample = benchmarks.Sample("q1", "q", ("a",), image_path="/data/q1.png")
+    elongated = ImageSizeError("image of size 28x5992 (HxW) has aspect ratio 214.0, must be <= 200", 28, 5992)
+    assert evaluate._skip_reason(sample, elongated) == (
+        "image size: image of size 28x5992 (HxW) has aspect ratio 214.0, must be <= 200")
+    assert evaluate._skip_reason(sample, ImageError("corrupt or truncated image (OSError: x)")) == (
+        "unusable image: /data/q1.png: corrupt or truncated image (OSError: x)")
+    assert evaluate._skip_reason(sample, SkipSample("missing image: /data/q1.png (FileNotFoundError)")) == (
+        "missing image: /data/q1.png (FileNotFoundError)")
+
+
+class Judging(FakeEngine):
+    """A stand-in judge: answers `verdict` to the judge prompt, or raises when `verdict` is an exception."""
+
+    def __init__(self, verdict):
+        super().__init__(Clock(), {JUDGE_KEY: (verdict, 0.0)} if isinstance(verdict, str) else {})
+        self.verdict = verdict
+
+    def run(self, prepared, **kwargs):
+        if isinstance(self.verdict, Exception):
+            raise self.verdict
+        return super().run(prepared, **kwargs)
+
+
+def test_a_judge_decides_the_unmatched_hrbench_replies(bench):
+    cfg, script, workdir = bench
+    clock = Clock()
+    good = judge.EngineJudge(Judging("A"))
+    results = evaluate.evaluate(cfg, str(workdir), FakeEngine(clock, script), evaluate.load_tasks(cfg), clock,
+                                judge=good)
+    mc = results["variants"]["qzoom"]["tasks"]["mc"]
+    # "Maybe A or B" is judged A (right): c1 1/1, c2 1/2 -> 75; still counted as unmatched (sent to the judge)
+    assert mc["accuracy"] == pytest.approx(75.0) and mc["unmatched"] == 1 and mc["judge_errors"] == 0
+    assert good.calls == 2 and good.errors == 0  # once per variant; the docs never reach it
+    (prompt, zoom, *_), = good.engine.runs[:1]
+    assert prompt.startswith(JUDGE_KEY) and "Question: Which shape?\nOptions: A. circle B. square\n" in prompt
+    assert prompt.endswith("Answer: Maybe A or B\nYour output: ") and zoom is False
+
+    failing = judge.EngineJudge(Judging(RuntimeError("out of memory")))
+    results = evaluate.evaluate(cfg, str(workdir), FakeEngine(clock, script), evaluate.load_tasks(cfg), clock,
+                                judge=failing)  # records reused, rescored: the judge fails, nothing crashes
+    mc = results["variants"]["qzoom"]["tasks"]["mc"]
+    assert mc["accuracy"] == pytest.approx(50.0) and mc["judge_errors"] == 1 and failing.errors == 2
 
 
 def test_evaluate_resumes_and_redoes_on_changed_settings(bench):
@@ -182,45 +276,63 @@ def test_evaluate_resumes_and_redoes_on_changed_settings(bench):
     clock = Clock()
     first = evaluate.evaluate(cfg, str(workdir), FakeEngine(clock, script), evaluate.load_tasks(cfg), clock)
 
-    # an interrupted run: the last record and half a line are lost
+    # an interrupted run: the last two records and half a line are lost
     path = workdir / "qzoom" / "docs.jsonl"
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:-1]) + '\n{"question_id": "d3", "predi')
+    path.write_text("\n".join(lines[:-2]) + '\n{"question_id": "d4", "predi')
     engine = FakeEngine(clock, script)
     again = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
-    assert [r[0] for r in engine.runs] == ["What is the total?\n" + ANSWER_SUFFIX]
+    assert [r[0] for r in engine.runs] == ["What is the code?\n" + SUFFIX]  # d5 is skipped again, unrun
     assert again["variants"]["qzoom"]["tasks"]["docs"] == first["variants"]["qzoom"]["tasks"]["docs"]
     assert len(path.read_text().splitlines()) == len(lines)
 
     engine = FakeEngine(clock, script)
     cfg.tasks.docs.max_tokens = 20  # qzoom and baseline docs are redone, mc is kept
     evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
-    assert len(engine.runs) == 2 * (3 + 2) and {p["max_tokens"] for p in engine.prepared} == {20}
+    assert len(engine.runs) == 2 * (4 + 2) and {p["max_tokens"] for p in engine.prepared} == {20}
 
     engine = FakeEngine(clock, script)
     cfg.tasks.mc.roi_threshold = 0.3  # only Q-Zoom depends on the thresholds
     evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
-    assert {r[1] for r in engine.runs} == {True} and len(engine.runs) == 2 + 2
+    assert {r[1] for r in engine.runs} == {True} and len(engine.runs) == 3 + 2
 
+    # OCRBench's prompt is DocVQA's for these questions: rescored, not regenerated. Substring match: "annual
+    # report", "$1,000" and "x1" match, "12 may 2021" does not; "lmms" divides by the fixed 1000 (ref §2.4)
     engine = FakeEngine(clock, script)
-    cfg.tasks.docs.metric = "relaxed"  # rescored, not regenerated: only "annual report" and "$1,000" match
+    cfg.tasks.docs.rules = "ocrbench"
     out = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
-    assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["accuracy"] == pytest.approx(200 / 3)
-    assert json.loads(path.read_text().splitlines()[2])["score"] == 0.0  # "12 may 2021", was 10/11
+    assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["accuracy"] == pytest.approx(0.3)
+    cfg.scoring = "official"  # the mean over the docs scored
+    out = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    docs = out["variants"]["qzoom"]["tasks"]["docs"]
+    assert engine.runs == [] and docs["accuracy"] == pytest.approx(75.0) and docs["scoring"] == "official"
+    saved = path.read_text().splitlines()
+    assert json.loads(saved[0])["scoring"] == "official"
+    assert json.loads(saved[2])["score"] == 0.0  # "12 may 2021", 10/11 under ANLS
+
+    cfg.tasks.docs.rules = "chartqa"  # another prompt: every docs sample is generated again
+    engine = FakeEngine(clock, script)
+    evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
+    assert len(engine.runs) == 2 * (4 + 2)
+    assert engine.runs[0][0] == "What is the title?\nAnswer the question with a single word.\n" + SUFFIX
 
     cfg.tasks.docs.limit = 2  # fewer samples: nothing to run, and the summary covers only those
+    engine = FakeEngine(clock, script)
     out = evaluate.evaluate(cfg, str(workdir), engine, evaluate.load_tasks(cfg), clock)
     assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["num_samples"] == 2
 
 
 def test_main_prints_the_tables(tmp_path, monkeypatch, capsys):
     _, cfg = eval_config()
-    monkeypatch.setattr(evaluate, "load_engine", lambda model: FakeEngine(Clock()))  # timed by perf_counter
+    monkeypatch.setattr(evaluate, "load_engine", lambda cfg: FakeEngine(Clock()))  # timed by perf_counter
     evaluate.main(cfg, str(tmp_path))
     out = capsys.readouterr().out
-    assert "qzoom    synthetic_scenes     acc  33.33" in out and "baseline doc_ocr" in out
+    assert out.startswith("scoring lmms (judge: none), images: resize=fast alpha=drop\n")
+    assert "qzoom    synthetic_scenes     acc[lmms]  33.33" in out and "baseline doc_ocr" in out
+    cfg.scoring = "official"
     evaluate.main(cfg, str(tmp_path), run_sweep=True)
     out = capsys.readouterr().out
+    assert out.startswith("scoring official (judge: none), images: resize=fast alpha=drop\n")
     assert "doc_ocr: Q-Zoom Max-128 vs baseline Max-256: speed-up " in out  # real clock: any speed
     assert "visual-token reduction 50.0%; accuracy gain at Max-256 +0.0" in out
     assert (tmp_path / "pareto.png").exists() and (tmp_path / "results.json").exists()
@@ -287,27 +399,62 @@ def test_real_presets_carry_the_papers_settings(preset):
     sizes = {n: t[n].full_size for n in cfg.task_names}
     assert sizes == {"docvqa": 5301, "chartqa": 2500, "ocrbench": 1000, "infovqa": 2801, "textvqa": 5000,
                      "vstar": 191, "mmerealworld_lite": 1920, "hrbench4k": 800, "hrbench8k": 800}
-    assert [t[n].max_new_tokens for n in cfg.task_names] == [32, 16, 128, 32, 128, 16, 16, 128, 128]
+    assert all(t[n].rules == n and t[n].max_new_tokens is None for n in cfg.task_names)  # the fork's own
+    assert [evaluate.task_max_new_tokens(t[n]) for n in cfg.task_names] == [32, 16, 128, 32, 128, 16, 16, 128, 128]
     assert (t.ocrbench.min_tokens, t.ocrbench.max_tokens, t.vstar.min_tokens, t.vstar.max_tokens) == (128, 576,
                                                                                                       512, 4096)
     assert (t.textvqa.roi_threshold, t.chartqa.roi_threshold, t.vstar.roi_threshold, t.hrbench8k.roi_threshold,
             t.docvqa.gate_threshold, t.vstar.gate_threshold) == (0.15, 0.125, 0.03, 0.04, 0.05, 0.02)
-    assert t.hrbench4k.aggregate == "category_mean" and t.vstar.metric == "option" and t.textvqa.metric == "vqa"
-    assert cfg.throughput_limit == 100 and cfg.suffix_on_options and cfg.model.path == ""
+    assert (cfg.scoring, cfg.resize, cfg.alpha, cfg.judge) == ("lmms", "fast", "drop", None)  # the published path
+    assert cfg.throughput_limit == 100 and cfg.model.path == ""
     assert cfg.groups.doc_ocr.speedup_budget == 1024 and cfg.groups.hr.speedup_budget == 576
     assert tuple(cfg.sweep.qzoom_budgets) == (256, 384, 576, 1024, 2048, 4096)
     assert tuple(cfg.sweep.baseline_budgets) == (576, 1024, 2048, 4096)
     assert cfg.name == f"eval_{preset}"
     with pytest.raises(ValueError, match="--config.model.path"):
-        evaluate.load_engine(cfg.model)
+        evaluate.load_engine(cfg)
 
 
-def test_bad_config_names_the_problem():
+def test_the_tiny_preset_keeps_its_small_budgets():
     _, cfg = eval_config()
-    cfg.task_names = ("synthetic_docs", "docvqa")
-    with pytest.raises(ValueError, match=r"task_names \['docvqa'\]"):
-        evaluate.load_tasks(cfg)
-    cfg.task_names = ("synthetic_docs",)
-    cfg.variants = ("qzoom", "zoomier")
-    with pytest.raises(ValueError, match="unknown variant"):
+    assert [evaluate.task_max_new_tokens(cfg.tasks[n]) for n in cfg.task_names] == [8, 8]
+    cfg.tasks.synthetic_docs.max_new_tokens = 3
+    assert evaluate.task_max_new_tokens(cfg.tasks.synthetic_docs) == 3
+
+
+def test_engine_and_judge_get_the_runs_image_path(monkeypatch):
+    from qzoom_jax.zoom import engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module.QZoom, "load", staticmethod(lambda path, **kw: calls.append((path, kw))))
+    _, cfg = eval_config()
+    cfg.resize, cfg.alpha = "pil", "composite"
+    evaluate.load_engine(cfg)
+    assert calls == [(None, {"dtype": "float32", "attn_impl": "xla", "resize": "pil", "alpha": "composite"})]
+    assert evaluate.load_judge(cfg, "ENGINE") is None  # default: no judge
+    cfg.judge = "self"
+    assert evaluate.load_judge(cfg, "ENGINE").engine == "ENGINE" and len(calls) == 1
+    cfg.judge = "/ckpt/judge"
+    evaluate.load_judge(cfg, "ENGINE")
+    assert calls[-1][0] == "/ckpt/judge" and calls[-1][1]["resize"] == "pil"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("task_names", ("synthetic_docs", "docvqa"), r"task_names \['docvqa'\]"),
+    ("variants", ("qzoom", "zoomier"), r"config.variants: unknown variant"),
+    ("scoring", "vlmevalkit", r"config.scoring='vlmevalkit' is not one of \('lmms', 'official'\)"),
+    ("resize", "bilinear", r"config.resize='bilinear' is not one of \('pil', 'fast'\)"),
+    ("alpha", "white", r"config.alpha='white' is not one of \('composite', 'drop'\)"),
+    ("judge", "", r"config.judge='': give None \(no judge\), 'self' or a checkpoint path"),
+    ("tasks.synthetic_docs.rules", "gqa", r"config.tasks.synthetic_docs.rules='gqa' is not one of \["),
+    ("tasks.synthetic_scenes.max_new_tokens", 0, r"config.tasks.synthetic_scenes.max_new_tokens=0: give None"),
+])
+def test_bad_config_names_the_key_and_value(key, value, message):
+    _, cfg = eval_config()
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
         evaluate.load_tasks(cfg)

@@ -1,21 +1,21 @@
 """What an evaluation reports: per-task summaries from per-sample records, group figures with the rectified
 throughput, the sweep's headline speed-ups, and the accuracy-vs-throughput Pareto plot (training reference §6.4).
 
-A per-sample record is a dict with ``score`` (0..1), ``latency_s`` (wall clock of the engine's run, batch 1),
-``num_tokens`` (generated, incl. eos), ``visual_tokens``, ``gate_prob`` (None without a gate), ``zoomed``,
-``category`` and ``throughput`` (True for the first ``throughput_limit`` samples, the ones timed after warm-up);
-records of skipped samples carry ``skipped`` (the reason) instead.
+A per-sample record is a dict with ``question_id``, ``score`` (0..1, under the task's scoring), ``matched``
+(scoring.ScoreDetail), ``latency_s`` (wall clock of the engine's run, batch 1), ``num_tokens`` (generated, incl.
+eos), ``visual_tokens``, ``gate_prob`` (None without a gate), ``zoomed`` and ``throughput`` (True for the first
+``throughput_limit`` samples, the ones timed after warm-up); records of skipped samples carry ``skipped`` ("<reason>:
+<details>") instead.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from qzoom_jax.evaluation.metrics import category_accuracy, task_accuracy
+from qzoom_jax.evaluation.scoring import aggregate, breakdown
 
 _LABELS = {"qzoom": "Q-Zoom", "baseline": "Baseline"}
 
@@ -25,15 +25,23 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def task_summary(records: Sequence[Mapping], aggregate: str = "mean", gate_threshold: float | None = None) -> dict:
+def task_summary(records: Sequence[Mapping], rows: Mapping[str, Mapping], task: str, scoring: str = "lmms",
+                 gate_threshold: float | None = None) -> dict:
     """Accuracy (percent), throughput over the timed samples, visual tokens and gate behaviour of one task.
 
-    samples_per_s = timed samples / their summed latency and tokens_per_s = their generated tokens / the same
-    latency, as upstream's summary computes them (§6.4). zoom_rate is the fraction of samples answered with an
-    inserted RoI; gate_fire_rate the fraction whose gate probability reached `gate_threshold`."""
+    accuracy and categories are `task`'s aggregate and per-category breakdown (scoring.aggregate / breakdown)
+    over the scored records, whose benchmark rows `rows` holds by question_id. unmatched counts the replies the
+    task's rules could read no answer from (HR-Bench: the ones the fork sends to its judge). skipped counts the
+    skipped samples per reason, skipped_ids names them. samples_per_s = timed samples / their summed latency and
+    tokens_per_s = their generated tokens / the same latency, as upstream's summary computes them (§6.4).
+    zoom_rate is the fraction of samples answered with an inserted RoI; gate_fire_rate the fraction whose gate
+    probability reached `gate_threshold`."""
     done = [r for r in records if "skipped" not in r]
-    skipped = Counter(r["skipped"].split(":")[0] for r in records if "skipped" in r)
-    scores, categories = [r["score"] for r in done], [r["category"] for r in done]
+    skipped_ids: dict[str, list[str]] = {}
+    for r in records:
+        if "skipped" in r:
+            skipped_ids.setdefault(r["skipped"].split(":")[0], []).append(r["question_id"])
+    scores, scored_rows = [r["score"] for r in done], [rows[r["question_id"]] for r in done]
     timed = [r for r in done if r["throughput"]]
     latency = sum(r["latency_s"] for r in timed)
     gate_probs = [r["gate_prob"] for r in done if r["gate_prob"] is not None]
@@ -41,11 +49,13 @@ def task_summary(records: Sequence[Mapping], aggregate: str = "mean", gate_thres
     if gate_probs and gate_threshold is not None:
         fire = float(np.mean([p >= gate_threshold for p in gate_probs]))
     return {
-        "accuracy": task_accuracy(scores, categories, aggregate),
-        "categories": category_accuracy(scores, categories),
+        "accuracy": aggregate(task, scores, scored_rows, scoring),
+        "categories": breakdown(task, scores, scored_rows, scoring),
         "num_samples": len(done),
-        "num_skipped": sum(skipped.values()),
-        "skipped": dict(skipped),
+        "unmatched": sum(not r["matched"] for r in done),
+        "num_skipped": sum(map(len, skipped_ids.values())),
+        "skipped": {reason: len(ids) for reason, ids in skipped_ids.items()},
+        "skipped_ids": skipped_ids,
         "throughput": {
             "samples": len(timed),
             "latency_s": latency,

@@ -27,9 +27,8 @@ from .text_norm import collapse_whitespace, levenshtein, normalize_vqa_answer
 
 __all__ = [
     "METRICS", "OCRBENCH_HME", "SCORINGS", "Judge", "ScoreDetail", "aggregate", "anls", "breakdown",
-    "category_accuracy", "extract_option", "hrbench_option", "levenshtein", "mmerw_letter", "normalize_vqa_answer",
-    "ocrbench_match", "option_letters", "relaxed_accuracy", "score", "score_detail", "task_accuracy",
-    "vqa_soft_accuracy", "vstar_letter",
+    "extract_option", "hrbench_option", "levenshtein", "mmerw_letter", "normalize_vqa_answer", "ocrbench_match",
+    "option_letters", "relaxed_accuracy", "score", "score_detail", "vqa_soft_accuracy", "vstar_letter",
 ]
 
 METRICS = ("vqa", "anls", "relaxed", "ocrbench", "option")
@@ -335,28 +334,3 @@ def breakdown(task: str, scores: Sequence[float], rows: Sequence[Mapping], scori
     if task in _HRBENCH:
         return {c: 100.0 * _cycle_macro(s, r) for c, (s, r) in sorted(groups.items())}
     return {c: 100.0 * statistics.fmean(s) for c, (s, _) in sorted(groups.items())}
-
-
-def category_accuracy(scores: Sequence[float], categories: Sequence[str]) -> dict[str, float]:
-    """{category: 100 x mean score} over the samples that carry a category."""
-    by_cat: dict[str, list[float]] = {}
-    for value, category in zip(scores, categories):
-        if category:
-            by_cat.setdefault(category, []).append(value)
-    return {c: 100.0 * statistics.fmean(v) for c, v in sorted(by_cat.items())}
-
-
-def task_accuracy(scores: Sequence[float], categories: Sequence[str], aggregate: str = "mean") -> float | None:
-    """A task's accuracy in percent: "mean" = 100 x mean score; "category_mean" = the unweighted mean of the
-    per-category accuracies (pass HR-Bench's cycle_category values as `categories` for its score, ref §2.7).
-    None when there are no scores."""
-    if not len(scores):
-        return None
-    if aggregate == "mean":
-        return 100.0 * statistics.fmean(scores)
-    if aggregate == "category_mean":
-        per_category = category_accuracy(scores, categories)
-        if not per_category:
-            raise ValueError("aggregate='category_mean' needs samples with a category")
-        return statistics.fmean(per_category.values())
-    raise ValueError(f"unknown aggregate {aggregate!r}; choose 'mean' or 'category_mean'")

@@ -15,9 +15,9 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 
-# ref §1.3: the fork's chat wrapper appends "\n" + this sentence to every prompt that lacks it.
-ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-OPTION_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # ref §2.5
+# ref §1.3: the fork's chat wrapper appends "\n" + ANSWER_SUFFIX to every prompt that lacks it; ref §2.5: V*'s
+# OPTION_INSTRUCTION (LLaVA's wording).
+from qzoom_jax.data.prompts import ANSWER_SUFFIX, OPTION_INSTRUCTION
 CHARTQA_INSTRUCTION = "Answer the question with a single word."  # ref §2.3
 HRBENCH_INSTRUCTION = "Answer the option letter directly."  # ref §2.7
 MMERW_INSTRUCTION = ("Select the best answer to the above multiple-choice question based on the image. "

@@ -1,4 +1,5 @@
-"""Benchmark JSONL readers (schema, clear errors, unusable images), task prompts and the synthetic eval sets."""
+"""Benchmark JSONL readers (schema, clear errors, unusable images), the rows the fork's prompts and scores read,
+and the synthetic eval sets."""
 
 import json
 
@@ -7,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax.evaluation import benchmarks
-from qzoom_jax.data.prompts import ANSWER_SUFFIX, OPTION_INSTRUCTION
+from qzoom_jax.evaluation import benchmarks, scoring, tasks
+from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.data.synthetic import PALETTE, SHAPES, make_sample
+from qzoom_jax.runtime.errors import ConfigError, DataError
 
 
 def _write(path, rows):
@@ -20,73 +22,87 @@ def _write(path, rows):
 
 def test_reads_every_family(tmp_path):
     rows = {
-        "vqa": {"question_id": 7, "image": "a.jpg", "question": "What?", "answers": ["x"] * 10},
-        "anls": {"question_id": "d1", "image": "a.jpg", "question": "Title?", "answers": ["A", "B"]},
-        "relaxed": {"question_id": 1, "image": "a.jpg", "question": "Max?", "answer": 12},
+        "textvqa": {"question_id": 7, "image": "a.jpg", "question": "What?", "answers": ["x"] * 10},
+        "docvqa": {"question_id": "d1", "image": "a.jpg", "question": "Title?", "answers": ["A", "B"]},
+        "chartqa": {"question_id": 1, "image": "a.jpg", "question": "Max?", "answer": 12},
         "ocrbench": {"question_id": 2, "image": "a.jpg", "question": "Text?", "answers": ["stop"],
-                     "category": "Scene Text-centric VQA"},
-        "option": {"question_id": 3, "image": "sub/b.png", "question": "Which?", "options": ["dog", "cat"],
-                   "answer": "(b)", "category": "FSP"},
+                     "category": "Scene Text-centric VQA", "dataset": "IIIT5K"},
+        "vstar": {"question_id": 4, "image": "v.jpg", "question": "Colour?", "options": ["red", "blue"],
+                  "answer": "A", "category": "direct_attributes"},
+        "hrbench4k": {"question_id": 3, "image": "sub/b.png", "question": "Which?", "options": ["dog", "cat"],
+                      "answer": "(b)", "category": "single", "cycle_category": "c7"},
     }
-    for metric, row in rows.items():
-        (sample,) = benchmarks.read_jsonl(_write(tmp_path / f"{metric}.jsonl", [row, ""]), tmp_path, metric)
+    for task, row in rows.items():
+        (sample,) = benchmarks.read_jsonl(_write(tmp_path / f"{task}.jsonl", [row, ""]), tmp_path, task)
         assert sample.question_id == str(row["question_id"])
         assert sample.image_path == str(tmp_path / row["image"])
-    assert sample.answers == ("B",) and sample.options == ("dog", "cat") and sample.category == "FSP"
-    (chart,) = benchmarks.read_jsonl(tmp_path / "relaxed.jsonl", tmp_path, "relaxed")
-    assert chart.answers == ("12",)
+        assert sample.row == row  # the whole line, for tasks.prompt and scoring.score_detail
+    assert sample.answers == ("B",) and sample.options == ("dog", "cat") and sample.category == "single"
+    assert tasks.prompt("hrbench4k", sample.row) == ("Which?\nA. dog\nB. cat\nAnswer the option letter directly."
+                                                     f"\n{ANSWER_SUFFIX}")
+    assert scoring.score("hrbench4k", "B", sample.row) == 1.0  # "(b)" is read as B there too
+    (chart,) = benchmarks.read_jsonl(tmp_path / "chartqa.jsonl", tmp_path, "chartqa")
+    assert chart.answers == ("12",) and scoring.score("chartqa", "12", chart.row) == 1.0
 
 
-@pytest.mark.parametrize("metric, row, error, message", [
-    ("anls", "{not json", ValueError, r"f.jsonl:2: invalid JSON"),
-    ("anls", {"question_id": 1, "image": "a.jpg"}, ValueError, r"f.jsonl:2: missing key\(s\) \['question'\]"),
-    ("anls", {"question_id": 1, "image": "a.jpg", "question": "q"}, ValueError, r"missing key 'answers'"),
-    ("anls", {"question_id": 1, "image": 3, "question": "q", "answers": ["a"]}, TypeError, r"'image' must be"),
-    ("anls", {"question_id": 1, "image": "a", "question": "q", "answers": []}, ValueError, r"non-empty list"),
-    ("anls", {"question_id": 1, "image": "a", "question": "q", "answers": [None]}, TypeError, r"must hold strings"),
-    ("anls", {"question_id": 0, "image": "a", "question": "q", "answers": ["a"]}, ValueError, r"duplicate"),
-    ("vqa", {"question_id": 1, "image": "a", "question": "q", "answers": ["a", "b"]}, ValueError, r"has 2 answer"),
-    ("option", {"question_id": 1, "image": "a", "question": "q", "options": ["x", "y"], "answer": "C"},
-     ValueError, r"'answer' must be one of \['A', 'B'\], got 'C'"),
-    ("option", {"question_id": 1, "image": "a", "question": "q", "options": ["x"], "answer": "A"},
-     ValueError, r"2 to 26 options"),
-    ("option", {"question_id": 1, "image": "a", "question": "q", "answer": "A"}, ValueError, r"missing key 'options'"),
+@pytest.mark.parametrize("task, row, error, message", [
+    ("docvqa", "{not json", ValueError, r"f.jsonl:2: invalid JSON"),
+    ("docvqa", {"question_id": 1, "image": "a.jpg"}, DataError, r"f.jsonl:2: missing key\(s\) \['question'\]"),
+    ("docvqa", {"question_id": 1, "image": "a.jpg", "question": "q"}, DataError, r"missing key 'answers'"),
+    ("docvqa", {"question_id": 1, "image": 3, "question": "q", "answers": ["a"]}, TypeError, r"'image' must be"),
+    ("docvqa", {"question_id": 1, "image": "a", "question": "q", "answers": []}, DataError, r"non-empty list"),
+    ("docvqa", {"question_id": 1, "image": "a", "question": "q", "answers": [None]}, TypeError,
+     r"must hold strings"),
+    ("docvqa", {"question_id": 0, "image": "a", "question": "q", "answers": ["a"]}, DataError, r"duplicate"),
+    ("textvqa", {"question_id": 1, "image": "a", "question": "q", "answers": ["a", "b"]}, DataError,
+     r"has 2 answer"),
+    ("vstar", {"question_id": 1, "image": "a", "question": "q", "options": ["x", "y"], "answer": "C"},
+     DataError, r"'answer' must be one of \['A', 'B'\], got 'C'"),
+    ("mmerealworld_lite", {"question_id": 1, "image": "a", "question": "q", "options": ["x"], "answer": "A"},
+     DataError, r"2 to 26 options"),
+    ("vstar", {"question_id": 1, "image": "a", "question": "q", "answer": "A"}, DataError,
+     r"missing key 'options'"),
+    # HR-Bench's score is a mean over cycle_category (ref §2.7): a row without one is an error at read time
+    ("hrbench8k", {"question_id": 1, "image": "a", "question": "q", "options": ["x", "y"], "answer": "A"},
+     DataError, r"f.jsonl:2: missing key\(s\) \['cycle_category'\]"),
 ])
-def test_bad_lines_name_file_line_and_key(tmp_path, metric, row, error, message):
+def test_bad_lines_name_file_line_and_key(tmp_path, task, row, error, message):
     first = {"question_id": 0, "image": "a", "question": "q", "answers": ["a"] * 4, "options": ["x", "y"],
-             "answer": "A"}
+             "answer": "A", "cycle_category": "c"}
     path = _write(tmp_path / "f.jsonl", [first, row])
     with pytest.raises(error, match=message):
-        benchmarks.read_jsonl(path, tmp_path, metric)
+        benchmarks.read_jsonl(path, tmp_path, task)
 
 
-def test_unusable_images_are_skip_samples(tmp_path):
-    Image.new("RGB", (10, 40)).save(tmp_path / "tiny.png")
-    Image.new("RGB", (30, 6100)).save(tmp_path / "long.png")
+def test_read_jsonl_rejects_unknown_tasks(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'gqa'"):
+        benchmarks.read_jsonl(_write(tmp_path / "f.jsonl", []), tmp_path, "gqa")
+
+
+def test_only_missing_and_corrupt_images_are_skip_samples(tmp_path):
+    Image.new("RGB", (10, 40)).save(tmp_path / "tiny.png")  # upscaled by the engine, as upstream's fetch_image
+    Image.new("RGB", (30, 6100)).save(tmp_path / "long.png")  # the engine's ImageSizeError, counted by evaluate
+    Image.new("RGBA", (64, 48), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
     Image.new("RGB", (64, 48), (255, 0, 0)).save(tmp_path / "ok.png")
-    rows = [{"question_id": n, "image": f"{n}.png", "question": "q", "answers": ["a"]}
-            for n in ("missing", "tiny", "long", "corrupt", "ok")]
-    samples = benchmarks.read_jsonl(_write(tmp_path / "f.jsonl", rows), tmp_path, "anls")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])  # header, half the pixels
+    names = ("missing", "corrupt", "truncated", "tiny", "long", "clear", "ok")
+    rows = [{"question_id": n, "image": f"{n}.png", "question": "q", "answers": ["a"]} for n in names]
+    samples = dict(zip(names, benchmarks.read_jsonl(_write(tmp_path / "f.jsonl", rows), tmp_path, "docvqa")))
     reasons = []
-    for sample in samples[:4]:
+    for name in ("missing", "corrupt", "truncated"):
         with pytest.raises(SkipSample) as e:
-            benchmarks.load_image(sample, 28)
+            benchmarks.load_image(samples[name])
         reasons.append(str(e.value).split(":")[0])
-    assert reasons == ["missing image"] + ["unusable image"] * 3
-    image = benchmarks.load_image(samples[4], 28)
+        assert samples[name].image_path in str(e.value)
+    assert reasons == ["missing image", "unusable image", "unusable image"]
+    assert benchmarks.load_image(samples["tiny"]).size == (10, 40)
+    assert benchmarks.load_image(samples["long"]).size == (30, 6100)
+    # the mode is kept: the engine drops or composites the alpha band by its `alpha` setting
+    clear = benchmarks.load_image(samples["clear"])
+    assert clear.mode == "RGBA" and clear.getpixel((0, 0)) == (255, 0, 0, 0)
+    image = benchmarks.load_image(samples["ok"])
     assert image.mode == "RGB" and image.size == (64, 48)
-
-
-def test_task_prompt_keeps_the_suffix_quirk_by_default():
-    open_q = benchmarks.Sample("1", "What is written?", ("a",))
-    assert benchmarks.task_prompt(open_q) == f"What is written?\n{ANSWER_SUFFIX}"
-    already = benchmarks.Sample("1", f"What?\n{ANSWER_SUFFIX}", ("a",))
-    assert benchmarks.task_prompt(already) == f"What?\n{ANSWER_SUFFIX}"  # never twice
-    mc = benchmarks.Sample("2", "Which animal?", ("B",), options=("dog", "cat"))
-    body = f"Which animal?\n(A) dog\n(B) cat\n{OPTION_INSTRUCTION}"
-    assert benchmarks.task_prompt(mc, OPTION_INSTRUCTION) == f"{body}\n{ANSWER_SUFFIX}"
-    assert benchmarks.task_prompt(mc, OPTION_INSTRUCTION, suffix_on_options=False) == body
 
 
 def test_synthetic_sets_are_deterministic_and_answerable():
@@ -95,6 +111,10 @@ def test_synthetic_sets_are_deterministic_and_answerable():
     for s in docs:
         source = make_sample(0, int(s.question_id))
         assert s.answers == (source.answer,) and ANSWER_SUFFIX not in s.question
+        assert s.row == {"question_id": s.question_id, "question": s.question, "answers": [source.answer],
+                         "category": "document"}
+        assert tasks.prompt("synthetic_docs", s.row) == f"{s.question}\n{ANSWER_SUFFIX}"
+        assert scoring.score("synthetic_docs", source.answer, s.row) == 1.0
         assert np.array_equal(np.asarray(s.make_image()), np.asarray(source.image))
     scenes = benchmarks.synthetic_samples("scenes", 0, 6)
     assert [s.question_id for s in scenes] == ["0", "2", "4", "6", "8", "10"]
@@ -103,6 +123,15 @@ def test_synthetic_sets_are_deterministic_and_answerable():
         assert len(s.options) == 4 and len(set(s.options)) == 4
         assert s.options[ord(s.answers[0]) - ord("A")] == answer
         assert set(s.options) <= set(PALETTE if s.category == "color" else SHAPES)
+        assert s.row["options"] == list(s.options) and s.row["answer"] == s.answers[0]
+        assert s.row["category"] == s.category
+        # HR-Bench's letter-or-text matcher: the option's own word is right, as is its letter
+        assert scoring.score("synthetic_scenes", answer, s.row) == 1.0
+        assert scoring.score("synthetic_scenes", s.answers[0], s.row) == 1.0
+    first = scenes[0]
+    assert tasks.prompt("synthetic_scenes", first.row) == "\n".join(
+        [first.question, *(f"{letter}. {text}" for letter, text in zip("ABCD", first.options)),
+         "Answer the option letter directly.", ANSWER_SUFFIX])
     again = benchmarks.synthetic_samples("scenes", 0, 6)
     assert [(s.options, s.answers) for s in again] == [(s.options, s.answers) for s in scenes]
     with pytest.raises(ValueError, match="unknown synthetic kind"):
@@ -113,10 +142,16 @@ def test_load_task_resolves_paths_and_limits(tmp_path):
     rows = [{"question_id": i, "image": f"{i}.png", "question": "q", "answers": ["a"]} for i in range(5)]
     _write(tmp_path / "docvqa.jsonl", rows)
     task = ml_collections.ConfigDict({"source": "jsonl", "jsonl": "docvqa.jsonl", "image_root": "imgs",
-                                      "metric": "anls", "limit": 2})
+                                      "rules": "docvqa", "limit": 2})
     samples = benchmarks.load_task("docvqa", task, str(tmp_path))
     assert [s.question_id for s in samples] == ["0", "1"]
     assert samples[1].image_path == str(tmp_path / "imgs" / "1.png")
     task.jsonl = "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=r"--config.tasks.docvqa.jsonl"):
+    with pytest.raises(ConfigError, match=r"--config.tasks.docvqa.jsonl"):
         benchmarks.load_task("docvqa", task, str(tmp_path))
+    task.source = "http"
+    with pytest.raises(ConfigError, match=r"config.tasks.docvqa.source='http': choose 'jsonl' or 'synthetic'"):
+        benchmarks.load_task("docvqa", task, str(tmp_path))
+    synthetic = ml_collections.ConfigDict({"source": "synthetic", "kind": "scenes", "seed": 0, "limit": 0})
+    with pytest.raises(ConfigError, match=r"config.tasks.scenes.limit=0: a synthetic task needs limit > 0"):
+        benchmarks.load_task("scenes", synthetic)

@@ -1,6 +1,6 @@
 """Golden per-sample scores, answer extraction and aggregation of the fork (lmms-eval-tasks.md §2, §3), both rule
-sets, written from the reference's rules and worked ("computed") examples; plus the cases of
-tests/test_eval_metrics.py that still hold under the fork's rules."""
+sets, written from the reference's rules and worked ("computed") examples; plus every case of the former
+tests/test_eval_metrics.py, with the fork's expectation where its rules differ."""
 
 import pytest
 
@@ -9,7 +9,6 @@ from qzoom_jax.evaluation.scoring import (
     aggregate,
     anls,
     breakdown,
-    category_accuracy,
     extract_option,
     hrbench_option,
     levenshtein,
@@ -19,7 +18,6 @@ from qzoom_jax.evaluation.scoring import (
     relaxed_accuracy,
     score,
     score_detail,
-    task_accuracy,
     vqa_soft_accuracy,
     vstar_letter,
 )
@@ -445,14 +443,58 @@ def test_aggregate_edges():
         aggregate("gqa", [1], [{}])
 
 
-def test_category_and_task_accuracy():
-    assert category_accuracy([1, 0, 1], ["x", "x", ""]) == {"x": 50.0}
-    assert task_accuracy([1, 0, 1, 1], [""] * 4) == 75.0
-    # the unweighted mean of per-group accuracies: with cycle_category as the groups, HR-Bench's score
-    assert task_accuracy([1, 1, 0, 0], ["FSP", "FSP", "FSP", "FCP"], "category_mean") == pytest.approx(100 / 3)
-    assert task_accuracy([1, 1, 0, 0, 0, 1], ["c1", "c1", "c2", "c2", "c2", "c2"], "category_mean") == 62.5
-    assert task_accuracy([], []) is None
-    with pytest.raises(ValueError, match="needs samples with a category"):
-        task_accuracy([1.0], [""], "category_mean")
-    with pytest.raises(ValueError, match="unknown aggregate 'median'"):
-        task_accuracy([1.0], [""], "median")
+def test_plain_mean_and_categories():
+    # the former category_accuracy / task_accuracy cases, through the one aggregation; their "category_mean" over
+    # HR-Bench's FSP/FCP is superseded by the cycle_category mean (test_hrbench_averages_over_cycle_category)
+    assert breakdown("docvqa", [1, 0, 1], [{"category": "x"}, {"category": "x"}, {}]) == {"x": 50.0}
+    assert aggregate("docvqa", [1, 0, 1, 1], [{}] * 4) == 75.0
+    assert aggregate("hrbench4k", [1, 1, 0, 0, 0, 1], hr_rows(["c1", "c1", "c2", "c2", "c2", "c2"])) == 62.5
+
+
+# ---- the former tests/test_eval_metrics.py option cases under the fork's three extractors -------------------------
+
+# Its one rule-based extractor (options dog, cat, bird, fish) gave way to the fork's per-task ones (§2.5-§2.7). Each
+# reply: (old letter, V* letter, MME-RW letter, HR-Bench local result); None = no letter (HR-Bench: the judge case).
+ANIMALS = ["dog", "cat", "bird", "fish"]
+OLD_OPTION_CASES = [
+    ("B", "B", "B", "B", "B"),
+    ("b", "B", "B", "B", None),  # HR-Bench tokens are case-sensitive; no option text in "b"
+    ("B.", "B", "B", "B", "B"),
+    ("(B)", "B", "B", "B", "B"),
+    ("(B) cat", "B", "B", "B", "B"),
+    ("B) cat", "B", "B", "B", "B"),
+    ("B: cat", "B", "B", "B", "B"),
+    ("The answer is C", "C", "C", "C", "C"),
+    ("The correct option is (D).", "D", "D", "D", "D"),  # V*: rule 2 cannot cross "(", rule 3 reads (D)
+    ("Answer: A", "A", "A", "A", "A"),
+    ("cat", "B", "C", "", "B"),  # V* reads the leading C of "CAT"; MME-RW finds no capital and no "(x)"
+    ("A cat.", "B", "A", "A", "A"),  # the old article rule is gone: every fork rule reads the letter A
+    ("I think it is the bird", "C", None, "", "C"),  # V*: B and D both occur (rule 6 needs exactly one)
+    ("dog or cat", None, "D", "", None),  # V*: the leading D of "DOG"
+    ("E", None, None, "E", None),  # only MME-RW has an E option letter range
+    ("no idea", None, None, "", None),  # V*: D and A both occur
+]
+
+
+@pytest.mark.parametrize("reply, old, vstar, mmerw, hrbench", OLD_OPTION_CASES)
+def test_former_option_cases(reply, old, vstar, mmerw, hrbench):
+    assert vstar_letter(reply) == vstar
+    assert mmerw_letter(reply) == mmerw
+    assert hrbench_option(reply, ANIMALS) == hrbench
+    row = mc("B", ANIMALS)
+    assert score("vstar", reply, row) == float(vstar == "B")
+    assert score("mmerealworld_lite", reply, row) == float(mmerw == "B")
+    assert score_detail("hrbench4k", reply, row) == (float(hrbench == "B"), hrbench is not None)
+
+
+def test_former_score_dispatch():
+    row = mc("C", ANIMALS)
+    for task in ("vstar", "mmerealworld_lite", "hrbench4k"):
+        assert score(task, "(C) bird", row) == 1.0
+    # "cat" for gold C: the old extractor read B (wrong); V* now reads its leading C (right), the others stay wrong
+    assert (score("vstar", "cat", row), score("mmerealworld_lite", "cat", row), score("hrbench4k", "cat", row)) == (
+        1.0, 0.0, 0.0)
+    assert score("docvqa", "hallo", {"answers": ["hello"]}) == pytest.approx(0.8)
+    assert score("textvqa", "cat", {"answers": ["cat"] * 2 + ["dog"] * 8}) == pytest.approx(0.6)
+    assert score("chartqa", "45%", {"answer": "0.45"}) == 1.0
+    assert score("ocrbench", "it reads STOP", {"answers": ["stop"]}) == 1.0

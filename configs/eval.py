@@ -136,6 +136,9 @@ def get_config(arg=None):
     # judge, such a reply scores 0 and is counted (task summary "unmatched"); "self": the evaluated model answers
     # the judge prompt; any other string: the path of a checkpoint that does (evaluation/judge.py).
     c.judge = ml_collections.config_dict.placeholder(str)
+    # Greedy decoding applies the checkpoint's generation_config.json repetition_penalty, as transformers' generate
+    # does in upstream's evaluation (Qwen2.5-VL-Instruct ships 1.05); a number here overrides it (1.0: none).
+    c.repetition_penalty = ml_collections.config_dict.placeholder(float)
     # --sweep: max-token ladders per variant and the min-token rules of §6.2: min = min_tokens, except small_min
     # when max <= small_max, and for Q-Zoom each task's sweep.qzoom_min_tokens (qzoom_high_min_tokens and the
     # high_* thresholds from high_from max tokens on). Headline speed-ups compare Q-Zoom at each group's

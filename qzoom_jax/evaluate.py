@@ -38,6 +38,7 @@ from absl import flags
 from tqdm import tqdm
 
 from qzoom_jax.data.image_processing import ALPHA_MODES, RESIZE_MODES, ImageSizeError
+from qzoom_jax.data.processor import PromptTooLongError
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.evaluation import benchmarks, report, scoring, tasks
 from qzoom_jax.evaluation.judge import EngineJudge
@@ -61,6 +62,9 @@ def check_config(cfg) -> None:
     for key, choices in (("scoring", scoring.SCORINGS), ("resize", RESIZE_MODES), ("alpha", ALPHA_MODES)):
         if cfg[key] not in choices:
             raise ConfigError(f"config.{key}={cfg[key]!r} is not one of {choices}")
+    if cfg.repetition_penalty is not None and not cfg.repetition_penalty > 0:
+        raise ConfigError(f"config.repetition_penalty={cfg.repetition_penalty!r}: give None (the checkpoint's) or "
+                          "a number > 0")
     if cfg.judge is not None and not (isinstance(cfg.judge, str) and cfg.judge):
         raise ConfigError(f"config.judge={cfg.judge!r}: give None (no judge), 'self' or a checkpoint path")
     for name in cfg.task_names:
@@ -142,6 +146,7 @@ def _header(cfg, name: str, variant: str, setting: Mapping) -> dict:
     settings = {"variant": variant, "task": name, "max_new_tokens": task_max_new_tokens(task),
                 "source": task.jsonl if task.source == "jsonl" else f"synthetic:{task.kind}:{task.seed}",
                 "model": cfg.model.to_dict(), "resize": cfg.resize, "alpha": cfg.alpha,
+                "repetition_penalty": cfg.repetition_penalty,
                 "device": jax.devices()[0].device_kind, "throughput_limit": cfg.throughput_limit,
                 "warmup_runs": cfg.warmup_runs, **_used(setting, variant)}
     return {"settings": json.loads(json.dumps(settings)), "scoring": cfg.scoring, "judge": cfg.judge}
@@ -208,6 +213,8 @@ def run_task(engine, cfg, name: str, samples: Sequence[benchmarks.Sample], varia
     factor = engine.processor.image_processor.factor
     run_args = {"roi_threshold": setting["roi_threshold"], "gate_threshold": setting["gate_threshold"],
                 "max_new_tokens": max_new_tokens, "zoom": variant == "qzoom"}
+    if cfg.repetition_penalty is not None:  # None: the checkpoint's generation_config.json, as HF generate
+        run_args["repetition_penalty"] = cfg.repetition_penalty
     warnings = 0
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(samples), initial=len(done), unit="sample",
                                                       desc=f"{variant} max{setting['max_tokens']} {name}") as bar:
@@ -219,7 +226,7 @@ def run_task(engine, cfg, name: str, samples: Sequence[benchmarks.Sample], varia
                 image = benchmarks.load_image(sample)
                 prepared = engine.prepare([image], [prompt], min_pixels=setting["min_tokens"] * factor**2,
                                           max_pixels=setting["max_tokens"] * factor**2)
-            except (SkipSample, ImageError) as e:
+            except (SkipSample, ImageError, PromptTooLongError) as e:
                 record = {"question_id": sample.question_id, "skipped": _skip_reason(sample, e)}
                 warnings += 1
                 if warnings <= _MAX_SKIP_WARNINGS:
@@ -250,6 +257,8 @@ def _skip_reason(sample: benchmarks.Sample, error: Exception) -> str:
         return f"image size: {error}"
     if isinstance(error, ImageError):  # the engine's RGB conversion failed on the decoded pixels
         return f"unusable image: {sample.image_path or sample.question_id}: {error}"
+    if isinstance(error, PromptTooLongError):
+        return f"prompt too long: {error}"
     return str(error)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from qzoom_jax import evaluate
 from qzoom_jax.data.image_processing import ImageSizeError, fetch_smart_resize, smart_resize
+from qzoom_jax.data.processor import PromptTooLongError
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.evaluation import benchmarks, judge
 from qzoom_jax.runtime.errors import ConfigError, ImageError
@@ -235,6 +236,10 @@ def test_skip_reasons_name_the_cause():
         "unusable image: /data/q1.png: corrupt or truncated image (OSError: x)")
     assert evaluate._skip_reason(sample, SkipSample("missing image: /data/q1.png (FileNotFoundError)")) == (
         "missing image: /data/q1.png (FileNotFoundError)")
+    long = PromptTooLongError("the prompt is 40000 tokens (text and image tokens), over the limit of 32768", 40000,
+                              32768)
+    assert evaluate._skip_reason(sample, long) == (
+        "prompt too long: the prompt is 40000 tokens (text and image tokens), over the limit of 32768")
 
 
 class Judging(FakeEngine):
@@ -448,6 +453,7 @@ def test_engine_and_judge_get_the_runs_image_path(monkeypatch):
     ("judge", "", r"config.judge='': give None \(no judge\), 'self' or a checkpoint path"),
     ("tasks.synthetic_docs.rules", "gqa", r"config.tasks.synthetic_docs.rules='gqa' is not one of \["),
     ("tasks.synthetic_scenes.max_new_tokens", 0, r"config.tasks.synthetic_scenes.max_new_tokens=0: give None"),
+    ("repetition_penalty", -1.0, r"config.repetition_penalty=-1.0: give None \(the checkpoint's\) or a number > 0"),
 ])
 def test_bad_config_names_the_key_and_value(key, value, message):
     _, cfg = eval_config()

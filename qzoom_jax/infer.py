@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-pixels", type=int, default=BUDGET)
     p.add_argument("--max-pixels", type=int, default=BUDGET)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition penalty (default: the checkpoint's generation_config.json)")
     p.add_argument("--reuse-src-pos", choices=("checkpoint", "true", "false"), default="checkpoint",
                    help="RoI position mode (reference §4.5); default: what the checkpoint's config says")
     p.add_argument("--resize", choices=RESIZE_MODES, default="fast",
@@ -106,7 +108,8 @@ def _infer(args: argparse.Namespace) -> dict:
     except ImageSizeError as e:
         raise ImageError(f"cannot use image {args.image}: {e}") from e
     result = engine.run(prepared, roi_threshold=args.roi_threshold, gate_threshold=gate_threshold,
-                        max_new_tokens=args.max_new_tokens, return_map=args.json or bool(args.heatmap))[0]
+                        max_new_tokens=args.max_new_tokens, return_map=args.json or bool(args.heatmap),
+                        repetition_penalty=args.repetition_penalty)[0]
     out = {
         "answer": result.answer,
         "gate_prob": _json_safe(result.gate_prob),

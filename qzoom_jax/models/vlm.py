@@ -20,6 +20,7 @@ from qzoom_jax.models.backbone import ModelConfig
 from qzoom_jax.models.cache import KVCache, causal_mask
 from qzoom_jax.models.layers import RMSNorm
 from qzoom_jax.runtime.buckets import bucket
+from qzoom_jax.runtime.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -343,7 +344,7 @@ class QwenVL:
         """(seen, penalty) for ``greedy_decode``: None when no penalty applies (the checkpoint's when None)."""
         penalty = self.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         if penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+            raise ConfigError(f"repetition_penalty must be > 0, got {penalty}")
         if penalty == 1.0 or prompt_ids is None:
             return None, penalty
         return seen_tokens(prompt_ids, self.config.text.vocab_size), penalty

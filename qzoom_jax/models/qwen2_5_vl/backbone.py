@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from qzoom_jax.models.backbone import Backbone
-from qzoom_jax.models.qwen2_5_vl import text, vision
+from qzoom_jax.models import decoder
+from qzoom_jax.models.qwen2_5_vl import vision
 from qzoom_jax.models.qwen2_5_vl.checkpoint_keys import checkpoint_table
 from qzoom_jax.models.qwen2_5_vl.config import MODEL_TYPE, QwenVLConfig
 from qzoom_jax.models.qwen2_5_vl.positions import rope_index
@@ -55,7 +56,7 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
 def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
     """Random params with the checkpoint's exact shapes (HF-like init). Works under ``jax.eval_shape``."""
     k_vis, k_txt = jax.random.split(rng)
-    model, lm_head = text.init_text_params(config.text, k_txt, dtype)
+    model, lm_head = decoder.init_text_params(config.text, k_txt, dtype)
     params = {"visual": vision.init_vision_params(config.vision, k_vis, dtype), "model": model}
     if lm_head is not None:
         params["lm_head"] = lm_head
@@ -78,8 +79,8 @@ BACKBONE = Backbone(
     encode_images=vision.encode_images,
     positions=rope_index,
     rope_tables=rope_tables,
-    init_layers=text.init_layers,
-    run_layers=text.run_layers,
-    run_layers_capturing=text.run_layers_capturing,
-    project_qk=text.project_qk,
+    init_layers=decoder.init_layers,
+    run_layers=decoder.run_layers,
+    run_layers_capturing=decoder.run_layers_capturing,
+    project_qk=decoder.project_qk,
 )

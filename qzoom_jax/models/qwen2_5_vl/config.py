@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from qzoom_jax.models.qwen_config import TextConfig, read_text_config, token_ids
 from qzoom_jax.models.qzoom.config import QZoomConfig
 from qzoom_jax.runtime.errors import ConfigError
 
@@ -52,23 +53,6 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int = 152064
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
-    head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, ...] = (16, 24, 24)
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 128000
-
-
-@dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
     text: TextConfig
     vision: VisionConfig
@@ -99,18 +83,11 @@ class QwenVLConfig:
         if not vision_raw:
             raise ConfigError(f"{source}: missing 'vision_config'")
         try:
-            text = _text_config(text_raw, raw)
+            text = _text_config(text_raw, raw, source)
             vision = _vision_config(vision_raw, text.hidden_size)
         except KeyError as e:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
-        ids = {
-            k: _first(raw, text_raw, k)
-            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                      "bos_token_id", "eos_token_id", "pad_token_id")
-        }
-        ids = {k: v for k, v in ids.items() if v is not None or k == "pad_token_id"}
-        if isinstance(ids.get("eos_token_id"), list):
-            ids["eos_token_id"] = ids["eos_token_id"][0]
+        ids = token_ids(raw, text_raw)
         qzoom = QZoomConfig.from_dict(raw, source)
         qzoom.check_depth(text.num_hidden_layers, source)
         return cls(text=text, vision=vision, model_type=model_type, qzoom=qzoom, **ids)
@@ -170,38 +147,15 @@ class QwenVLConfig:
         }
 
 
-def _first(a: Mapping, b: Mapping, key: str):
-    return a[key] if a.get(key) is not None else b.get(key)
-
-
-def _text_config(t: Mapping[str, Any], top: Mapping[str, Any]) -> TextConfig:
-    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
-    if "mrope_section" not in rope:
-        raise ConfigError("config: rope_scaling/rope_parameters has no 'mrope_section'")
+def _text_config(t: Mapping[str, Any], top: Mapping[str, Any], source: str) -> TextConfig:
     if t.get("use_sliding_window"):
-        raise ConfigError("config: use_sliding_window=true is not supported (no Qwen2.5-VL checkpoint uses it)")
-    hidden, heads = t["hidden_size"], t["num_attention_heads"]
-    mrope = tuple(int(x) for x in rope["mrope_section"])
-    head_dim = t.get("head_dim") or hidden // heads
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported (no Qwen2.5-VL checkpoint uses it)")
+    text = read_text_config(t, top, source, rope_theta=1_000_000.0, max_positions=128000)
+    mrope, head_dim = text.mrope_section, text.head_dim
     if 2 * sum(mrope) != head_dim:
-        raise ConfigError(f"config: mrope_section {list(mrope)} sums to {sum(mrope)}, expected head_dim/2 = {head_dim // 2}")
-    # The tie flag lives at top level in 4.x and may be in text_config in 5.x; either one set means tied.
-    tied = bool(top.get("tie_word_embeddings", False) or (top.get("text_config") or {}).get("tie_word_embeddings", False))
-    return TextConfig(
-        vocab_size=t["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=t["intermediate_size"],
-        num_hidden_layers=t["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=t.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
-        mrope_section=mrope,
-        hidden_act=t.get("hidden_act", "silu"),
-        tie_word_embeddings=tied,
-        max_position_embeddings=t.get("max_position_embeddings", 128000),
-    )
+        raise ConfigError(f"{source}: mrope_section {list(mrope)} sums to {sum(mrope)}, expected head_dim/2 = "
+                          f"{head_dim // 2}")
+    return text
 
 
 def _vision_config(v: Mapping[str, Any], text_hidden: int) -> VisionConfig:

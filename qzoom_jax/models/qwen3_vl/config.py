@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from qzoom_jax.models.qwen_config import TextConfig, read_text_config, rope_of, token_ids
 from qzoom_jax.models.qzoom.config import QZoomConfig
 from qzoom_jax.runtime.errors import ConfigError
 
@@ -59,23 +60,6 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int = 151936
-    hidden_size: int = 2560
-    intermediate_size: int = 9728
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
-    head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 5_000_000.0
-    mrope_section: tuple[int, ...] = (24, 20, 20)
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 262144
-
-
-@dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig:
     text: TextConfig
     vision: VisionConfig
@@ -114,12 +98,7 @@ class Qwen3VLConfig:
             vision = _vision_config(vision_raw, text.hidden_size, source)
         except KeyError as e:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
-        ids = {k: _first(raw, text_raw, k)
-               for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                         "bos_token_id", "eos_token_id", "pad_token_id")}
-        ids = {k: v for k, v in ids.items() if v is not None or k == "pad_token_id"}
-        if isinstance(ids.get("eos_token_id"), list):
-            ids["eos_token_id"] = ids["eos_token_id"][0]
+        ids = token_ids(raw, text_raw)
         qzoom = QZoomConfig.from_dict(raw, source)
         qzoom.check_depth(text.num_hidden_layers, source)
         return cls(text=text, vision=vision, model_type=model_type, qzoom=qzoom, **ids)
@@ -185,43 +164,21 @@ class Qwen3VLConfig:
         }
 
 
-def _first(a: Mapping, b: Mapping, key: str):
-    return a[key] if a.get(key) is not None else b.get(key)
-
-
 def _text_config(t: Mapping[str, Any], top: Mapping[str, Any], source: str) -> TextConfig:
-    rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
-    if "mrope_section" not in rope:
-        raise ConfigError(f"{source}: text_config rope_scaling/rope_parameters has no 'mrope_section'")
+    rope = rope_of(t, source)
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"{source}: text_config rope_type {rope.get('rope_type')!r} is not supported "
                           "(the Qwen3-VL checkpoints use 'default')")
     if t.get("attention_bias"):
         raise ConfigError(f"{source}: text_config attention_bias=true is not supported (Qwen3-VL has no "
                           "attention biases)")
-    hidden, heads = t["hidden_size"], t["num_attention_heads"]
-    mrope = tuple(int(x) for x in rope["mrope_section"])
-    head_dim = t.get("head_dim") or hidden // heads
+    text = read_text_config(t, top, source, rope_theta=5_000_000.0, max_positions=262144, attention_bias=False,
+                            qk_norm=True)
+    mrope, head_dim = text.mrope_section, text.head_dim
     if len(mrope) != 3 or 3 * max(mrope[1], mrope[2]) > head_dim // 2 or sum(mrope) != head_dim // 2:
         raise ConfigError(f"{source}: mrope_section {list(mrope)} does not fit head_dim {head_dim} (3 sections "
                           f"summing to head_dim/2 = {head_dim // 2}, the h/w ones interleaved within it)")
-    tied = bool(top.get("tie_word_embeddings", False)
-                or (top.get("text_config") or {}).get("tie_word_embeddings", False))
-    return TextConfig(
-        vocab_size=t["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=t["intermediate_size"],
-        num_hidden_layers=t["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=t.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 5_000_000.0))),
-        mrope_section=mrope,
-        hidden_act=t.get("hidden_act", "silu"),
-        tie_word_embeddings=tied,
-        max_position_embeddings=t.get("max_position_embeddings", 262144),
-    )
+    return text
 
 
 def _vision_config(v: Mapping[str, Any], text_hidden: int, source: str) -> VisionConfig:

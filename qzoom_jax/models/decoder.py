@@ -1,9 +1,9 @@
-"""The Qwen3-VL text decoder: GQA attention without biases, per-head RMSNorm on q and k (before RoPE),
-interleaved M-RoPE, RMSNorm, SwiGLU, KV cache.
+"""The Qwen decoder of every backbone: GQA attention, RMSNorm, SwiGLU, KV cache, RoPE from the caller's tables.
 
-``DecoderLayer`` is one block (flax.linen, used via init/apply); the stack is a pytree with a leading layer axis
-run by ``run_layers`` with ``lax.scan``, so callers can run any slice ``layers[a:b]`` (Q-Zoom branches off after
-layer K). DeepStack is not a layer's business: ``vlm.decoder_trunk`` adds its features between layers.
+The text config says which variant: ``attention_bias`` (q/k/v biases: Qwen2.5-VL) and ``qk_norm`` (per-head
+RMSNorm on q and k before RoPE: Qwen3-VL). ``DecoderLayer`` is one block (flax.linen, used via init/apply). The
+stack is a pytree with a leading layer axis run by ``run_layers`` with ``lax.scan``, so callers can run any slice
+``layers[a:b]`` of it (Q-Zoom branches off after layer K; DeepStack adds features between slices).
 """
 
 from __future__ import annotations
@@ -12,17 +12,13 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from typing import Any
+
 from qzoom_jax.models.attention import attention
 from qzoom_jax.models.cache import KVCache
 from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, hf_init, scan_layers
-from qzoom_jax.models.qwen3_vl.config import TextConfig
 
-
-def _rms(x, scale, eps):
-    """RMSNorm with an explicit scale (q_norm / k_norm outside a module), float32 statistics."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale * x32.astype(x.dtype)
+TextConfig = Any  # a backbone's frozen text config: sizes, rms_norm_eps, hidden_act, attention_bias, qk_norm
 
 
 class Attention(nn.Module):
@@ -35,11 +31,15 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
         c = self.cfg
         B, L, _ = x.shape
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, name=name)
-        q = norm("q_norm")(dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(B, L, -1, c.head_dim))
-        k = norm("k_norm")(dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(B, L, -1, c.head_dim))
-        v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(B, L, -1, c.head_dim)
+        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype,
+                                               name=name)
+        bias = c.attention_bias
+        q = dense(c.num_attention_heads * c.head_dim, bias, "q_proj")(x).reshape(B, L, -1, c.head_dim)
+        k = dense(c.num_key_value_heads * c.head_dim, bias, "k_proj")(x).reshape(B, L, -1, c.head_dim)
+        v = dense(c.num_key_value_heads * c.head_dim, bias, "v_proj")(x).reshape(B, L, -1, c.head_dim)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # write this step's keys/values into the cache and attend over all of it
             k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
@@ -50,7 +50,7 @@ class Attention(nn.Module):
             self.sow("intermediates", "probs", probs)
         else:
             out = attention(q, k, v, mask, impl=self.attn_impl)
-        return dense(c.hidden_size, "o_proj")(out.reshape(B, L, -1)), kv
+        return dense(c.hidden_size, False, "o_proj")(out.reshape(B, L, -1)), kv
 
 
 class DecoderLayer(nn.Module):
@@ -86,19 +86,23 @@ def init_text_params(cfg: TextConfig, rng, dtype=jnp.float32):
     rest = hf_init({"embed_tokens": {"embedding": shape(cfg.vocab_size, cfg.hidden_size)},
                     "norm": {"scale": shape(cfg.hidden_size)},
                     "lm_head": {"kernel": shape(cfg.hidden_size, cfg.vocab_size)}}, k_rest)
-    lm_head = rest.pop("lm_head")
-    return {**rest, "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype)}, (
-        None if cfg.tie_word_embeddings else lm_head)
+    lm_head = None if cfg.tie_word_embeddings else rest.pop("lm_head")
+    rest.pop("lm_head", None)
+    return {**rest, "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype)}, lm_head
 
 
 def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,
                cache_index=0, *, dtype=jnp.float32, attn_impl: str = "einsum", remat: bool = False):
-    """Run a stack of decoder layers (any slice of the model's stack) over ``x`` [B, L, D]; ``mask`` boolean
-    [B, 1, L, S]. With ``cache``, this step's keys/values are written at ``cache_index``; returns (x, cache)."""
+    """Run a stack of decoder layers (any slice of the model's stack) over ``x`` [B, L, D].
+
+    ``mask`` is boolean [B, 1, L, S] (S = L without a cache, the cache length with one). With ``cache``, this
+    step's keys/values are written at ``cache_index`` and the updated cache is returned.
+    """
     layer = DecoderLayer(cfg, dtype, attn_impl)
 
     def apply(p, h, kv):
-        return layer.apply({"params": p}, h, cos, sin, mask, kv, cache_index)
+        h, kv = layer.apply({"params": p}, h, cos, sin, mask, kv, cache_index)
+        return h, kv
 
     x, new_kv = scan_layers(apply, layer_params, x, None if cache is None else tuple(cache), remat=remat)
     return x, (None if cache is None else KVCache(*new_kv))
@@ -107,8 +111,11 @@ def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache 
 def run_layers_capturing(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache, cache_index,
                          capture: tuple[int, ...], *, dtype=jnp.float32, attn_impl: str = "einsum"):
     """``run_layers`` over the whole stack that also returns the attention probabilities of the layers in
-    ``capture`` (sorted layer indices): (x, cache, probs [len(capture), B, H, Lq, S] float32). Only the captured
-    layers take the einsum path; the runs between them are ordinary scanned slices."""
+    ``capture`` (sorted layer indices): (x, cache, probs [len(capture), B, H, Lq, S] float32).
+
+    Only the captured layers take the einsum path (the one that materialises probabilities); the runs of layers
+    between them are ordinary scanned slices with ``attn_impl``.
+    """
     depth = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
     if list(capture) != sorted(set(capture)) or not all(0 <= i < depth for i in capture):
         raise ValueError(f"capture layers must be sorted, distinct and in 0..{depth - 1}; got {capture}")
@@ -131,9 +138,15 @@ def run_layers_capturing(layer_params, cfg: TextConfig, x, cos, sin, mask, cache
 
 
 def project_qk(attn_params, cfg: TextConfig, xq, x):
-    """One layer's queries at ``xq`` [B, Lq, D] and keys at ``x`` [B, L, D] after q_norm / k_norm, before RoPE:
-    ([B, Lq, H, hd], [B, L, KV, hd]). Q-Zoom's RoI map reads the twig's last layer through this (reference §6)."""
-    hd, eps = cfg.head_dim, cfg.rms_norm_eps
-    q = (xq @ attn_params["q_proj"]["kernel"]).reshape(*xq.shape[:2], -1, hd)
-    k = (x @ attn_params["k_proj"]["kernel"]).reshape(*x.shape[:2], -1, hd)
-    return _rms(q, attn_params["q_norm"]["scale"], eps), _rms(k, attn_params["k_norm"]["scale"], eps)
+    """One layer's queries at ``xq`` [B, Lq, D] and keys at ``x`` [B, L, D] (after q/k norms), before RoPE:
+    ([B, Lq, H, hd], [B, L, KV, hd]). Q-Zoom's RoI map reads the twig's last layer through this."""
+    hd, dtype = cfg.head_dim, x.dtype
+    q = xq @ attn_params["q_proj"]["kernel"]
+    k = x @ attn_params["k_proj"]["kernel"]
+    if cfg.attention_bias:
+        q, k = q + attn_params["q_proj"]["bias"], k + attn_params["k_proj"]["bias"]
+    q, k = q.reshape(*xq.shape[:2], -1, hd), k.reshape(*x.shape[:2], -1, hd)
+    if cfg.qk_norm:
+        norm = lambda name, t: RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": attn_params[name]}, t)
+        q, k = norm("q_norm", q), norm("k_norm", k)
+    return q, k

@@ -13,28 +13,18 @@ leading axis (like layers).
 
 from __future__ import annotations
 
-from qzoom_jax.models.checkpoint_keys import TensorSpec
+from qzoom_jax.models.checkpoint_keys import TableBuilder, TensorSpec
 from qzoom_jax.models.qwen3_vl.config import Qwen3VLConfig
 
 
 def checkpoint_table(config: Qwen3VLConfig) -> dict[str, TensorSpec]:
-    t, v = config.text, config.vision
-    d, dv, iv = t.hidden_size, v.hidden_size, v.intermediate_size
-    q_dim, kv_dim = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    v = config.vision
+    dv, iv = v.hidden_size, v.intermediate_size
     merged = dv * v.merge_unit
-    table: dict[str, TensorSpec] = {}
+    b = TableBuilder()
+    add, linear = b.add, b.linear
 
-    def add(key, path, transform, hf_shape, layer=None):
-        table[key] = TensorSpec(tuple(path.split("/")), layer, transform, tuple(hf_shape))
-
-    def linear(key, path, out_dim, in_dim, bias, layer=None):
-        add(f"{key}.weight", f"{path}/kernel", "linear", (out_dim, in_dim), layer)
-        if bias:
-            add(f"{key}.bias", f"{path}/bias", "none", (out_dim,), layer)
-
-    def layer_norm(key, path, dim, layer=None):
-        add(f"{key}.weight", f"{path}/scale", "none", (dim,), layer)
-        add(f"{key}.bias", f"{path}/bias", "none", (dim,), layer)
+    layer_norm = b.layer_norm
 
     def merger(hf, ours, norm_dim, layer=None):
         layer_norm(f"{hf}.norm", f"{ours}/ln_q", norm_dim, layer)
@@ -57,30 +47,5 @@ def checkpoint_table(config: Qwen3VLConfig) -> dict[str, TensorSpec]:
     for j in range(len(v.deepstack_visual_indexes)):
         merger(f"visual.deepstack_merger_list.{j}", "visual/deepstack_merger_list", merged, j)
 
-    def decoder_stack(name, depth):
-        for i in range(depth):
-            hf, ours = f"model.{name}.{i}", f"model/{name}"
-            add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", "none", (d,), i)
-            add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", "none", (d,), i)
-            linear(f"{hf}.self_attn.q_proj", f"{ours}/self_attn/q_proj", q_dim, d, False, i)
-            linear(f"{hf}.self_attn.k_proj", f"{ours}/self_attn/k_proj", kv_dim, d, False, i)
-            linear(f"{hf}.self_attn.v_proj", f"{ours}/self_attn/v_proj", kv_dim, d, False, i)
-            linear(f"{hf}.self_attn.o_proj", f"{ours}/self_attn/o_proj", d, q_dim, False, i)
-            add(f"{hf}.self_attn.q_norm.weight", f"{ours}/self_attn/q_norm/scale", "none", (t.head_dim,), i)
-            add(f"{hf}.self_attn.k_norm.weight", f"{ours}/self_attn/k_norm/scale", "none", (t.head_dim,), i)
-            linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", t.intermediate_size, d, False, i)
-            linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", t.intermediate_size, d, False, i)
-            linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", d, t.intermediate_size, False, i)
-
-    add("model.embed_tokens.weight", "model/embed_tokens/embedding", "none", (t.vocab_size, d))
-    decoder_stack("layers", t.num_hidden_layers)
-    add("model.norm.weight", "model/norm/scale", "none", (d,))
-    qz = config.qzoom
-    if qz.enable_twig:
-        decoder_stack("twig_layers", qz.twig_T)
-    if qz.enable_high_res:
-        decoder_stack("high_res_layers", qz.gate_T)
-        linear("model.high_res_head", "model/high_res_head", 1, d, True)
-    if not t.tie_word_embeddings:
-        linear("lm_head", "lm_head", t.vocab_size, d, False)
-    return table
+    b.decoder(config)
+    return b.table

@@ -6,6 +6,10 @@ Benchmarks (``--only NAME`` to pick some):
   train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
             of our jitted step (JAX only: the upstream trainer is a DeepSpeed/GPU program), backbone in
             ``--dtype``; ``--size qwen2_5vl_7b`` builds a 7B-shaped random-weight model (K=18, T=3)
+  sft_memory  per-device memory of one full-model SFT step at Qwen2.5-VL-7B shapes (whole LLM trainable, vision
+            frozen, fp32 master weights + AdamW, bf16 compute, full remat, ``--sft-tokens`` tokens per device,
+            ``--fsdp``-way FSDP): an ahead-of-time compile on abstract inputs (nothing allocated) and XLA's
+            memory analysis; on CPU run with XLA_FLAGS=--xla_force_host_platform_device_count=8
   qzoom     per-sample latency (batch 1): baseline generation at ``--large`` visual tokens vs Q-Zoom at ``--small``
             with the gate forced off and on, and the baseline in JAX vs transformers ``generate`` at both budgets
 
@@ -255,12 +259,84 @@ def bench_qzoom(args):
     return out
 
 
-BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train, "qzoom": bench_qzoom}
+def bench_sft_memory(args):
+    """Compiles ``qzoom_jax.train``'s own SFT step for 7B shapes on abstract, sharded inputs and reports XLA's
+    per-device memory: arguments (state + frozen params + batch), outputs, temporaries."""
+    import jax
+    import ml_collections
+
+    from qzoom_jax.data import conversations
+    from qzoom_jax.models import registry
+    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+    from qzoom_jax.models.vlm import init_params
+    from qzoom_jax.runtime import parallel
+    from qzoom_jax.training import sft
+
+    if jax.device_count() < args.fsdp:
+        raise SystemExit(f"sft_memory needs {args.fsdp} devices, found {jax.device_count()}: on CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fsdp}")
+    t, v = QWEN2_5VL_7B["text"], QWEN2_5VL_7B["vision"]
+    raw = {"model_type": "qwen2_5_vl", **{k: x for k, x in t.items() if k != "mrope_section"},
+           "rope_scaling": {"type": "mrope", "mrope_section": t["mrope_section"]}, "rms_norm_eps": 1e-6,
+           "rope_theta": 1e6, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+           "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653,
+           "vision_config": {**v, "in_chans": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                             "window_size": 112, "tokens_per_second": 2, "out_hidden_size": t["hidden_size"]}}
+    config = QwenVLConfig.from_dict(raw, source="qwen2_5vl_7b")
+    mesh = parallel.make_mesh(fsdp=args.fsdp, devices=jax.devices()[:args.fsdp])
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jax.numpy.bfloat16))
+    trainable, frozen = sft.split(shapes, sft.trainable_mask(shapes, ("model/", "lm_head/")))
+    optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                           clip_norm=1.0))
+    tx = optim_lib.make_optimizer(optim, 1000)
+    sds = lambda tree, shardings, dtype=None: jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, shardings)
+    master = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), trainable)
+    shard = step_lib.state_shardings(master, tx, mesh)
+    state = {"params": sds(master, shard["params"]),
+             "opt_state": sds(jax.eval_shape(tx.init, master), shard["opt_state"]),
+             "step": jax.ShapeDtypeStruct((), np.int32, sharding=shard["step"])}
+    frozen = sds(frozen, param_axes.param_shardings(frozen, mesh))
+
+    # One row of --sft-tokens tokens per device, a quarter of them one image's merged tokens (4 patches each).
+    L, B = args.sft_tokens, args.fsdp
+    n_patches = L  # = 4 x (L / 4) merged image tokens
+    grid = np.array([[1, 64, n_patches // 64]])  # 64 x 128 patches at 8k: a 896 x 1792 px image
+    layout = registry.backbone(config).vision_layout(grid, config.vision, pad_to=n_patches,
+                                                     **conversations.layout_minima(config.vision, n_patches, 1))
+    row = {"input_ids": ((L,), np.int32), "attention_mask": ((L,), np.int32), "labels": ((L,), np.int32),
+           "positions": ((3, L), np.float32), "pixel_values": ((n_patches, config.vision.patch_dim), np.float32),
+           **{f"layout_{k}": (a.shape, a.dtype) for k, a in layout._asdict().items()}}
+    sharding = step_lib.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((B, *shape), dtype, sharding=sharding) for k, (shape, dtype) in row.items()}
+    loss = functools.partial(sft.loss_fn, compute_dtype="bfloat16", remat="full", chunk=1024,
+                             activations=None if args.no_pin else sharding)
+    train_step = step_lib.make_train_step(config, tx, None, None, args.attn_impl, loss, weight="supervised_tokens")
+    t0 = time.perf_counter()
+    compiled = step_lib.compile_step(train_step, state, frozen, batch, None, mesh)
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    gib = lambda n: n / 2 ** 30
+    size = lambda tree: sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return dict(devices=args.fsdp, tokens_per_device=L, image_patches_per_device=n_patches,
+                trainable_params=sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(trainable)),
+                frozen_params=sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(frozen)),
+                state_gib_global=gib(size(state)), argument_gib=gib(mem.argument_size_in_bytes),
+                output_gib=gib(mem.output_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
+                temp_gib=gib(mem.temp_size_in_bytes), per_device_gib=gib(total), jax_compile_s=compile_s,
+                backend=jax.default_backend())
+
+
+BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train, "qzoom": bench_qzoom,
+           "sft_memory": bench_sft_memory}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(BENCHES))
+    # sft_memory needs --fsdp devices (host devices on CPU), so it runs only when asked for.
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(set(BENCHES) - {"sft_memory"}))
     p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b"]), default="small")
     p.add_argument("--image", type=int, default=448, help="square image side in px (multiple of 28)")
     p.add_argument("--text", type=int, default=32, help="text tokens after the image")
@@ -271,6 +347,9 @@ def main(argv=None):
     p.add_argument("--small", type=int, default=256, help="qzoom: Q-Zoom's budget in visual tokens")
     p.add_argument("--dtype", default="float32", help="train, qzoom: model dtype (float32, bfloat16)")
     p.add_argument("--attn-impl", default="xla", help="train, qzoom: JAX attention (einsum, xla, cudnn)")
+    p.add_argument("--sft-tokens", type=int, default=8192, help="sft_memory: tokens per device")
+    p.add_argument("--fsdp", type=int, default=8, help="sft_memory: FSDP devices")
+    p.add_argument("--no-pin", action="store_true", help="sft_memory: no batch sharding pinned on activations")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
@@ -294,6 +373,11 @@ def main(argv=None):
         row = {"bench": "train", **header, "dtype": args.dtype, **bench_train(args)}
         mfu = "n/a (no peak FLOPs for this device)" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(f"train      {row['step_s']:.4f} s/step  {row['samples_per_s']:.2f} samples/s  MFU {mfu}")
+        rows.append(row)
+    if "sft_memory" in args.only:
+        row = {"bench": "sft_memory", **header, **bench_sft_memory(args)}
+        print(f"sft_memory {row['per_device_gib']:.2f} GiB per device (arguments {row['argument_gib']:.2f}, temporaries "
+              f"{row['temp_gib']:.2f}) at {row['tokens_per_device']} tokens/device, {row['devices']}-way FSDP")
         rows.append(row)
     if "qzoom" in args.only:
         row = {"bench": "qzoom", **header, "dtype": args.dtype, **bench_qzoom(args)}

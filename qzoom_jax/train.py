@@ -1,9 +1,11 @@
-"""Training entry point — ``python -m qzoom_jax.train --config=configs/sdrpn.py`` (or ``configs/gate.py``).
+"""Training entry point — ``python -m qzoom_jax.train --config=configs/sdrpn.py`` (or ``configs/gate.py``,
+``configs/sft.py``).
 
 Only a small head is trained on a frozen backbone that is referenced by path, never copied: stage 1 (SD-RPN)
 trains the twig to predict the teacher's RoI map, stage 3 the dynamic gate to predict when the low-resolution
 look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.training.stages`` holds
-what differs, picked by ``config.stage``). ``main()`` is the whole story for both: config -> mesh -> labels ->
+what differs, picked by ``config.stage``). Supervised fine-tuning (``stage="sft"``) instead trains a chosen part of the
+backbone itself on conversations, the rest frozen. ``main()`` is the whole story for all of them: config -> mesh -> labels ->
 data -> model -> restore -> step -> loop -> save.
 
 On several hosts every process runs the same command (``qzoom_jax.runtime.distributed`` starts the runtime): each reads
@@ -48,7 +50,7 @@ def _train(cfg, workdir: str, devices) -> dict:
     train, m = cfg.train, cfg.model
     stage = stages.get(cfg)
     backbone_path = label_parts.model_path(m.path)
-    _check_config(cfg, backbone_path)
+    _check_config(cfg, backbone_path, stage)
 
     # Mesh and labels (a label run first when the config names no label datasets).
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
@@ -56,9 +58,12 @@ def _train(cfg, workdir: str, devices) -> dict:
     source, label_meta = stage.training_source(workdir)
     num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
-    # Frozen backbone, sharded straight from the checkpoint.
+    # Backbone, sharded straight from the checkpoint; the stage says which params train (a new head, or a part
+    # of the backbone split off it) and the frozen rest is all the step keeps of it.
     model = load_pretrained(backbone_path, dtype=m.dtype, mesh=mesh, attn_impl=m.attn_impl, rules=rules)
-    config, backbone = model.config, model.params
+    config = model.config
+    params, backbone = stage.trainable(model.params)
+    del model
     processor = Processor.from_pretrained(backbone_path)
 
     # Data: this process's share of each global batch, fixed shapes.
@@ -71,7 +76,8 @@ def _train(cfg, workdir: str, devices) -> dict:
 
     # Trainable state, restored when the run directory already has a checkpoint.
     tx = optim_lib.make_optimizer(cfg.optim, num_steps)
-    state = step_lib.init_state(backbone, m.K, m.T, tx, mesh, rules, init=stage.init_params)
+    state = step_lib.state_for(params, tx, mesh, rules, dtype=stage.master_dtype)
+    del params
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=train.checkpoint_every,
                              max_to_keep=train.max_to_keep)
     writer = metrics_lib.MetricsWriter(workdir)
@@ -83,7 +89,8 @@ def _train(cfg, workdir: str, devices) -> dict:
         distributed.print0(f"resumed from step {start} in {ckpt.directory}")
     # Also with no checkpoint (start 0): steps an interrupted run logged before its first checkpoint are redone.
     writer.truncate_after(start)
-    meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.K, "T": m.T, **label_meta,
+    meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.get("K"), "T": m.get("T"),
+            **label_meta,
             "config": json.loads(cfg.to_json_best_effort())}
 
     if start >= num_steps:
@@ -94,8 +101,9 @@ def _train(cfg, workdir: str, devices) -> dict:
     # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
     batches = (step_lib.global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
-    compiled = step_lib.compile_step(step_lib.make_train_step(config, tx, m.K, stage.threshold, m.attn_impl, stage.loss_fn), state,
-                            backbone, first, layout, mesh)
+    train_step = step_lib.make_train_step(config, tx, m.get("K"), stage.threshold, m.attn_impl, stage.loss_fn,
+                                          accum_steps=train.get("accum_steps", 1), weight=stage.accum_weight)
+    compiled = step_lib.compile_step(train_step, state, backbone, first, layout, mesh)
     flops = metrics_lib.step_flops(compiled)
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])
     schedule = optim_lib.lr_schedule(cfg.optim, num_steps)
@@ -129,11 +137,11 @@ def _train(cfg, workdir: str, devices) -> dict:
     return state
 
 
-def _check_config(cfg, backbone_path: str) -> None:
+def _check_config(cfg, backbone_path: str, stage) -> None:
     """Settings that would otherwise fail only after the labels are made and the backbone is loaded."""
     m, train = cfg.model, cfg.train
     layers = registry.read_config(backbone_path).text.num_hidden_layers
-    if m.K < 0 or m.T < 1 or m.K + m.T > layers:
+    if stage.branches and (m.K < 0 or m.T < 1 or m.K + m.T > layers):
         raise ConfigError(f"model.K={m.K} + model.T={m.T}: the trained layers copy base layers K..K+T-1, but the "
                           f"backbone {backbone_path} has {layers} decoder layers (need K >= 0, T >= 1, "
                           f"K + T <= {layers})")

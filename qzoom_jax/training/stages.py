@@ -1,10 +1,11 @@
 """What differs between the training stages ``qzoom_jax.train`` runs; ``get(cfg)`` picks one by ``cfg.stage``.
 
-A stage says where its labels come from and which records train, how its trainable params start, how a record
-becomes a fixed-shape example, its objective (``loss_fn(params, backbone, config, batch, layout, K, *,
-threshold, attn_impl)``), the metrics on the progress bar and what its checkpoints record. Everything else --
-mesh, frozen backbone, optimizer, compiled step, loop, checkpoints, metrics -- is the same story in
-``train.main``.
+A stage says where its labels come from and which records train, how its trainable params start
+(``trainable(backbone) -> (params, frozen)``: a new head beside the whole frozen backbone, or -- SFT -- a subset
+split off the backbone), how a record becomes a fixed-shape example, its objective (``loss_fn(params, frozen,
+config, batch, layout, K, *, threshold, attn_impl)``), the metrics on the progress bar and what its checkpoints
+record. Everything else -- mesh, frozen backbone, optimizer, compiled step, loop, checkpoints, metrics -- is
+the same story in ``train.main``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import jax
 import numpy as np
 from etils import epath
 
-from qzoom_jax.runtime import distributed
+from qzoom_jax.runtime import distributed, parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.labelling import gate_labels
-from qzoom_jax.training import gate_objective, sdrpn
+from qzoom_jax.training import gate_objective, sdrpn, sft
+from qzoom_jax.training import step as step_lib
 from qzoom_jax.labelling import teacher
 from qzoom_jax.training.checkpoint import TrainCheckpointer
-from qzoom_jax.data import stage1, stage3, tfds_datasets, tfds_stage3
+from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_stage3
+from qzoom_jax.labelling import parts as label_parts
+from qzoom_jax.models import vlm
+from qzoom_jax.runtime.buckets import bucket
 from qzoom_jax.models.qzoom import gate as gate_lib
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.models import registry
@@ -54,13 +59,25 @@ def _label_run(cfg_labels, backbone_path):
     return resolved
 
 
-class Sdrpn:
+class _Head:
+    """A Q-Zoom head: T new decoder layers (+ head) branching off base layer K; the whole backbone is frozen."""
+
+    branches = True  # model.K / model.T name the branch point (checked by train.main)
+    master_dtype = "float32"
+
+    def trainable(self, backbone):
+        m = self.cfg.model
+        return self.init_params(backbone["model"]["layers"], m.K, m.T), backbone
+
+
+class Sdrpn(_Head):
     """Stage 1 -- SD-RPN: the twig learns the frozen teacher's RoI map (training reference §1)."""
 
     name = "sdrpn"
     loss_fn = staticmethod(sdrpn.loss_fn)
     progress: ClassVar[dict[str, str]] = {"loss": "loss", "iou": "roi_iou"}  # progress-bar label -> metric
     annotate = False  # examples need no (epoch, index)
+    accum_weight = "labelled_cells"  # gradient accumulation weights micro-batches by their labelled cells
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -94,13 +111,14 @@ class Sdrpn:
         return registry.backbone(config).vision_layout(np.array([[1, side, side]]), config.vision)
 
 
-class Gate:
+class Gate(_Head):
     """Stage 3 -- the dynamic gate learns whether the low-resolution look suffices (training reference §4)."""
 
     name = "gate"
     loss_fn = staticmethod(gate_objective.loss_fn)
     progress: ClassVar[dict[str, str]] = {"loss": "loss", "acc": "accuracy"}
     annotate = True  # the label and budget are drawn per fetch from (seed, epoch, index)
+    accum_weight = "labelled"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -157,7 +175,63 @@ def _check_twig_run(twig_run: str, K: int) -> None:
                          f"the gate needs an 'sdrpn' twig with the same K={K} (high_res_K must equal twig_K)")
 
 
-STAGES = {stage.name: stage for stage in (Sdrpn, Gate)}
+class Sft:
+    """Supervised fine-tuning of any subset of the VLM (``train.trainable`` path patterns) on upstream's
+    conversation JSONL (training reference §5.2); the rest of the model stays frozen."""
+
+    name = "sft"
+    branches = False
+    progress: ClassVar[dict[str, str]] = {"loss": "loss", "acc": "token_accuracy"}
+    annotate = False
+    accum_weight = "supervised_tokens"  # accumulated gradients are the mean over every supervised token
+    threshold = None
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        t, m = cfg.train, cfg.model
+        self.master_dtype = t.master_dtype
+        if t.remat not in sft.REMAT:
+            raise ConfigError(f"train.remat={t.remat!r}; choose one of {sft.REMAT}")
+        vlm.as_dtype(t.master_dtype), vlm.as_dtype(m.dtype)  # unknown names fail here, not after loading
+        if t.global_batch_size % t.accum_steps:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not split into "
+                              f"train.accum_steps={t.accum_steps} micro-batches")
+        # The patterns are checked on the param shapes now, before any data or weights are read.
+        config = registry.read_config(label_parts.model_path(m.path))
+        if t.remat != "none" and registry.backbone(config).deepstack:
+            raise ConfigError(f"train.remat={t.remat!r} is not supported on {config.model_type} (DeepStack)")
+        shapes = jax.eval_shape(lambda: vlm.init_params(config, jax.random.key(0)))
+        sft.trainable_mask(shapes, tuple(t.trainable))
+        self.loss_fn = functools.partial(sft.loss_fn, compute_dtype=m.dtype, remat=t.remat, chunk=t.loss_chunk)
+
+    def training_source(self, workdir: str):
+        del workdir
+        d = self.cfg.data
+        if not d.jsonl:
+            raise ConfigError("data.jsonl is empty: name upstream's conversation JSONL (and data.image_root)")
+        return conversations.read_conversations(d.jsonl, d.image_root or None), {"jsonl": os.path.abspath(d.jsonl)}
+
+    def trainable(self, backbone):
+        """(trainable leaves, frozen rest) of the loaded backbone: the frozen rest is all the step keeps of it.
+        The objective also pins its activations to the batch sharding of the backbone's mesh (``sft``)."""
+        mesh = jax.tree_util.tree_leaves(backbone)[0].sharding.mesh
+        activations = step_lib.batch_sharding(mesh, parallel.rules_with(self.cfg.sharding_rules))
+        self.loss_fn = functools.partial(self.loss_fn, activations=activations)
+        return sft.split(backbone, sft.trainable_mask(backbone, tuple(self.cfg.train.trainable)))
+
+    def example_fn(self, processor, config):
+        d = self.cfg.data
+        # One patch budget for every row (bucketed, a multiple of the merge unit): one compiled step per run.
+        return functools.partial(conversations.make_example, processor=processor, config=config,
+                                 max_len=bucket(d.max_len), n_patches=bucket(d.max_patches, 64),
+                                 max_images=d.max_images, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+
+    def step_layout(self, config) -> None:
+        """None: every row carries its own vision layout."""
+        del config
+
+
+STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft)}
 
 
 def get(cfg):

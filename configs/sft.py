@@ -1,0 +1,75 @@
+"""Supervised fine-tuning of a chosen part of the VLM on upstream's conversation JSONL (training reference §5.2).
+
+    python -m qzoom_jax.train --config=configs/sft.py --config.data.jsonl=data/reading_sft.jsonl   # tiny, CPU
+    python -m qzoom_jax.train --config=configs/sft.py:qwen2_5vl_7b --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct \\
+        --config.data.jsonl=/data/sft.jsonl --config.data.image_root=/data/images --workdir=gs://bucket/runs/sft_7b
+
+``train.trainable``: regexes, each ``re.match``-ed against parameter paths such as ``model/layers/mlp/up_proj/kernel``,
+``visual/merger/mlp_0/kernel``, ``visual/blocks/...``, ``model/embed_tokens/embedding``, ``lm_head/kernel``; every
+pattern must match something. Matching leaves get ``train.master_dtype`` master weights and AdamW state sharded
+over (fsdp, tensor); the rest stays frozen in ``model.dtype`` and gets no gradient. Every example has the same
+shapes (``data.max_len`` tokens, ``data.max_patches`` patch rows, both bucketed), so a run compiles one step.
+Every field can be overridden: ``--config.train.trainable="('model/layers/',)"``.
+"""
+
+import ml_collections
+
+# Whole LLM (decoder, embeddings, lm_head) and the merger train; the ViT blocks stay frozen (upstream's default
+# tune_mm_llm + tune_mm_mlp).
+LLM_AND_MERGER = ("model/", "lm_head/", "visual/merger/")
+PRESETS = {"tiny": {}, "qwen2_5vl_3b": {}, "qwen2_5vl_7b": {}}
+
+
+def get_config(arg=None):
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.name = "sft" if not arg else f"sft_{preset}"
+    c.stage = "sft"
+    c.seed = 42
+    # path None = the embedded tiny checkpoint; dtype: the compute dtype (and that of the frozen part).
+    c.model = dict(
+        path=ml_collections.config_dict.placeholder(str) if tiny else "",
+        dtype="bfloat16",
+        attn_impl="xla",
+    )
+    # jsonl: upstream's conversation file; image_root: its images (default: the file's directory).
+    # max_len / max_patches: every row is padded to these (bucketed); longer samples are skipped and counted.
+    # min_pixels / max_pixels: each image keeps its aspect ratio within this pixel budget (§5.3).
+    c.data = {
+        "jsonl": "",
+        "image_root": "",
+        "max_len": 256 if tiny else 8192,
+        "max_patches": 1024 if tiny else 16384,
+        "max_images": 2 if tiny else 4,
+        "min_pixels": 16 * 28 * 28 if tiny else 256 * 28 * 28,
+        "max_pixels": 64 * 28 * 28 if tiny else 1280 * 28 * 28,
+        "worker_count": 0 if tiny else 8,
+    }
+    c.train = {
+        "trainable": LLM_AND_MERGER,
+        "master_dtype": "float32",
+        "remat": "none" if tiny else "full",  # decoder layers: "none" | "full" (recompute in backward)
+        "loss_chunk": 1024,  # lm_head + cross-entropy this many positions at a time
+        "global_batch_size": 8 if tiny else 128,
+        "accum_steps": 1 if tiny else 4,
+        "num_epochs": 1,
+        "num_steps": 0,
+        "log_every": 1 if tiny else 10,
+        "checkpoint_every": 50 if tiny else 500,
+        "max_to_keep": 3,
+    }
+    c.optim = {
+        "lr": 1e-4 if tiny else 1e-5,
+        "warmup_ratio": 0.03,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "clip_norm": 1.0,
+    }
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    c.sharding_rules = ()
+    return c

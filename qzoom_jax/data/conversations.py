@@ -1,0 +1,210 @@
+"""Supervised fine-tuning data: upstream's conversation JSONL and fixed-shape, label-masked training examples.
+
+A line of the file (LLaVA / Qwen-VL finetune format, training reference §5.1-§5.2)::
+
+    {"id": ..., "image": "rel/path.jpg" | ["a.jpg", "b.jpg"] (optional),
+     "conversations": [{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}
+
+``read_conversations`` turns lines into records (``uid``, ``images``: absolute paths, ``conversations``); a
+malformed file (bad JSON, no ``conversations`` list, a turn without ``from``/``value``) is a DataError naming the
+line. Everything a single record can get wrong -- a missing image, ``<image>`` placeholders that do not match its
+images, an empty answer, turns that are not human/gpt pairs, a sequence over ``max_len`` -- is a ``SkipSample``
+raised by ``make_example``, which the loader counts with its reason (``data.pipeline``).
+
+The text follows upstream's training template exactly (§5.2): no system turn; each turn
+``<|im_start|>{role}\\n{content}<|im_end|>\\n``; a user turn with images starts with a literal ``<image>`` and has
+every placeholder replaced by the image block. Only the tokens of assistant turns after their
+``<|im_start|>assistant\\n`` prefix are supervised (the answer, ``<|im_end|>`` and the newline); every other
+label is -100. Message text goes through the tokenizer's chat template (``ChatText``), so special-token strings
+in a data set stay plain characters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from qzoom_jax.data import stage1, stage3
+from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.tokenizer import IM_START, ChatText
+from qzoom_jax.models import registry
+from qzoom_jax.runtime.buckets import pow2
+from qzoom_jax.runtime.errors import DataError
+
+IGNORE = -100
+PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "gpt": "assistant"}
+# Grid of the stand-in images that fill a row's unused image slots (one merged token each), so that every row's
+# vision layout has the same number of frames and therefore the same table shapes (see ``_padded_layout``).
+_FILLER_GRID = (1, 2, 2)
+
+
+# ---- the file ------------------------------------------------------------------------------------------
+
+def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
+    """Records of a conversation JSONL; image paths resolve against ``image_root`` (default: the file's
+    directory). Images are read when an example is made, so a large file costs only its text in memory."""
+    path = os.fspath(path)
+    root = os.path.dirname(os.path.abspath(path)) if image_root is None else os.fspath(image_root)
+    records = []
+    for where, row in stage1.jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        turns = row.get("conversations")
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: 'conversations' must be a list of turns, got {turns!r}")
+        for i, turn in enumerate(turns):
+            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+                    and isinstance(turn.get("value"), str)):
+                raise DataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+        images = row.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise DataError(f"{where}: 'image' must be a path or a list of paths, got {row.get('image')!r}")
+        records.append({"uid": str(row.get("id", where)), "images": [os.path.join(root, p) for p in images],
+                        "conversations": [{"from": t["from"], "value": t["value"]} for t in turns]})
+    if not records:
+        raise DataError(f"{path}: no conversations")
+    return records
+
+
+# ---- text and labels -----------------------------------------------------------------------------------
+
+def messages(conversations, n_images: int, uid: str = "?") -> list[dict]:
+    """The chat messages of a record (upstream's roles and image placeholders), or SkipSample saying why not."""
+    turns = list(conversations)
+    if turns and turns[0]["from"] != "human":  # upstream drops a leading non-human turn (§5.2)
+        turns = turns[1:]
+    expected = ["human", "gpt"] * (len(turns) // 2)
+    if not turns or len(turns) % 2 or [t["from"] for t in turns] != expected:
+        raise stage1.SkipSample(f"{uid}: turns {[t['from'] for t in conversations]} are not human/gpt pairs")
+    if any(not t["value"].strip() for t in turns if t["from"] == "gpt"):
+        raise stage1.SkipSample(f"{uid}: empty answer")
+    placeholders = sum(t["value"].count(PLACEHOLDER) for t in turns if t["from"] == "human")
+    if placeholders < n_images:
+        raise stage1.SkipSample(f"{uid}: {n_images} image(s) but {placeholders} {PLACEHOLDER} placeholder(s)")
+    if placeholders > n_images:
+        raise stage1.SkipSample(f"{uid}: {placeholders} {PLACEHOLDER} placeholders but {n_images} image(s)")
+    out = []
+    for t in turns:
+        role, value = ROLES[t["from"]], t["value"]
+        content: Any = value
+        if role == "user" and PLACEHOLDER in value:
+            parts = value.split(PLACEHOLDER)
+            # Upstream seeds the rewritten turn with a literal "<image>" before the first image block (§5.2).
+            content = [{"type": "text", "text": PLACEHOLDER}]
+            for i, part in enumerate(parts):
+                content += [{"type": "text", "text": part}] + ([{"type": "image"}] if i < len(parts) - 1 else [])
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _turn_text(message: Mapping[str, Any], processor: Processor) -> ChatText:
+    """One turn in the chat template, without the system turn it adds (upstream's template has none)."""
+    text = processor.apply_chat_template([message], add_generation_prompt=False)
+    return text[text.index(IM_START, 1):]  # the second <|im_start|>: the system turn holds only fixed text
+
+
+def tokens_and_labels(msgs, processor: Processor) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) int32 of the conversation, one ``<|image_pad|>`` per image (not yet expanded).
+
+    Turns are encoded one by one, as upstream does; each starts at a control token, so the ids equal those of
+    the whole text. An assistant turn's labels are its ids after the ``<|im_start|>assistant\\n`` prefix (3
+    tokens with Qwen's vocabulary; upstream masks exactly 3)."""
+    tok = processor.tokenizer
+    prefix = len(tok.encode(ChatText([(IM_START, True), ("assistant\n", False)])))
+    ids, labels = [], []
+    for message in msgs:
+        turn = tok.encode(_turn_text(message, processor))
+        ids += turn
+        labels += [IGNORE] * len(turn) if message["role"] != "assistant" else [IGNORE] * prefix + turn[prefix:]
+    return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+
+def expand_images(ids, labels, image_token_id: int, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Each image placeholder repeated to its image's merged-token count (labels stay -100 there)."""
+    repeats = np.ones(len(ids), np.int64)
+    at = np.flatnonzero(ids == image_token_id)
+    repeats[at] = np.asarray(counts, np.int64).reshape(len(at))
+    return np.repeat(ids, repeats), np.repeat(labels, repeats)
+
+
+# ---- examples ------------------------------------------------------------------------------------------
+
+def layout_minima(vision, n_patches: int, max_images: int) -> dict[str, int]:
+    """Table minima that give every row's layout the same shapes: stage 3's for one image, plus a window per
+    extra image (each image starts its own windows)."""
+    minima = stage3.layout_minima(vision, n_patches)
+    return {**minima, "min_window_rows": pow2(minima["min_window_rows"] + max_images)}
+
+
+def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
+    """The row's vision layout over ``max_images`` frames: its images, then filler images (never read: the
+    features are gathered at the image tokens in order), then padding rows up to ``n_patches``."""
+    fill = np.asarray([_FILLER_GRID] * (max_images - len(grids)), np.int64).reshape(-1, 3)
+    all_grids = np.concatenate([np.asarray(grids, np.int64).reshape(-1, 3), fill])
+    used = int(np.prod(all_grids, -1).sum())
+    if used > n_patches:
+        raise stage1.SkipSample(f"{uid}: {used} patches (fillers included), more than n_patches={n_patches}")
+    minima = layout_minima(config.vision, n_patches, max_images)
+    layout = registry.backbone(config).vision_layout(all_grids, config.vision, pad_to=n_patches, **minima)
+    if layout.window_table.shape[0] != minima["min_window_rows"]:
+        raise stage1.SkipSample(f"{uid}: image grids {np.asarray(grids).tolist()} span more than "
+                                f"{minima['min_window_rows']} attention windows")
+    return layout
+
+
+def _read_images(paths, factor: int, uid: str):
+    images = []
+    for p in paths:
+        data = stage1.read_image_file(p)
+        if data is None:
+            raise stage1.SkipSample(f"{uid}: missing or unreadable image {p!r}")
+        try:
+            images.append(stage1.decode_image(data, factor))
+        except stage1.SkipSample as e:
+            raise stage1.SkipSample(f"{uid}: {p}: {e}") from None
+    return images
+
+
+def make_example(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, n_patches: int,
+                 max_images: int, min_pixels: int, max_pixels: int) -> dict[str, np.ndarray]:
+    """One SFT example with fixed shapes: ``input_ids``/``attention_mask``/``labels`` int32 [max_len] (right
+    padded, labels -100 outside assistant answers), ``positions`` float32 [3, max_len], ``pixel_values`` float32
+    [n_patches, C] (the images at their own aspect ratio within [min_pixels, max_pixels], then zeros) and the
+    row's vision layout (``layout_*``, read back with ``stage3.layout_of``). Raises SkipSample (see module)."""
+    uid = record.get("uid", "?")
+    paths = list(record["images"])
+    if len(paths) > max_images:
+        raise stage1.SkipSample(f"{uid}: {len(paths)} images, more than max_images={max_images}")
+    msgs = messages(record["conversations"], len(paths), uid)
+    ids, labels = tokens_and_labels(msgs, processor)
+    image_processor = processor.image_processor
+    grids = np.zeros((0, 3), np.int64)
+    pixels = np.zeros((0, config.vision.patch_dim), np.float32)
+    if paths:
+        vision = image_processor(_read_images(paths, image_processor.factor, uid), min_pixels, max_pixels)
+        pixels, grids = vision["pixel_values"], vision["image_grid_thw"]
+        ids, labels = expand_images(ids, labels, config.image_token_id,
+                                    np.prod(grids, -1) // image_processor.merge_size ** 2)
+    n = len(ids)
+    if n > max_len:
+        raise stage1.SkipSample(f"{uid}: sequence is {n} tokens, longer than max_len={max_len}")
+    layout = _padded_layout(config, grids, n_patches, max_images, uid)
+
+    input_ids = np.full((max_len,), config.input_pad_id, np.int32)
+    input_ids[:n] = ids
+    attention_mask = (np.arange(max_len) < n).astype(np.int32)
+    positions, _ = registry.backbone(config).positions(config, input_ids[None], attention_mask[None],
+                                                       grids if len(grids) else None)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": np.pad(labels, (0, max_len - n), constant_values=IGNORE),
+        "positions": positions[:, 0].astype(np.float32),
+        "pixel_values": np.pad(pixels.astype(np.float32), ((0, n_patches - pixels.shape[0]), (0, 0))),
+        **{f"layout_{name}": value for name, value in layout._asdict().items()},
+    }

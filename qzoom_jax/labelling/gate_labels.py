@@ -104,12 +104,16 @@ def generate_answers(cfg, workdir: str) -> list[str]:
     """Answer every input record at every budget once; returns the answer dataset parts of all processes."""
     if list(cfg.budgets) != sorted(set(cfg.budgets)) or len(cfg.budgets) <= stage3.HIGH:
         raise ValueError(f"budgets must be more than {stage3.HIGH} increasing token counts, got {cfg.budgets}")
-    source = tfds_datasets.open_source(teacher.input_datasets(cfg.data, os.path.join(workdir, "data")))
+    inputs = teacher.input_datasets(cfg.data, os.path.join(workdir, "data"))
+    source = tfds_datasets.open_source(inputs)
     out_dir = os.path.join(workdir, "labels")
+    key = tfds_datasets.source_key(inputs, model=cfg.model.path, answers=cfg.answers, budgets=list(cfg.budgets),
+                                   max_new_tokens=cfg.max_new_tokens, oracle_min_px=cfg.get("oracle_min_px"))
 
     def start():
         answer_fn, factor = _answer_fn(cfg)
         return lambda idx, skipped, progress: _answer_records(answer_fn, source, idx, cfg, factor, skipped, progress)
 
-    parts.write_in_parts(len(source), out_dir, "answers", cfg.part_size, start, tfds_stage3.write_answer_dataset)
+    parts.write_in_parts(len(source), out_dir, "answers", cfg.part_size, start, tfds_stage3.write_answer_dataset,
+                         key)
     return tfds_stage3.answer_parts(out_dir)

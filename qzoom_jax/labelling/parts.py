@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -27,13 +30,19 @@ T = TypeVar("T")
 
 
 def write_in_parts(num_records: int, out_dir: str, prefix: str, part_size: int,
-                   start: Callable[[], Callable[..., Iterator[dict]]], write: Callable[..., str]) -> None:
+                   start: Callable[[], Callable[..., Iterator[dict]]], write: Callable[..., str],
+                   key: dict | None = None) -> None:
     """This process's share of records ``0..num_records-1`` (every ``process_count``-th), in datasets of
     ``part_size`` records named ``{prefix}_p{process}_c{part}`` under ``out_dir``. A finished part is never
     redone, so an interrupted run resumes. ``start()`` (called only when some part is left) loads what is needed
     and returns ``records(indices, skipped counter, progress bar)``; ``write(records, out_dir, name)`` saves one
-    part. Every process waits until all parts of all processes exist."""
+    part. Every process waits until all parts of all processes exist.
+
+    ``key`` (``tfds_datasets.source_key`` of the inputs and the settings that shape the records): the parts are
+    a cache of it; when it changed since they were written, this process's parts are written again."""
     pid, nproc = jax.process_index(), jax.process_count()
+    if key is not None:
+        _invalidate_if_changed(out_dir, f"{prefix}_p{pid:03d}", key)
     mine = np.arange(pid, num_records, nproc)
     parts = [mine[i:i + part_size] for i in range(0, len(mine), part_size)]
     names = [f"{prefix}_p{pid:03d}_c{c:05d}" for c in range(len(parts))]
@@ -53,6 +62,27 @@ def write_in_parts(num_records: int, out_dir: str, prefix: str, part_size: int,
             log.warning("skipped %d samples: %s", sum(skipped.values()), dict(skipped))
     if nproc > 1:  # every process's parts must be finished before anyone lists them
         multihost_utils.sync_global_devices(f"qzoom_jax {prefix} parts")
+
+
+def _invalidate_if_changed(out_dir: str, stem: str, key: dict) -> None:
+    """Drop the parts ``{stem}_c*`` when the key they were written from differs from ``key``; record ``key``.
+    Parts written before keys were recorded are kept: their inputs cannot be checked (said in a warning)."""
+    key_file = os.path.join(out_dir, f"{stem}.key.json")
+    existing = tfds_datasets.prepared_dirs(out_dir, f"{stem}_c*")
+    stored = json.loads(open(key_file, encoding="utf-8").read()) if os.path.exists(key_file) else None
+    if stored is None and existing:
+        log.warning("%s: %d part(s) without a recorded input key; keeping them unchecked", stem, len(existing))
+    elif stored is not None and existing:
+        change = tfds_datasets.key_change(stored, key, f"{stem} parts")
+        if change:
+            log.warning("%s", change)
+            for part in existing:  # .../<builder>/<part name>/<version>: the part's whole directory goes
+                shutil.rmtree(os.path.dirname(part))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{key_file}.tmp"  # written whole, then renamed
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(key, f)
+    os.replace(tmp, key_file)
 
 
 def model_path(path) -> str:

@@ -100,8 +100,12 @@ def _label_records(model: QwenVL, processor: Processor, source, indices, cfg, sk
 
 def generate_labels(cfg, workdir: str) -> list[str]:
     """Label every input record once; returns the label dataset parts of all processes (in order)."""
-    source = tfds_datasets.open_source(input_datasets(cfg.data, os.path.join(workdir, "data")))
+    inputs = input_datasets(cfg.data, os.path.join(workdir, "data"))
+    source = tfds_datasets.open_source(inputs)
     out_dir = os.path.join(workdir, "labels")
+    # The labels are a cache of the inputs and of what shapes the teacher's answers and maps.
+    key = tfds_datasets.source_key(inputs, model=cfg.model.path, heads=cfg.heads.to_dict(), grid=cfg.grid,
+                                   chat_format=cfg.chat_format, resize=cfg.resize, max_new_tokens=cfg.max_new_tokens)
 
     def start():
         path = parts.model_path(cfg.model.path)
@@ -112,5 +116,6 @@ def generate_labels(cfg, workdir: str) -> list[str]:
         processor = Processor.from_pretrained(path, resize=cfg.resize)
         return lambda idx, skipped, progress: _label_records(model, processor, source, idx, cfg, skipped, progress)
 
-    parts.write_in_parts(len(source), out_dir, "labels", cfg.part_size, start, tfds_datasets.write_label_dataset)
+    parts.write_in_parts(len(source), out_dir, "labels", cfg.part_size, start, tfds_datasets.write_label_dataset,
+                         key)
     return parts.label_parts(out_dir)

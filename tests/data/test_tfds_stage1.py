@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import pickle
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from qzoom_jax.data.synthetic import RECORD_KEYS, synthetic_records
 from qzoom_jax.data.tfds_datasets import (build_pickle_labels, build_synthetic_inputs, build_universal_inputs,
-    open_source, prepared_dirs, write_label_dataset)
+    open_source, prepared_dirs, source_key, write_label_dataset)
 
 
 def _png(w, h, seed) -> bytes:
@@ -162,3 +163,35 @@ def test_a_half_written_dataset_is_not_finished(tmp_path):
     # ... and the part can be written again: the incomplete directory is replaced, not refused.
     assert write_label_dataset(_label_records(2), tmp_path, "labels_p000_c00000") == path
     assert prepared_dirs(tmp_path, "labels_p*") == [path]
+
+
+def test_label_parts_are_redone_when_their_inputs_change(tmp_path, caplog):
+    """Label parts are a cache of their inputs: the same key keeps them, a changed one writes them again (with a
+    line saying why), parts from before keys were recorded are kept and said to be unchecked."""
+    from qzoom_jax.labelling import parts
+
+    calls = []
+
+    def start():
+        calls.append(1)
+        return lambda idx, skipped, progress: iter(_label_records(len(idx)))
+
+    source = tmp_path / "inputs.jsonl"
+    source.write_text("one\n")
+    out = str(tmp_path / "labels")
+    key = lambda: source_key([source], grid=4)
+    parts.write_in_parts(2, out, "labels", 4, start, write_label_dataset, key())
+    first = prepared_dirs(out, "labels_p000_c*")
+    assert len(first) == 1 and len(calls) == 1
+    parts.write_in_parts(2, out, "labels", 4, start, write_label_dataset, key())
+    assert len(calls) == 1  # same inputs: nothing redone
+    source.write_text("one\ntwo\n")
+    with caplog.at_level("WARNING"):
+        parts.write_in_parts(2, out, "labels", 4, start, write_label_dataset, key())
+    assert len(calls) == 2 and prepared_dirs(out, "labels_p000_c*") == first
+    assert any("inputs.jsonl changed since the cached labels_p000 parts was built" in r.message
+               for r in caplog.records)
+    os.remove(os.path.join(out, "labels_p000.key.json"))  # a run from before keys were recorded
+    with caplog.at_level("WARNING"):
+        parts.write_in_parts(2, out, "labels", 4, start, write_label_dataset, key())
+    assert len(calls) == 2 and any("without a recorded input key" in r.message for r in caplog.records)

@@ -49,7 +49,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qzoom_jax.convert", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m qzoom_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-run", metavar="RUN_DIR", help="a training run directory (stage 1 or 3)")
@@ -77,7 +77,8 @@ def _check_out(out: str, sources) -> None:
 
 
 def main(argv=None) -> str:
-    args = parse_args(argv)
+    with cli.user_errors():  # a bad flag: one line, before --verbosity is known
+        args = parse_args(argv)
     with cli.user_errors(traceback=args.verbosity >= 1):
         return _convert(args)
 

@@ -31,7 +31,7 @@ BUDGET = 576 * 28 * 28  # upstream's default pixel budget (min = max = 576 merge
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qzoom_jax.infer", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m qzoom_jax.infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="HF Q-Zoom directory or training run (default: embedded)")
     p.add_argument("--twig", default=None, help="a stage-1 run directory whose twig to use")
@@ -86,7 +86,8 @@ def _json_safe(value):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    with cli.user_errors():  # a bad flag: one line, before --verbosity is known
+        args = parse_args(argv)
     with cli.user_errors(traceback=args.verbosity >= 1):
         return _infer(args)
 

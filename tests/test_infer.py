@@ -156,3 +156,18 @@ def test_help_lists_this_commands_flags(capsys):
             main(["--help"])
         text = capsys.readouterr().out
         assert e.value.code == 0 and own in text and "--verbosity" in text and other not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "x.png", "--question", "q", "--dtype", "int3"],
+     "error: python -m qzoom_jax.infer: argument --dtype: invalid choice: 'int3' (choose from 'float32', "
+     "'bfloat16') (see --help)"),
+    (["--question", "q"], "error: python -m qzoom_jax.infer: the following arguments are required: --image "
+     "(see --help)"),
+])
+def test_a_bad_flag_is_one_line(argv, message, capsys):
+    from qzoom_jax import infer
+
+    with pytest.raises(SystemExit) as e:
+        infer.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == message

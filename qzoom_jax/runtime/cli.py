@@ -5,6 +5,7 @@ multi-process settings of ``qzoom_jax.runtime.distributed`` (``--coordinator_add
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -15,9 +16,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qzoom_jax.runtime import distributed
-from qzoom_jax.runtime.errors import UserError
+from qzoom_jax.runtime.errors import ConfigError, UserError
 
 TRACEBACK_ENV = "QZOOM_TRACEBACK"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the argparse-based commands (infer, convert, bench): a bad flag is a ConfigError, so it prints
+    as the one-line ``error:`` every other user error gets (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from qzoom_jax.models import param_axes
+from qzoom_jax.runtime import cli
 from qzoom_jax.training import optim as optim_lib
 from qzoom_jax.training import step as step_lib
 from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids
@@ -334,7 +335,8 @@ BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m qzoom_jax.bench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     # sft_memory needs --fsdp devices (host devices on CPU), so it runs only when asked for.
     p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(set(BENCHES) - {"sft_memory"}))
     p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b"]), default="small")
@@ -398,4 +400,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with cli.user_errors():
+        main()

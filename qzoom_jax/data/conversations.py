@@ -195,16 +195,13 @@ def make_example(record: Mapping[str, Any], processor: Processor, config, *, max
         raise stage1.SkipSample(f"{uid}: sequence is {n} tokens, longer than max_len={max_len}")
     layout = _padded_layout(config, grids, n_patches, max_images, uid)
 
-    input_ids = np.full((max_len,), config.input_pad_id, np.int32)
-    input_ids[:n] = ids
-    attention_mask = (np.arange(max_len) < n).astype(np.int32)
-    positions, _ = registry.backbone(config).positions(config, input_ids[None], attention_mask[None],
-                                                       grids if len(grids) else None)
+    input_ids, attention_mask, positions = stage1.padded(config, ids, max_len, grids if len(grids) else None,
+                                                         side="right")
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": np.pad(labels, (0, max_len - n), constant_values=IGNORE),
-        "positions": positions[:, 0].astype(np.float32),
+        "positions": positions,
         "pixel_values": np.pad(pixels.astype(np.float32), ((0, n_patches - pixels.shape[0]), (0, 0))),
         **{f"layout_{name}": value for name, value in layout._asdict().items()},
     }

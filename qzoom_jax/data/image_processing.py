@@ -103,19 +103,7 @@ def smart_resize(
         raise ImageSizeError(
             f"image of size {height}x{width} (HxW) is too small: both sides must be >= {factor}", height, width
         )
-    _check_aspect_ratio(height, width)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        # max(factor, ...) keeps extreme aspect ratios from collapsing a side to 0 (as current HF does).
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return _budget_size(height, width, factor, min_pixels, max_pixels)
 
 
 def fetch_smart_resize(
@@ -130,6 +118,13 @@ def fetch_smart_resize(
     Sides shorter than ``factor`` are therefore clamped or upscaled, never rejected; only an aspect ratio above
     ``MAX_ASPECT_RATIO`` raises (``ImageSizeError``). Python ``round`` rounds half to even (70 px -> 56).
     """
+    return _budget_size(height, width, factor, min_pixels, max_pixels)
+
+
+def _budget_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The shared rule: round (half to even) to multiples of ``factor``, then shrink with floor or grow with
+    ceil into [min_pixels, max_pixels]. ``max(factor, ...)`` keeps a side from collapsing to 0 (qwen-vl-utils
+    clamps; for HF's inputs, already >= factor, it changes nothing)."""
     _check_aspect_ratio(height, width)
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)

@@ -196,14 +196,15 @@ def teacher_inputs(records: Sequence[Mapping[str, Any]], processor: Processor, g
     return fixed_grid_inputs(images, texts, processor, grid)
 
 
-def left_padded(config: QwenVLConfig, ids, max_len: int, image_grid_thw):
-    """One prompt's ``input_ids``/``attention_mask`` int32 [max_len], left-padded so its last token (the query)
-    sits at max_len-1, and its ``positions`` float32 [3, max_len]."""
+def padded(config: QwenVLConfig, ids, max_len: int, image_grid_thw, side: str = "left"):
+    """One sequence's ``input_ids``/``attention_mask`` int32 [max_len] and ``positions`` float32 [3, max_len].
+    Left padding puts a prompt's last token (the query) at max_len-1; SFT sequences are padded on the right."""
     n = len(ids)
+    valid = slice(max_len - n, max_len) if side == "left" else slice(0, n)
     input_ids = np.full((max_len,), config.input_pad_id, np.int32)
-    input_ids[max_len - n:] = ids
+    input_ids[valid] = ids
     attention_mask = np.zeros((max_len,), np.int32)
-    attention_mask[max_len - n:] = 1
+    attention_mask[valid] = 1
     positions, _ = registry.backbone(config).positions(config, input_ids[None], attention_mask[None], image_grid_thw)
     return input_ids, attention_mask, positions[:, 0].astype(np.float32)
 
@@ -235,7 +236,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
     if n > max_len:
         raise SkipSample(f"{uid}: prompt is {n} tokens, longer than max_len={max_len}")
 
-    input_ids, attention_mask, positions = left_padded(config, out["input_ids"][0], max_len, out["image_grid_thw"])
+    input_ids, attention_mask, positions = padded(config, out["input_ids"][0], max_len, out["image_grid_thw"])
 
     grounding = np.asarray(record["grounding_attn"], np.float32)
     if grounding.shape != (grid, grid):

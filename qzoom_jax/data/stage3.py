@@ -235,7 +235,7 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
         raise stage1.SkipSample(f"{uid}: image grid {out['image_grid_thw'][0].tolist()} spans more than "
                                 f"{minima['min_window_rows']} attention windows")
 
-    input_ids, attention_mask, positions = stage1.left_padded(config, out["input_ids"][0], max_len,
+    input_ids, attention_mask, positions = stage1.padded(config, out["input_ids"][0], max_len,
                                                               out["image_grid_thw"])
     return {
         "input_ids": input_ids,

@@ -20,6 +20,28 @@ from qzoom_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, hf_init, sc
 
 TextConfig = Any  # a backbone's frozen text config: sizes, rms_norm_eps, hidden_act, attention_bias, qk_norm
 
+# Logical axes of the decoder's leaves (the "text" tower), by (tower, module, param name), without the leading layer
+# axis; every backbone's table includes them (twig and gate layers are decoder layers too).
+PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
+    ("text", "embed_tokens", "embedding"): ("vocab", "embed"),
+    ("text", "input_layernorm", "scale"): ("norm",),
+    ("text", "post_attention_layernorm", "scale"): ("norm",),
+    ("text", "q_proj", "kernel"): ("embed", "heads"),
+    ("text", "q_proj", "bias"): ("heads",),
+    ("text", "k_proj", "kernel"): ("embed", "kv_heads"),
+    ("text", "k_proj", "bias"): ("kv_heads",),
+    ("text", "v_proj", "kernel"): ("embed", "kv_heads"),
+    ("text", "v_proj", "bias"): ("kv_heads",),
+    ("text", "q_norm", "scale"): ("norm",),
+    ("text", "k_norm", "scale"): ("norm",),
+    ("text", "o_proj", "kernel"): ("heads", "embed"),
+    ("text", "gate_proj", "kernel"): ("embed", "mlp"),
+    ("text", "up_proj", "kernel"): ("embed", "mlp"),
+    ("text", "down_proj", "kernel"): ("mlp", "embed"),
+    ("text", "norm", "scale"): ("norm",),
+    ("text", "lm_head", "kernel"): ("embed", "vocab"),
+}
+
 
 class Attention(nn.Module):
     cfg: TextConfig
@@ -89,6 +111,17 @@ def init_text_params(cfg: TextConfig, rng, dtype=jnp.float32):
     lm_head = None if cfg.tie_word_embeddings else rest.pop("lm_head")
     rest.pop("lm_head", None)
     return {**rest, "layers": init_layers(cfg, k_layers, cfg.num_hidden_layers, dtype)}, lm_head
+
+
+def init_model(config, rng, dtype=jnp.float32, *, init_vision):
+    """Random params of a whole VLM with the checkpoint's exact shapes: ``visual`` from ``init_vision(vision
+    config, rng, dtype)``, then the decoder (``model``, and ``lm_head`` unless tied). Works under eval_shape."""
+    k_vis, k_txt = jax.random.split(rng)
+    model, lm_head = init_text_params(config.text, k_txt, dtype)
+    params = {"visual": init_vision(config.vision, k_vis, dtype), "model": model}
+    if lm_head is not None:
+        params["lm_head"] = lm_head
+    return params
 
 
 def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,

@@ -1,4 +1,5 @@
-"""Config pieces every Qwen-VL backbone shares: the decoder's TextConfig, its reader, and the token ids.
+"""Config pieces every Qwen-VL backbone shares: the decoder's TextConfig and its reader, the model config's common
+fields (:class:`VLConfig`: token ids, Q-Zoom keys) and the reading of a config.json around the two towers.
 
 Each backbone's ``config.py`` checks what is its own (RoPE layout rules, unsupported options) and fills in the
 decoder variant (``attention_bias``, ``qk_norm``); the keys are read the same way from both transformers layouts
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from qzoom_jax.models.qzoom.config import QZoomConfig
 from qzoom_jax.runtime.errors import ConfigError
 
 TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id",
@@ -78,3 +80,46 @@ def token_ids(raw: Mapping[str, Any], text_raw: Mapping[str, Any]) -> dict:
     if isinstance(ids.get("eos_token_id"), list):
         ids["eos_token_id"] = ids["eos_token_id"][0]
     return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class VLConfig:
+    """The fields every backbone's model config has; a backbone's config subclasses it with its vision config."""
+
+    text: TextConfig
+    vision: Any
+    model_type: str
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int | None = None
+    qzoom: QZoomConfig = QZoomConfig()
+
+    @property
+    def input_pad_id(self) -> int:
+        """The id that fills padded (masked) input positions: ``pad_token_id``, else ``bos_token_id``."""
+        return self.pad_token_id if self.pad_token_id is not None else self.bos_token_id
+
+
+def read_fields(raw: Mapping[str, Any], source: str, model_type: str, read_text, read_vision) -> dict:
+    """The :class:`VLConfig` fields of a config.json dict: ``read_text(text_raw, raw, source)`` and
+    ``read_vision(vision_raw, text_hidden_size, source)`` read the towers; the Q-Zoom keys are checked against
+    the decoder's depth. Errors name ``source`` and the key."""
+    if raw.get("model_type") != model_type:
+        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not {model_type!r}")
+    # 5.x nests the text keys; 4.x keeps them at top level. Top-level keys fill anything text_config lacks.
+    text_raw = {**raw, **(raw.get("text_config") or {})}
+    vision_raw = dict(raw.get("vision_config") or {})
+    if not vision_raw:
+        raise ConfigError(f"{source}: missing 'vision_config'")
+    try:
+        text = read_text(text_raw, raw, source)
+        vision = read_vision(vision_raw, text.hidden_size, source)
+    except KeyError as e:
+        raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+    qzoom = QZoomConfig.from_dict(raw, source)
+    qzoom.check_depth(text.num_hidden_layers, source)
+    return {"text": text, "vision": vision, "model_type": model_type, "qzoom": qzoom, **token_ids(raw, text_raw)}

@@ -172,7 +172,7 @@ def test_config_round_trip_and_official_layout():
     c = registry.config_from_dict(official)
     assert isinstance(c, Qwen3VLConfig)
     assert (c.text.rope_theta, c.text.mrope_section, c.text.tie_word_embeddings) == (5e6, (24, 20, 20), True)
-    assert (c.vision.patch_dim, c.vision.num_grid_per_side, c.num_deepstack) == (1536, 48, 3)
+    assert (c.vision.patch_dim, c.vision.num_grid_per_side, len(c.vision.deepstack_visual_indexes)) == (1536, 48, 3)
     assert (c.eos_token_id, c.bos_token_id) == (151645, 151643)
     shapes = hc.param_shapes(c)
     assert shapes["visual"]["deepstack_merger_list"]["mlp_2"]["kernel"].shape == (3, 4096, 2560)

@@ -3,18 +3,18 @@ logical axes, vision tower, 3-D positions, M-RoPE and decoder stack."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
 
-from qzoom_jax.models.backbone import Backbone
 from qzoom_jax.models import decoder
+from qzoom_jax.models.backbone import Backbone
 from qzoom_jax.models.qwen2_5_vl import vision
 from qzoom_jax.models.qwen2_5_vl.checkpoint_keys import checkpoint_table
 from qzoom_jax.models.qwen2_5_vl.config import MODEL_TYPE, QwenVLConfig
 from qzoom_jax.models.qwen2_5_vl.positions import rope_index
 from qzoom_jax.models.rope import mrope_tables
 
-# Logical axes of every Qwen2.5-VL parameter, by (tower, module, param name), without the leading layer axis.
+# Logical axes of the vision tower, by (tower, module, param name), without the leading layer axis; the decoder's
+# come from models/decoder.py.
 # The vision attention output projection is "attn_proj" (models/param_axes.py tells it from the patch "proj").
 PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
     ("vision", "proj", "kernel"): ("vision_patch", "vision_embed"),  # patch_embed.proj
@@ -35,32 +35,8 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
     ("vision", "mlp_0", "bias"): ("vision_mlp",),
     ("vision", "mlp_2", "kernel"): ("vision_mlp", "embed"),
     ("vision", "mlp_2", "bias"): ("embed",),
-    ("text", "embed_tokens", "embedding"): ("vocab", "embed"),
-    ("text", "input_layernorm", "scale"): ("norm",),
-    ("text", "post_attention_layernorm", "scale"): ("norm",),
-    ("text", "q_proj", "kernel"): ("embed", "heads"),
-    ("text", "q_proj", "bias"): ("heads",),
-    ("text", "k_proj", "kernel"): ("embed", "kv_heads"),
-    ("text", "k_proj", "bias"): ("kv_heads",),
-    ("text", "v_proj", "kernel"): ("embed", "kv_heads"),
-    ("text", "v_proj", "bias"): ("kv_heads",),
-    ("text", "o_proj", "kernel"): ("heads", "embed"),
-    ("text", "gate_proj", "kernel"): ("embed", "mlp"),
-    ("text", "up_proj", "kernel"): ("embed", "mlp"),
-    ("text", "down_proj", "kernel"): ("mlp", "embed"),
-    ("text", "norm", "scale"): ("norm",),
-    ("text", "lm_head", "kernel"): ("embed", "vocab"),
+    **decoder.PARAM_AXES,
 }
-
-
-def init_params(config: QwenVLConfig, rng, dtype=jnp.float32):
-    """Random params with the checkpoint's exact shapes (HF-like init). Works under ``jax.eval_shape``."""
-    k_vis, k_txt = jax.random.split(rng)
-    model, lm_head = decoder.init_text_params(config.text, k_txt, dtype)
-    params = {"visual": vision.init_vision_params(config.vision, k_vis, dtype), "model": model}
-    if lm_head is not None:
-        params["lm_head"] = lm_head
-    return params
 
 
 def rope_tables(config: QwenVLConfig, positions):
@@ -71,7 +47,7 @@ def rope_tables(config: QwenVLConfig, positions):
 BACKBONE = Backbone(
     model_type=MODEL_TYPE,
     read_config=lambda raw, source: QwenVLConfig.from_dict(raw, source=source),
-    init_params=init_params,
+    init_params=functools.partial(decoder.init_model, init_vision=vision.init_vision_params),
     checkpoint_table=checkpoint_table,
     param_axes=PARAM_AXES,
     vision_layout=vision.vision_layout,

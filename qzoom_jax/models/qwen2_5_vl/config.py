@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from qzoom_jax.models.qwen_config import TextConfig, read_text_config, token_ids
-from qzoom_jax.models.qzoom.config import QZoomConfig
+from qzoom_jax.models.qwen_config import TextConfig, VLConfig, read_fields, read_text_config
 from qzoom_jax.runtime.errors import ConfigError
 
 MODEL_TYPE = "qwen2_5_vl"
@@ -53,44 +52,13 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenVLConfig:
-    text: TextConfig
+class QwenVLConfig(VLConfig):
     vision: VisionConfig
-    model_type: str = "qwen2_5_vl"
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
-    pad_token_id: int | None = None
-    qzoom: QZoomConfig = QZoomConfig()
+    model_type: str = MODEL_TYPE
 
-    @property
-    def input_pad_id(self) -> int:
-        """The id that fills padded (masked) input positions: ``pad_token_id``, else ``bos_token_id``."""
-        return self.pad_token_id if self.pad_token_id is not None else self.bos_token_id
-
-    # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "QwenVLConfig":
-        model_type = raw.get("model_type")
-        if model_type != MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type {model_type!r} is not {MODEL_TYPE!r}")
-        # 5.x nests the text keys; 4.x keeps them at top level. Top-level keys fill anything text_config lacks.
-        text_raw = {**raw, **(raw.get("text_config") or {})}
-        vision_raw = dict(raw.get("vision_config") or {})
-        if not vision_raw:
-            raise ConfigError(f"{source}: missing 'vision_config'")
-        try:
-            text = _text_config(text_raw, raw, source)
-            vision = _vision_config(vision_raw, text.hidden_size)
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
-        ids = token_ids(raw, text_raw)
-        qzoom = QZoomConfig.from_dict(raw, source)
-        qzoom.check_depth(text.num_hidden_layers, source)
-        return cls(text=text, vision=vision, model_type=model_type, qzoom=qzoom, **ids)
+        return cls(**read_fields(raw, source, MODEL_TYPE, _text_config, _vision_config))
 
     # ------------------------------------------------------------------ writing
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -158,7 +126,7 @@ def _text_config(t: Mapping[str, Any], top: Mapping[str, Any], source: str) -> T
     return text
 
 
-def _vision_config(v: Mapping[str, Any], text_hidden: int) -> VisionConfig:
+def _vision_config(v: Mapping[str, Any], text_hidden: int, source: str) -> VisionConfig:
     defaults = VisionConfig()
     return VisionConfig(
         depth=v.get("depth", defaults.depth),

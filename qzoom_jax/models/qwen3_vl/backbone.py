@@ -3,29 +3,23 @@ logical axes, vision tower (with DeepStack), 3-D positions, interleaved M-RoPE a
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
 
+from qzoom_jax.models import decoder
 from qzoom_jax.models.backbone import Backbone
 from qzoom_jax.models.qwen2_5_vl.backbone import PARAM_AXES as _QWEN2_5_AXES
-from qzoom_jax.models import decoder
 from qzoom_jax.models.qwen3_vl import vision
 from qzoom_jax.models.qwen3_vl.checkpoint_keys import checkpoint_table
 from qzoom_jax.models.qwen3_vl.config import MODEL_TYPE, Qwen3VLConfig
 from qzoom_jax.models.qwen3_vl.positions import rope_index, rope_tables
 
-# Logical axes by (tower, module, param name), without the leading layer axis (stacked vision blocks, decoder
-# layers and DeepStack mergers get "layers" in front). Rows shared with Qwen2.5-VL are taken from it, so the two
-# backbones agree by construction (registry.param_axes checks it).
+# Logical axes of the vision tower by (tower, module, param name), without the leading layer axis (stacked vision
+# blocks and DeepStack mergers get "layers" in front); the decoder's come from models/decoder.py. Rows shared with
+# Qwen2.5-VL are taken from it, so the two backbones agree by construction (registry.param_axes checks it).
 _SHARED = [("vision", "proj", "kernel"), ("vision", "qkv", "kernel"), ("vision", "qkv", "bias"),
            ("vision", "attn_proj", "kernel"), ("vision", "attn_proj", "bias"), ("vision", "ln_q", "scale"),
            ("vision", "mlp_0", "kernel"), ("vision", "mlp_0", "bias"), ("vision", "mlp_2", "kernel"),
-           ("vision", "mlp_2", "bias")] + [
-    ("text", m, p) for m, p in (("embed_tokens", "embedding"), ("input_layernorm", "scale"),
-                                ("post_attention_layernorm", "scale"), ("q_proj", "kernel"), ("k_proj", "kernel"),
-                                ("v_proj", "kernel"), ("o_proj", "kernel"), ("gate_proj", "kernel"),
-                                ("up_proj", "kernel"), ("down_proj", "kernel"), ("norm", "scale"),
-                                ("lm_head", "kernel"))]
+           ("vision", "mlp_2", "bias")]
 PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
     **{k: _QWEN2_5_AXES[k] for k in _SHARED},
     ("vision", "proj", "bias"): ("vision_embed",),            # patch_embed.proj (Conv3d with bias)
@@ -39,25 +33,14 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
     ("vision", "linear_fc2", "kernel"): ("vision_mlp", "vision_embed"),
     ("vision", "linear_fc2", "bias"): ("vision_embed",),
     ("vision", "ln_q", "bias"): ("norm",),                    # merger / DeepStack mergers' LayerNorm
-    ("text", "q_norm", "scale"): ("norm",),
-    ("text", "k_norm", "scale"): ("norm",),
+    **decoder.PARAM_AXES,
 }
-
-
-def init_params(config: Qwen3VLConfig, rng, dtype=jnp.float32):
-    """Random params with the checkpoint's exact shapes (HF-like init). Works under ``jax.eval_shape``."""
-    k_vis, k_txt = jax.random.split(rng)
-    model, lm_head = decoder.init_text_params(config.text, k_txt, dtype)
-    params = {"visual": vision.init_vision_params(config.vision, k_vis, dtype), "model": model}
-    if lm_head is not None:
-        params["lm_head"] = lm_head
-    return params
 
 
 BACKBONE = Backbone(
     model_type=MODEL_TYPE,
     read_config=lambda raw, source: Qwen3VLConfig.from_dict(raw, source=source),
-    init_params=init_params,
+    init_params=functools.partial(decoder.init_model, init_vision=vision.init_vision_params),
     checkpoint_table=checkpoint_table,
     param_axes=PARAM_AXES,
     vision_layout=vision.vision_layout,

@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from qzoom_jax.models.qwen_config import TextConfig, read_text_config, rope_of, token_ids
-from qzoom_jax.models.qzoom.config import QZoomConfig
+from qzoom_jax.models.qwen_config import TextConfig, VLConfig, read_fields, read_text_config, rope_of
 from qzoom_jax.runtime.errors import ConfigError
 
 MODEL_TYPE = "qwen3_vl"
@@ -60,48 +59,13 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3VLConfig:
-    text: TextConfig
+class Qwen3VLConfig(VLConfig):
     vision: VisionConfig
     model_type: str = MODEL_TYPE
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
-    pad_token_id: int | None = None
-    qzoom: QZoomConfig = QZoomConfig()
 
-    @property
-    def input_pad_id(self) -> int:
-        """The id that fills padded (masked) input positions: ``pad_token_id``, else ``bos_token_id``."""
-        return self.pad_token_id if self.pad_token_id is not None else self.bos_token_id
-
-    @property
-    def num_deepstack(self) -> int:
-        """How many leading decoder layers add a DeepStack feature at the image tokens."""
-        return len(self.vision.deepstack_visual_indexes)
-
-    # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> "Qwen3VLConfig":
-        model_type = raw.get("model_type")
-        if model_type != MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type {model_type!r} is not {MODEL_TYPE!r}")
-        text_raw = {**raw, **(raw.get("text_config") or {})}
-        vision_raw = dict(raw.get("vision_config") or {})
-        if not vision_raw:
-            raise ConfigError(f"{source}: missing 'vision_config'")
-        try:
-            text = _text_config(text_raw, raw, source)
-            vision = _vision_config(vision_raw, text.hidden_size, source)
-        except KeyError as e:
-            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
-        ids = token_ids(raw, text_raw)
-        qzoom = QZoomConfig.from_dict(raw, source)
-        qzoom.check_depth(text.num_hidden_layers, source)
-        return cls(text=text, vision=vision, model_type=model_type, qzoom=qzoom, **ids)
+        return cls(**read_fields(raw, source, MODEL_TYPE, _text_config, _vision_config))
 
     # ------------------------------------------------------------------ writing
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:

@@ -186,7 +186,10 @@ class VisionAttention(nn.Module):
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.dtype, name=name)
         q, k, v = jnp.split(dense(3 * d, "qkv")(x).reshape(n, 3 * self.cfg.num_heads, -1), 3, axis=1)
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        branches = [lambda q, k, v, seg=seg: segment_attention(q, k, v, *seg, impl=self.attn_impl)
+        # Each branch recomputes its attention in the backward pass: under ``lax.cond`` the residuals of both
+        # branches are kept, so storing the full branch's [heads, N, N] probabilities would cost that memory
+        # (zero-filled) in every window layer too.
+        branches = [jax.checkpoint(lambda q, k, v, seg=seg: segment_attention(q, k, v, *seg, impl=self.attn_impl))
                     for seg in segments]
         if isinstance(full, (bool, np.bool_)):
             out = branches[int(full)](q, k, v)

@@ -7,8 +7,9 @@
 ``train.trainable``: regexes, each ``re.match``-ed against parameter paths such as ``model/layers/mlp/up_proj/kernel``,
 ``visual/merger/mlp_0/kernel``, ``visual/blocks/...``, ``model/embed_tokens/embedding``, ``lm_head/kernel``; every
 pattern must match something. Matching leaves get ``train.master_dtype`` master weights and AdamW state sharded
-over (fsdp, tensor); the rest stays frozen in ``model.dtype`` and gets no gradient. Every example has the same
-shapes (``data.max_len`` tokens, ``data.max_patches`` patch rows, both bucketed), so a run compiles one step.
+over (fsdp, tensor); the rest stays frozen in ``model.dtype`` and gets no gradient. Each batch is one shape bucket
+(tokens and patch rows padded to ``runtime.buckets.bucket`` sizes, at most ``data.max_len`` / ``data.max_patches``;
+longer records are skipped and counted): the run prints the buckets that occur and compiles one step for each.
 Every field can be overridden: ``--config.train.trainable="('model/layers/',)"``.
 """
 
@@ -36,7 +37,7 @@ def get_config(arg=None):
         attn_impl="xla",
     )
     # jsonl: upstream's conversation file; image_root: its images (default: the file's directory).
-    # max_len / max_patches: every row is padded to these (bucketed); longer samples are skipped and counted.
+    # max_len / max_patches: the largest bucket; longer samples are skipped and counted.
     # min_pixels / max_pixels: each image keeps its aspect ratio within this pixel budget (§5.3).
     c.data = {
         "jsonl": "",
@@ -47,6 +48,9 @@ def get_config(arg=None):
         "min_pixels": 16 * 28 * 28 if tiny else 256 * 28 * 28,
         "max_pixels": 64 * 28 * 28 if tiny else 1280 * 28 * 28,
         "worker_count": 0 if tiny else 8,
+        # "upstream": upstream's training template (§5.2: no system turn, a literal "<image>"); "inference": the
+        # prompt the Q-Zoom engine serves (default system turn, images, then the question).
+        "chat_format": "upstream",
     }
     c.train = {
         "trainable": LLM_AND_MERGER,

@@ -56,7 +56,6 @@ def _train(cfg, workdir: str, devices) -> dict:
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
     rules = parallel.rules_with(cfg.sharding_rules)
     source, label_meta = stage.training_source(workdir)
-    num_steps = train.num_steps or max(1, len(source) // train.global_batch_size) * train.num_epochs
 
     # Backbone, sharded straight from the checkpoint; the stage says which params train (a new head, or a part
     # of the backbone split off it) and the frozen rest is all the step keeps of it.
@@ -66,12 +65,20 @@ def _train(cfg, workdir: str, devices) -> dict:
     del model
     processor = Processor.from_pretrained(backbone_path)
 
-    # Data: this process's share of each global batch, fixed shapes.
-    loader = pipeline.training_loader(source, stage.example_fn(processor, config),
-                                    global_batch_size=train.global_batch_size, seed=cfg.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    worker_count=cfg.data.worker_count, annotate=stage.annotate)
-    data_iter = iter(loader)
+    # Data: this process's share of each global batch; fixed shapes, or (SFT) one shape bucket per batch.
+    share = dict(global_batch_size=train.global_batch_size, seed=cfg.seed, process_index=jax.process_index(),
+                 process_count=jax.process_count(), worker_count=cfg.data.worker_count)
+    bucket_of = stage.bucket_of(processor, config)
+    if bucket_of is None:
+        data_iter = iter(pipeline.training_loader(source, stage.example_fn(processor, config),
+                                                  annotate=stage.annotate, **share))
+        per_epoch = max(1, len(source) // train.global_batch_size)
+    else:
+        data_iter, plan = pipeline.bucketed_loader(source, stage.example_fn(processor, config), bucket_of, **share)
+        per_epoch = plan.per_epoch
+        distributed.print0(f"{len(plan.buckets)} shape bucket(s) (tokens, patches): {plan.buckets}; at most that "
+                           f"many compiled steps")
+    num_steps = train.num_steps or per_epoch * train.num_epochs
     layout = stage.step_layout(config)
 
     # Trainable state, restored when the run directory already has a checkpoint.
@@ -98,13 +105,20 @@ def _train(cfg, workdir: str, devices) -> dict:
         return state
 
     # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
-    # ahead of time on the first batch, which also gives the FLOPs for the MFU estimate.
+    # ahead of time for each batch shape on its first batch, which also gives the FLOPs for the MFU estimate.
     batches = (step_lib.global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
     train_step = step_lib.make_train_step(config, tx, m.get("K"), stage.threshold, m.attn_impl, stage.loss_fn,
                                           accum_steps=train.get("accum_steps", 1), weight=stage.accum_weight)
-    compiled = step_lib.compile_step(train_step, state, backbone, first, layout, mesh)
-    flops = metrics_lib.step_flops(compiled)
+    compiled_steps: dict = {}
+
+    def compiled_for(batch):
+        shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if shapes not in compiled_steps:
+            compiled = step_lib.compile_step(train_step, state, backbone, batch, layout, mesh)
+            compiled_steps[shapes] = (compiled, metrics_lib.step_flops(compiled))
+        return compiled_steps[shapes]
+
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])
     schedule = optim_lib.lr_schedule(cfg.optim, num_steps)
 
@@ -112,6 +126,7 @@ def _train(cfg, workdir: str, devices) -> dict:
     last_time, last_step = time.perf_counter(), start
     with tqdm(total=num_steps, initial=start, desc=cfg.name, unit="step", disable=jax.process_index() != 0) as bar:
         for step, batch in zip(range(start, num_steps), itertools.chain([first], batches)):
+            compiled, flops = compiled_for(batch)
             state, metrics = compiled(state, backbone, batch, layout)
             done = step + 1
             if done % train.log_every == 0 or done == num_steps:
@@ -132,7 +147,8 @@ def _train(cfg, workdir: str, devices) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
-    distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped); checkpoint "
+    distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped, "
+                       f"{len(compiled_steps)} compiled step shape(s)); checkpoint "
                        f"{ckpt.directory / str(num_steps)}; metrics {writer.jsonl_path}")
     return state
 

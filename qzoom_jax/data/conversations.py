@@ -26,12 +26,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from qzoom_jax.data import stage1, stage3
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.tokenizer import IM_START, ChatText
 from qzoom_jax.models import registry
-from qzoom_jax.runtime.buckets import pow2
+from qzoom_jax.runtime.buckets import bucket, pow2
 from qzoom_jax.runtime.errors import DataError
 
 IGNORE = -100
@@ -40,6 +41,7 @@ ROLES = {"human": "user", "gpt": "assistant"}
 # Grid of the stand-in images that fill a row's unused image slots (one merged token each), so that every row's
 # vision layout has the same number of frames and therefore the same table shapes (see ``_padded_layout``).
 _FILLER_GRID = (1, 2, 2)
+_EXIF_ORIENTATION = 0x0112  # orientations 5-8 swap width and height
 
 
 # ---- the file ------------------------------------------------------------------------------------------
@@ -73,8 +75,11 @@ def read_conversations(path: str | os.PathLike, image_root: str | os.PathLike | 
 
 # ---- text and labels -----------------------------------------------------------------------------------
 
-def messages(conversations, n_images: int, uid: str = "?") -> list[dict]:
-    """The chat messages of a record (upstream's roles and image placeholders), or SkipSample saying why not."""
+def messages(conversations, n_images: int, uid: str = "?", chat_format: str = "upstream") -> list[dict]:
+    """The chat messages of a record, or SkipSample saying why not. ``chat_format`` "upstream": upstream's roles
+    and image placeholders (§5.2); "inference": a user turn's images first, then its text without the
+    placeholders -- the prompt the Q-Zoom engine builds, so a model fine-tuned so is served what it learnt on."""
+    stage1.check_chat_format(chat_format)
     turns = list(conversations)
     if turns and turns[0]["from"] != "human":  # upstream drops a leading non-human turn (§5.2)
         turns = turns[1:]
@@ -92,7 +97,10 @@ def messages(conversations, n_images: int, uid: str = "?") -> list[dict]:
     for t in turns:
         role, value = ROLES[t["from"]], t["value"]
         content: Any = value
-        if role == "user" and PLACEHOLDER in value:
+        if role == "user" and PLACEHOLDER in value and chat_format == "inference":
+            text = value.replace(PLACEHOLDER + "\n", PLACEHOLDER).replace(PLACEHOLDER, "")
+            content = [{"type": "image"}] * value.count(PLACEHOLDER) + [{"type": "text", "text": text}]
+        elif role == "user" and PLACEHOLDER in value:
             parts = value.split(PLACEHOLDER)
             # Upstream seeds the rewritten turn with a literal "<image>" before the first image block (§5.2).
             content = [{"type": "text", "text": PLACEHOLDER}]
@@ -102,14 +110,16 @@ def messages(conversations, n_images: int, uid: str = "?") -> list[dict]:
     return out
 
 
-def _turn_text(message: Mapping[str, Any], processor: Processor) -> ChatText:
-    """One turn in the chat template, without the system turn it adds (upstream's template has none)."""
+def _turn_text(message: Mapping[str, Any], processor: Processor, system: bool) -> ChatText:
+    """One turn in the chat template; ``system``: with the default system turn the template puts before a
+    first message (the inference prompt), else without it (upstream's training template has none)."""
     text = processor.apply_chat_template([message], add_generation_prompt=False)
-    return text[text.index(IM_START, 1):]  # the second <|im_start|>: the system turn holds only fixed text
+    return text if system else text[text.index(IM_START, 1):]  # the second <|im_start|>: after the system turn
 
 
-def tokens_and_labels(msgs, processor: Processor) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) int32 of the conversation, one ``<|image_pad|>`` per image (not yet expanded).
+def tokens_and_labels(msgs, processor: Processor, system: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) int32 of the conversation, one ``<|image_pad|>`` per image (not yet expanded); ``system``:
+    the default system turn first (never supervised).
 
     Turns are encoded one by one, as upstream does; each starts at a control token, so the ids equal those of
     the whole text. An assistant turn's labels are its ids after the ``<|im_start|>assistant\\n`` prefix (3
@@ -117,8 +127,8 @@ def tokens_and_labels(msgs, processor: Processor) -> tuple[np.ndarray, np.ndarra
     tok = processor.tokenizer
     prefix = len(tok.encode(ChatText([(IM_START, True), ("assistant\n", False)])))
     ids, labels = [], []
-    for message in msgs:
-        turn = tok.encode(_turn_text(message, processor))
+    for i, message in enumerate(msgs):
+        turn = tok.encode(_turn_text(message, processor, system and i == 0))
         ids += turn
         labels += [IGNORE] * len(turn) if message["role"] != "assistant" else [IGNORE] * prefix + turn[prefix:]
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
@@ -170,8 +180,49 @@ def _read_images(paths, factor: int, uid: str):
     return images
 
 
+def _image_size(path: str, uid: str) -> tuple[int, int]:
+    """(width, height) as the image will be decoded (EXIF orientation applied), from the file's header only."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            rotated = im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise stage1.SkipSample(f"{uid}: missing or unreadable image {path!r} ({type(e).__name__})") from None
+    return (height, width) if rotated else (width, height)
+
+
+def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, max_patches: int,
+              max_images: int, min_pixels: int, max_pixels: int, chat_format: str = "upstream") -> tuple[int, int]:
+    """The shape bucket (padded tokens, padded patch rows) of a record's example, from its text and its images'
+    headers (nothing is decoded); SkipSample for what ``make_example`` would refuse on these grounds (images,
+    turns, placeholders, a sequence over ``max_len`` or more patches than ``max_patches``)."""
+    uid = record.get("uid", "?")
+    paths = list(record["images"])
+    if len(paths) > max_images:
+        raise stage1.SkipSample(f"{uid}: {len(paths)} images, more than max_images={max_images}")
+    ids, _ = tokens_and_labels(messages(record["conversations"], len(paths), uid, chat_format), processor,
+                               system=chat_format == "inference")
+    ip = processor.image_processor
+    patches = 0
+    for path in paths:
+        width, height = _image_size(path, uid)
+        try:
+            h, w = ip.target_size(height, width, min_pixels, max_pixels)
+        except ValueError as e:
+            raise stage1.SkipSample(f"{uid}: {path}: {e}") from None
+        patches += (h // ip.patch_size) * (w // ip.patch_size)
+    n_tokens = len(ids) - len(paths) + patches // ip.merge_size ** 2
+    if n_tokens > max_len:
+        raise stage1.SkipSample(f"{uid}: sequence is {n_tokens} tokens, longer than max_len={max_len}")
+    patches += (max_images - len(paths)) * int(np.prod(_FILLER_GRID))
+    if patches > max_patches:
+        raise stage1.SkipSample(f"{uid}: {patches} patches (fillers included), more than max_patches={max_patches}")
+    return min(bucket(n_tokens), bucket(max_len)), min(bucket(patches, 64), bucket(max_patches, 64))
+
+
 def make_example(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, n_patches: int,
-                 max_images: int, min_pixels: int, max_pixels: int) -> dict[str, np.ndarray]:
+                 max_images: int, min_pixels: int, max_pixels: int, chat_format: str = "upstream"
+                 ) -> dict[str, np.ndarray]:
     """One SFT example with fixed shapes: ``input_ids``/``attention_mask``/``labels`` int32 [max_len] (right
     padded, labels -100 outside assistant answers), ``positions`` float32 [3, max_len], ``pixel_values`` float32
     [n_patches, C] (the images at their own aspect ratio within [min_pixels, max_pixels], then zeros) and the
@@ -180,8 +231,8 @@ def make_example(record: Mapping[str, Any], processor: Processor, config, *, max
     paths = list(record["images"])
     if len(paths) > max_images:
         raise stage1.SkipSample(f"{uid}: {len(paths)} images, more than max_images={max_images}")
-    msgs = messages(record["conversations"], len(paths), uid)
-    ids, labels = tokens_and_labels(msgs, processor)
+    msgs = messages(record["conversations"], len(paths), uid, chat_format)
+    ids, labels = tokens_and_labels(msgs, processor, system=chat_format == "inference")
     image_processor = processor.image_processor
     grids = np.zeros((0, 3), np.int64)
     pixels = np.zeros((0, config.vision.patch_dim), np.float32)

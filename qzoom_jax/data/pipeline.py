@@ -199,3 +199,150 @@ def training_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, n
     # this long covers a whole epoch of the global stream, of which this process's samples were all skipped.
     max_skip_run = math.ceil((2 * len(source) - 2) / process_count) + 1
     return iter(_BatchValidDataset(it_ds, batch_size, max_skip_run))
+
+
+# ---- per-bucket batches -------------------------------------------------------------------------------------
+
+class _BucketPlan:
+    """Random access to the global batches of a bucketed stream: batch ``i`` of epoch ``i // per_epoch``.
+
+    Each epoch shuffles the usable records with (seed, epoch), splits them by bucket (in that order), cuts every
+    bucket into global batches (a bucket's remainder waits for the next epoch's shuffle) and shuffles the batches.
+    Every epoch has the same number of batches, so the stream is a pure function of (seed, position): any
+    worker count, process count or resume gives the same batches."""
+
+    def __init__(self, keys: Sequence, batch_size: int, seed: int, num_epochs: int | None):
+        sizes = collections.Counter(k for k in keys if k is not None)
+        self.buckets = sorted(sizes)
+        index = {k: b for b, k in enumerate(self.buckets)}
+        self._bucket = np.asarray([-1 if k is None else index[k] for k in keys], np.int64)  # per record
+        self._usable = np.flatnonzero(self._bucket >= 0)
+        self._batch, self._seed = batch_size, seed
+        self.per_epoch = sum(n // batch_size for n in sizes.values())
+        self._epochs = num_epochs
+        self._cached: tuple[int, list] | None = None
+
+    def __len__(self) -> int:
+        # "forever" is a length no run reaches; grain needs one to iterate a map dataset.
+        return self.per_epoch * (self._epochs if self._epochs is not None else 1 << 40)
+
+    def epoch(self, e: int) -> list[tuple[Any, np.ndarray]]:
+        if self._cached is None or self._cached[0] != e:
+            rng = np.random.default_rng([self._seed, e])
+            order = self._usable[rng.permutation(len(self._usable))]
+            batches = []
+            for b, key in enumerate(self.buckets):
+                rows = order[self._bucket[order] == b]
+                batches += [(key, rows[j:j + self._batch]) for j in range(0, len(rows) - self._batch + 1,
+                                                                          self._batch)]
+            self._cached = (e, [batches[j] for j in rng.permutation(len(batches))])
+        return self._cached[1]
+
+    def __getitem__(self, i: int):
+        return self.epoch(int(i) // self.per_epoch)[int(i) % self.per_epoch]
+
+
+@dataclasses.dataclass(frozen=True)
+class _MakeBatch:
+    """One process's rows of a global batch: its share of the indices made into examples of the bucket's
+    shapes. A row whose example is skipped becomes a copy of a usable row of the share with no supervised label
+    (``labels`` all -100, so it adds nothing to the loss); returns (batch, skipped [(uid, reason)])."""
+
+    source: Any
+    example_fn: Callable[[Any, Any], Mapping[str, np.ndarray]]
+    process_index: int
+    process_count: int
+
+    def __call__(self, item):
+        key, indices = item
+        rows, skipped = [], []
+        for i in indices[self.process_index::self.process_count]:
+            record = self.source[int(i)]
+            try:
+                rows.append(self.example_fn(record, key))
+            except SkipSample as e:
+                uid = str(record.get("uid", "?")) if isinstance(record, Mapping) else "?"
+                skipped.append((uid, str(e).removeprefix(f"{uid}: ")))
+                rows.append(None)
+        usable = [r for r in rows if r is not None]
+        if not usable:
+            raise RunError(f"every row of a batch in bucket {key} was skipped: "
+                           + "; ".join(f"{u}: {r}" for u, r in skipped[:3]))
+        filler = {**usable[0], "labels": np.full_like(usable[0]["labels"], -100)}
+        rows = [filler if r is None else r for r in rows]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, skipped
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+    """Unpacks (batch, skipped) and keeps the skip count in the iterator state (as ``_BatchValidIterator``)."""
+
+    def __init__(self, parent: grain.DatasetIterator, skipped: int):
+        super().__init__(parent)
+        self._skipped = skipped  # the records bucket_of already dropped
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, skipped = next(self._parent)
+        for uid, reason in skipped:
+            self._skipped += 1
+            level = logging.WARNING if self._skipped <= _MAX_SKIP_WARNINGS else logging.DEBUG
+            log.log(level, "skipped sample #%d: %s: %s", self._skipped, uid, reason)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "skipped": self._skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._skipped = int(state["skipped"])
+
+
+class _CountSkipsDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, skipped: int):
+        super().__init__(parent)
+        self._skipped = skipped
+
+    def __iter__(self) -> _CountSkipsIterator:
+        return _CountSkipsIterator(self._parent.__iter__(), self._skipped)
+
+
+def bucketed_loader(source: Sequence, example_fn: Callable[[Any, Any], Mapping[str, np.ndarray]],
+                    bucket_of: Callable[[Any], Any], *, global_batch_size: int, seed: int,
+                    num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                    worker_count: int = 0, prefetch: int = 2, read_threads: int = 4):
+    """Like :func:`training_loader`, but every global batch comes from one shape bucket.
+
+    ``bucket_of(record)``: the record's bucket (hashable, e.g. padded (tokens, patches)), cheap -- it is computed
+    for every record once, up front; SkipSample there drops the record for the whole run (counted, logged).
+    ``example_fn(record, bucket)``: the example padded to the bucket's shapes. Returns (iterator, plan): the
+    iterator yields this process's rows of each batch (``.skipped`` counts skips, its state resumes exactly);
+    ``plan.buckets`` lists the buckets that occur, which bounds the step functions a run compiles."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    keys, reasons = [], collections.Counter()
+    for i in range(len(source)):
+        try:
+            keys.append(bucket_of(source[i]))
+        except SkipSample as e:
+            keys.append(None)
+            reasons[str(e)] += 1
+            level = logging.WARNING if sum(reasons.values()) <= _MAX_SKIP_WARNINGS else logging.DEBUG
+            log.log(level, "skipped record %d for the run: %s", i, e)
+    plan = _BucketPlan(keys, global_batch_size, seed, num_epochs)
+    if plan.per_epoch == 0:
+        raise RunError(f"no bucket holds a full batch of {global_batch_size} usable records "
+                       f"({len(source) - sum(reasons.values())} usable of {len(source)})"
+                       + (": " + _no_usable_sample(reasons) if reasons else ""))
+    ds = grain.MapDataset.source(plan).map(_MakeBatch(source, example_fn, process_index, process_count))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                 prefetch_buffer_size=max(prefetch, read_threads)))
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                               per_worker_buffer_size=prefetch))
+    return iter(_CountSkipsDataset(it_ds, sum(reasons.values()))), plan

@@ -90,19 +90,19 @@ def chat_text(prompt: str, processor: Processor, *, system: bool = True, image_l
 def teacher_chat(prompt: str, processor: Processor, chat_format: str) -> str:
     """The label teacher's text. ``chat_format="upstream"`` reproduces upstream's label script (system prompt,
     literal ``<image>``); ``"inference"`` is what the model sees at evaluation (reference §8 #6)."""
-    _check_chat_format(chat_format)
+    check_chat_format(chat_format)
     return chat_text(prompt, processor, image_literal=chat_format == "upstream")
 
 
 def student_chat(prompt: str, processor: Processor, chat_format: str) -> str:
     """The RoI head's training text. ``chat_format="upstream"``: upstream's training template (no system turn,
     literal ``<image>``); ``"inference"``: the evaluation format, so the head trains on what it sees at test time."""
-    _check_chat_format(chat_format)
+    check_chat_format(chat_format)
     upstream = chat_format == "upstream"
     return chat_text(prompt, processor, system=not upstream, image_literal=upstream)
 
 
-def _check_chat_format(chat_format: str) -> None:
+def check_chat_format(chat_format: str) -> None:
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
 

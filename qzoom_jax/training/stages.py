@@ -28,7 +28,6 @@ from qzoom_jax.training.checkpoint import TrainCheckpointer
 from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_stage3
 from qzoom_jax.labelling import parts as label_parts
 from qzoom_jax.models import vlm
-from qzoom_jax.runtime.buckets import bucket
 from qzoom_jax.models.qzoom import gate as gate_lib
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.models import registry
@@ -68,6 +67,10 @@ class _Head:
     def trainable(self, backbone):
         m = self.cfg.model
         return self.init_params(backbone["model"]["layers"], m.K, m.T), backbone
+
+    def bucket_of(self, processor, config) -> None:
+        """None: every example has the same shapes (one compiled step)."""
+        del processor, config
 
 
 class Sdrpn(_Head):
@@ -193,6 +196,8 @@ class Sft:
         if t.remat not in sft.REMAT:
             raise ConfigError(f"train.remat={t.remat!r}; choose one of {sft.REMAT}")
         vlm.as_dtype(t.master_dtype), vlm.as_dtype(m.dtype)  # unknown names fail here, not after loading
+        if cfg.data.chat_format not in stage1.CHAT_FORMATS:
+            raise ConfigError(f"data.chat_format={cfg.data.chat_format!r}; choose one of {stage1.CHAT_FORMATS}")
         if t.global_batch_size % t.accum_steps:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not split into "
                               f"train.accum_steps={t.accum_steps} micro-batches")
@@ -219,16 +224,27 @@ class Sft:
         self.loss_fn = functools.partial(self.loss_fn, activations=activations)
         return sft.split(backbone, sft.trainable_mask(backbone, tuple(self.cfg.train.trainable)))
 
+    def bucket_of(self, processor, config):
+        """record -> (padded tokens, padded patch rows): each batch is made of one bucket, so a run compiles one
+        step per bucket that occurs (``pipeline.bucketed_loader``), at most ``data.max_len`` x ``data.max_patches``."""
+        d = self.cfg.data
+        return functools.partial(conversations.bucket_of, processor=processor, config=config, max_len=d.max_len,
+                                 max_patches=d.max_patches, max_images=d.max_images, min_pixels=d.min_pixels,
+                                 max_pixels=d.max_pixels, chat_format=d.chat_format)
+
     def example_fn(self, processor, config):
         d = self.cfg.data
-        # One patch budget for every row (bucketed, a multiple of the merge unit): one compiled step per run.
-        return functools.partial(conversations.make_example, processor=processor, config=config,
-                                 max_len=bucket(d.max_len), n_patches=bucket(d.max_patches, 64),
-                                 max_images=d.max_images, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+        return functools.partial(_sft_example, processor=processor, config=config, max_images=d.max_images,
+                                 min_pixels=d.min_pixels, max_pixels=d.max_pixels, chat_format=d.chat_format)
 
     def step_layout(self, config) -> None:
         """None: every row carries its own vision layout."""
         del config
+
+
+def _sft_example(record, shape, **kwargs):
+    """The SFT example of ``record`` padded to its bucket ``shape`` = (tokens, patch rows); picklable."""
+    return conversations.make_example(record, max_len=shape[0], n_patches=shape[1], **kwargs)
 
 
 STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft)}

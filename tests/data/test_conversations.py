@@ -5,13 +5,14 @@ import json
 import pytest
 from PIL import Image
 
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.data import conversations as cv
 from qzoom_jax.data import pipeline, reading
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.data.tokenizer import ChatText
 from qzoom_jax.models import registry
+from qzoom_jax.runtime.buckets import bucket
 from qzoom_jax.runtime.errors import DataError
 
 SHAPES = dict(max_len=128, n_patches=256, max_images=2, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
@@ -19,12 +20,12 @@ SHAPES = dict(max_len=128, n_patches=256, max_images=2, min_pixels=4 * 28 * 28, 
 
 @pytest.fixture(scope="module")
 def proc():
-    return Processor.from_pretrained(EMBEDDED_DEFAULT)
+    return Processor.from_pretrained(EMBEDDED_TINY)
 
 
 @pytest.fixture(scope="module")
 def config():
-    return registry.read_config(EMBEDDED_DEFAULT)
+    return registry.read_config(EMBEDDED_TINY)
 
 
 def _record(turns, images=()):
@@ -98,7 +99,7 @@ def test_missing_image_is_skipped_and_a_leading_gpt_turn_dropped(proc, config, t
 def test_reader_and_loader_count_skips(proc, config, tmp_path):
     path = reading.write_sft(str(tmp_path), 0, 4)
     with open(path, "a") as f:
-        f.write(json.dumps({"id": "bad", "image": "reading_sft/000000.png",
+        f.write(json.dumps({"id": "bad", "image": "reading_sft_single/000000_0.png",
                             "conversations": [{"from": "human", "value": "no placeholder"},
                                               {"from": "gpt", "value": "x"}]}) + "\n")
     records = cv.read_conversations(path)
@@ -110,3 +111,53 @@ def test_reader_and_loader_count_skips(proc, config, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(DataError, match="broken.jsonl:1: 'conversations' must be a list"):
         cv.read_conversations(tmp_path / "broken.jsonl")
+
+
+def test_inference_format_is_the_engines_prompt_then_the_answer(proc, config, tmp_path):
+    """chat_format="inference": the prompt ids equal the Q-Zoom engine's (system turn, both images, question),
+    so a model fine-tuned so is served the text it learnt on; only the answer is supervised."""
+    for name, size in (("a.png", (56, 84)), ("b.png", (84, 56))):
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / name)
+    question = "What number is written in the red box?"
+    rec = _record([("human", "<image><image>\n" + question), ("gpt", "417")],
+                  [str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+    ex = cv.make_example(rec, proc, config, **SHAPES, chat_format="inference")
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")]
+    engine = proc(images=images, text=[prompt], min_pixels=SHAPES["min_pixels"], max_pixels=SHAPES["max_pixels"])
+    prompt_ids = [int(i) for i in engine["input_ids"][0]]
+    answer = proc.tokenizer.encode(ChatText([("417", False), ("<|im_end|>", True), ("\n", False)]))
+    n = len(prompt_ids) + len(answer)
+    assert ex["input_ids"][:n].tolist() == prompt_ids + answer
+    assert ex["labels"][:n].tolist() == [-100] * len(prompt_ids) + answer
+    assert prompt.startswith("<|im_start|>system")
+    with pytest.raises(ValueError, match="chat_format must be one of"):
+        cv.make_example(rec, proc, config, **SHAPES, chat_format="chatml")
+
+
+def test_bucket_of_is_the_tight_bucket_of_the_example_it_predicts(proc, config, tmp_path):
+    """From the text and the image headers alone: the bucket that the example's real tokens and patch rows round
+    up to; an EXIF-rotated image counts with its sides swapped, as it is decoded."""
+    Image.new("RGB", (56, 140), (10, 200, 10)).save(tmp_path / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: decoded as 140 x 56
+    Image.new("RGB", (56, 140), (10, 10, 200)).save(tmp_path / "r.jpg", exif=exif)
+    limits = dict(max_len=512, max_images=2, min_pixels=4 * 784, max_pixels=16 * 784)
+    for images, turns in ((["a.png"], [("human", "<image>\nHow many?"), ("gpt", "4")]),
+                          (["a.png", "r.jpg"], [("human", "<image><image>\nSame?"), ("gpt", "No"),
+                                                ("human", "Sure?"), ("gpt", "Yes, the second is rotated.")])):
+        rec = _record(turns, [str(tmp_path / p) for p in images])
+        for chat_format in ("upstream", "inference"):
+            tokens, patches = cv.bucket_of(rec, proc, config, max_patches=1024, chat_format=chat_format, **limits)
+            ex = cv.make_example(rec, proc, config, n_patches=patches, chat_format=chat_format,
+                                 **{**limits, "max_len": tokens})
+            used = int(ex["attention_mask"].sum())
+            rows = int(ex["layout_merged_valid"].sum()) * 4  # the images' and the fillers' merged tokens
+            assert bucket(used) == tokens and bucket(rows, 64) == patches, (images, chat_format)
+    with pytest.raises(SkipSample, match="longer than max_len=8"):
+        cv.bucket_of(rec, proc, config, max_patches=1024, **{**limits, "max_len": 8})
+    with pytest.raises(SkipSample, match="more than max_patches=16"):
+        cv.bucket_of(rec, proc, config, max_patches=16, **limits)
+    with pytest.raises(SkipSample, match="missing or unreadable image"):
+        cv.bucket_of(_record(turns, [str(tmp_path / "nope.png")] * 2), proc, config, max_patches=1024, **limits)

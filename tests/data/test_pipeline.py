@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from qzoom_jax.models import registry
-from qzoom_jax.data.pipeline import training_loader
+from qzoom_jax.data.pipeline import bucketed_loader, training_loader
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import SkipSample, make_example
 from qzoom_jax.data.tfds_datasets import open_source, write_label_dataset
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.runtime.errors import RunError
 
 N = 40
@@ -127,8 +127,8 @@ def test_end_to_end_on_a_label_dataset(tmp_path):
                         "image_path": f"{i}.png", "image": buf.getvalue() if i != 2 else b"corrupt",
                         "text": "1 2 3 4", "grounding_attn": grounding, "sink_attn": np.zeros((24, 24), np.float32)})
     source = open_source(write_label_dataset(records, tmp_path, "labels"))
-    example_fn = functools.partial(make_example, processor=Processor.from_pretrained(EMBEDDED_DEFAULT),
-                                   config=registry.read_config(EMBEDDED_DEFAULT), max_len=640)
+    example_fn = functools.partial(make_example, processor=Processor.from_pretrained(EMBEDDED_TINY),
+                                   config=registry.read_config(EMBEDDED_TINY), max_len=640)
     it = training_loader(source, example_fn, global_batch_size=2, seed=0, shuffle=False, num_epochs=1)
     batches = list(it)
     assert len(batches) == 2 and it.skipped == 1
@@ -196,3 +196,58 @@ def test_one_usable_sample_keeps_the_loader_going():
     it = training_loader(_uid_records(10), only_3, global_batch_size=1, seed=0)
     assert [int(next(it)["i"][0]) for _ in range(30)] == [3] * 30
     assert 9 * 29 <= it.skipped < 9 * 30  # 29 whole epochs and part of the 30th
+
+
+# ---- per-bucket batches ---------------------------------------------------------------------------------
+
+def _bucket(record):  # records 0..N-1: a record's bucket is its tens; multiples of 7 cannot be used at all
+    if record % 7 == 0:
+        raise SkipSample(f"record {record} is a multiple of 7")
+    return record // 10
+
+
+def _padded(record, key):  # an example whose shape is its bucket's
+    if record == 13:
+        raise SkipSample("record 13 is unlucky")
+    return {"index": np.int64(record), "labels": np.arange(key + 1), "x": np.full((key + 1,), record)}
+
+
+def test_bucketed_batches_hold_one_bucket_each_and_cover_an_epoch():
+    it, plan = bucketed_loader(range(N), _padded, _bucket, global_batch_size=3, seed=0, num_epochs=1)
+    assert plan.buckets == [0, 1, 2, 3]
+    usable = [r for r in range(N) if r % 7]
+    sizes = [sum(1 for r in usable if r // 10 == b) for b in plan.buckets]
+    assert plan.per_epoch == sum(n // 3 for n in sizes)
+    batches = list(it)
+    assert len(batches) == plan.per_epoch and it.skipped == 6 + 1  # six multiples of 7 up front, then 13
+    seen, fillers = [], 0
+    for batch in batches:
+        key = int(batch["x"].shape[1]) - 1
+        assert all(int(i) // 10 == key for i in batch["index"])  # one bucket per batch
+        filler = (batch["labels"] == -100).all(axis=1)
+        seen += batch["index"][~filler].tolist()
+        if filler.any():  # record 13 could not be made: a copy of a usable row, with no supervised label
+            fillers += int(filler.sum())
+            assert batch["index"][filler][0] == batch["index"][~filler][0]
+    assert fillers == 1 and 13 not in seen
+    assert len(seen) == len(set(seen)) and set(seen) <= set(usable)
+
+
+def test_bucketed_stream_resumes_exactly_and_splits_over_processes():
+    it, _ = bucketed_loader(range(N), _padded, _bucket, global_batch_size=4, seed=1)
+    head = [next(it)["index"].tolist() for _ in range(3)]
+    state = it.get_state()
+    tail = [next(it)["index"].tolist() for _ in range(6)]  # crosses into the second epoch
+    again, _ = bucketed_loader(range(N), _padded, _bucket, global_batch_size=4, seed=1)
+    again.set_state(json.loads(json.dumps(state)))
+    assert [next(again)["index"].tolist() for _ in range(6)] == tail and again.skipped == it.skipped
+    shares = [bucketed_loader(range(N), _padded, _bucket, global_batch_size=4, seed=1, process_index=p,
+                              process_count=2)[0] for p in range(2)]
+    for whole in head:
+        parts = [next(s)["index"].tolist() for s in shares]
+        assert parts[0] + parts[1] == whole[0::2] + whole[1::2]
+
+
+def test_no_full_bucket_is_an_error():
+    with pytest.raises(RunError, match="no bucket holds a full batch of 64"):
+        bucketed_loader(range(N), _padded, _bucket, global_batch_size=64, seed=0)

@@ -4,8 +4,9 @@ Every task's samples run one at a time (batch 1, greedy) through the Q-Zoom engi
 zoom) and through the same model without zooming ("baseline"). Preparing a sample (chat template, resize,
 patchify, tokenise) is not timed; the wall clock around the engine's run is the sample latency (vision encoding,
 gate, RoI map, crop and re-encoding, both prefills, decoding), as upstream times ``generate`` (training
-reference §6.4). Per task: accuracy, samples/s and tokens/s, visual tokens, zoom and gate rates; per group:
-accuracy (mean over tasks), rectified samples/s and visual tokens.
+reference §6.4). Per task: accuracy, samples/s and tokens/s, visual tokens, zoom and gate rates, and accuracy,
+zoom and gate rates per row category (the reading task's read / count); per group: accuracy (mean over tasks),
+rectified samples/s and visual tokens.
 
 Each task is prompted, generated, post-processed and scored as upstream's lmms-eval fork does it (its ``rules``:
 evaluation/tasks.py, evaluation/scoring.py, lmms-eval-tasks.md), under ``scoring`` "lmms" (the fork's numbers) or
@@ -144,7 +145,7 @@ def _header(cfg, name: str, variant: str, setting: Mapping) -> dict:
     produced the records' scores; they are rescored on every run, so these take no part in the match."""
     task = cfg.tasks[name]
     settings = {"variant": variant, "task": name, "max_new_tokens": task_max_new_tokens(task),
-                "source": task.jsonl if task.source == "jsonl" else f"synthetic:{task.kind}:{task.seed}",
+                "source": task.jsonl if task.source == "jsonl" else f"{task.source}:{task.seed}",
                 "model": cfg.model.to_dict(), "resize": cfg.resize, "alpha": cfg.alpha,
                 "repetition_penalty": cfg.repetition_penalty,
                 "device": jax.devices()[0].device_kind, "throughput_limit": cfg.throughput_limit,
@@ -365,25 +366,41 @@ def _print_provenance(results: Mapping) -> None:
 
 def _print_results(results: Mapping) -> None:
     _print_provenance(results)
-    acc = f"acc[{results['scoring']}]"
     for variant, out in results["variants"].items():
-        for name, t in out["tasks"].items():
-            extra = "".join(f"  {label} {t[key]}" for key, label in (("unmatched", "unmatched"),
-                                                                      ("num_skipped", "skipped")) if t[key])
-            print(f"{variant:8s} {name:20s} {acc} {_fmt(t['accuracy'], '6.2f')}  "
-                  f"samples/s {_fmt(t['throughput']['samples_per_s'], '8.3f')}  "
-                  f"visual tokens {_fmt(t['mean_visual_tokens'], '7.1f')}  zoomed {_fmt(t['zoom_rate'], '.0%')}"
-                  f"{extra}")
-        for name, g in out["groups"].items():
-            print(f"{variant:8s} {name:20s} {acc} {_fmt(g['accuracy'], '6.2f')}  "
-                  f"samples/s {_fmt(g['rectified_samples_per_s'], '8.3f')}  "
-                  f"visual tokens {_fmt(g['rectified_visual_tokens'], '7.1f')}  (rectified)")
+        _print_run(variant, out, results["scoring"])
 
 
-def _print_headline(results: Mapping) -> None:
+def _print_run(label: str, out: Mapping, scoring_name: str, width: int = 8) -> None:
+    """One line per task, one per category of a task (accuracy, zoom and gate rates), one per group; `label`
+    (the variant, or variant and budget) padded to `width`."""
+    acc, label = f"acc[{scoring_name}]", label.ljust(width)
+    for name, t in out["tasks"].items():
+        extra = "".join(f"  {word} {t[key]}" for key, word in (("unmatched", "unmatched"),
+                                                                ("num_skipped", "skipped")) if t[key])
+        print(f"{label} {name:20s} {acc} {_fmt(t['accuracy'], '6.2f')}  "
+              f"samples/s {_fmt(t['throughput']['samples_per_s'], '8.3f')}  "
+              f"visual tokens {_fmt(t['mean_visual_tokens'], '7.1f')}  zoomed {_fmt(t['zoom_rate'], '.0%')}"
+              f"{extra}")
+        for category, c in t["category_rates"].items():
+            print(f"{label} {name + '/' + category:20s} {acc} {_fmt(t['categories'].get(category), '6.2f')}  "
+                  f"samples {c['num_samples']}  zoomed {_fmt(c['zoom_rate'], '.0%')}  "
+                  f"gate fired {_fmt(c['gate_fire_rate'], '.0%')}")
+    for name, g in out["groups"].items():
+        print(f"{label} {name:20s} {acc} {_fmt(g['accuracy'], '6.2f')}  "
+              f"samples/s {_fmt(g['rectified_samples_per_s'], '8.3f')}  "
+              f"visual tokens {_fmt(g['rectified_visual_tokens'], '7.1f')}  (rectified)")
+
+
+def _print_sweep(results: Mapping) -> None:
     _print_provenance(results)
+    runs = {f"{variant} max{max_tokens}": out for variant, by_budget in results["runs"].items()
+            for max_tokens, out in by_budget.items()}
+    width = max(map(len, runs), default=0)
+    for label, out in runs.items():
+        _print_run(label, out, results["scoring"], width)
     for group, h in results["headline"].items():
         print(f"{group}: Q-Zoom Max-{h['qzoom_budget']} vs baseline Max-{h['reference_budget']}: "
+              f"accuracy {_fmt(h['qzoom_accuracy'], '.1f')} vs {_fmt(h['baseline_accuracy'], '.1f')}, "
               f"speed-up {_fmt(h['speedup'], '.2f')}, visual-token reduction {_fmt(h['token_reduction'], '.1%')}; "
               f"accuracy gain at Max-{h['reference_budget']} {_fmt(h['accuracy_gain'], '+.1f')}")
 
@@ -393,7 +410,7 @@ def main(cfg, workdir: str, run_sweep: bool = False) -> None:
     engine = load_engine(cfg)
     judge = load_judge(cfg, engine)
     if run_sweep:
-        _print_headline(sweep(cfg, workdir, engine, samples, judge=judge))
+        _print_sweep(sweep(cfg, workdir, engine, samples, judge=judge))
         print(f"sweep: {os.path.join(workdir, 'sweep.json')}, plot: {os.path.join(workdir, 'pareto.png')}")
     else:
         _print_results(evaluate(cfg, workdir, engine, samples, judge=judge))

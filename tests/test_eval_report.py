@@ -39,10 +39,17 @@ def test_task_summary():
     assert s["zoom_rate"] == pytest.approx(1 / 3)       # one RoI inserted
     assert s["gate_fire_rate"] == pytest.approx(2 / 3)  # 0.9 and 0.6 reach 0.5 (the RPN may still find no RoI)
     assert s["mean_gate_prob"] == pytest.approx(1.7 / 3)
+    # per category: single (a zoomed at 0.9, c not at 0.6), cross (b at 0.2)
+    assert s["category_rates"] == {
+        "cross": {"num_samples": 1, "zoom_rate": 0.0, "gate_fire_rate": 0.0, "mean_gate_prob": pytest.approx(0.2)},
+        "single": {"num_samples": 2, "zoom_rate": 0.5, "gate_fire_rate": 1.0, "mean_gate_prob": pytest.approx(0.75)},
+    }
+    assert list(s["category_rates"]) == list(s["categories"])  # the same categories, in the same order
     # HR-Bench: the mean over cycle_category, c1 (1 + 0) / 2 and c2 1 -> 75, within each category too
     hr = report.task_summary(RECORDS, ROWS, "hrbench8k")
     assert hr["accuracy"] == pytest.approx(75.0) and hr["gate_fire_rate"] is None
     assert hr["categories"] == pytest.approx({"cross": 0.0, "single": 100.0})
+    assert hr["category_rates"]["single"]["gate_fire_rate"] is None  # no threshold: the baseline
     # OCRBench: the fork's sum / 1000 under "lmms", the mean under "official"
     assert report.task_summary(RECORDS, ROWS, "ocrbench")["accuracy"] == pytest.approx(0.2)
     assert report.task_summary(RECORDS, ROWS, "ocrbench", "official")["accuracy"] == pytest.approx(200 / 3)
@@ -54,6 +61,7 @@ def test_task_summary_without_gate_or_samples():
     empty = report.task_summary([{"question_id": "x", "skipped": "missing image: x"}], {}, "docvqa")
     assert empty["accuracy"] is None and empty["throughput"]["samples_per_s"] is None
     assert empty["mean_visual_tokens"] is None and empty["zoom_rate"] is None and empty["unmatched"] == 0
+    assert s["category_rates"] == {} and empty["category_rates"] == {}  # rows without a category
 
 
 def test_rectified_throughput_is_the_size_weighted_harmonic_mean():
@@ -95,8 +103,9 @@ def test_headline_reproduces_the_papers_doc_ocr_figures():
     assert h["speedup"] == pytest.approx(2.52, abs=0.005)            # 1.79 / 0.71
     assert h["token_reduction"] == pytest.approx(0.530, abs=0.0005)  # 1 - 980 / 2085
     assert h["accuracy_gain"] == pytest.approx(1.1)                  # 87.0 - 85.9
+    assert (h["qzoom_accuracy"], h["baseline_accuracy"]) == (86.3, 85.9)  # the two points compared
     missing = report.headline(RUNS, "doc", 384, 4096)
-    assert missing["speedup"] is None and missing["token_reduction"] is None
+    assert missing["speedup"] is None and missing["token_reduction"] is None and missing["qzoom_accuracy"] is None
 
 
 def test_pareto_plot_writes_a_png(tmp_path):

@@ -327,55 +327,112 @@ def test_evaluate_resumes_and_redoes_on_changed_settings(bench):
     assert engine.runs == [] and out["variants"]["qzoom"]["tasks"]["docs"]["num_samples"] == 2
 
 
-def test_main_prints_the_tables(tmp_path, monkeypatch, capsys):
-    _, cfg = eval_config()
-    monkeypatch.setattr(evaluate, "load_engine", lambda cfg: FakeEngine(Clock()))  # timed by perf_counter
+COUNT = "How many boxes are there?"  # reading.COUNT_QUESTION
+COUNT_SCRIPT = {COUNT: ("3", 0.9)}  # count questions: "3", and the gate fires; read questions: "A", no zoom
+
+
+def tiny_config(limit=4):
+    module, cfg = eval_config()
+    cfg.tasks.reading.limit = limit  # the stand-in engine needs no more
+    return module, cfg
+
+
+def count_accuracy(cfg):
+    """The stand-in's count accuracy under COUNT_SCRIPT: the count samples with 3 boxes."""
+    counts = [s for s in evaluate.load_tasks(cfg)["reading"] if s.category == "count"]
+    return 100 * np.mean([s.answers == ("3",) for s in counts])
+
+
+def test_main_prints_the_tables_per_category(tmp_path, monkeypatch, capsys):
+    _, cfg = tiny_config(limit=6)
+    monkeypatch.setattr(evaluate, "load_engine", lambda cfg: FakeEngine(Clock(), COUNT_SCRIPT))  # perf_counter
     evaluate.main(cfg, str(tmp_path))
-    out = capsys.readouterr().out
-    assert out.startswith("scoring lmms (judge: none), images: resize=fast alpha=drop\n")
-    assert "qzoom    synthetic_scenes     acc[lmms]  33.33" in out and "baseline doc_ocr" in out
-    cfg.scoring = "official"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "scoring lmms (judge: none), images: resize=fast alpha=drop"
+    count = count_accuracy(cfg)
+    assert lines[1].startswith(f"qzoom    reading              acc[lmms] {count / 2:6.2f}  samples/s ")
+    assert lines[1].endswith("zoomed 50%")
+    assert lines[2] == f"qzoom    reading/count        acc[lmms] {count:6.2f}  samples 3  zoomed 100%  gate fired 100%"
+    assert lines[3] == "qzoom    reading/read         acc[lmms]   0.00  samples 3  zoomed 0%  gate fired 0%"
+    assert lines[4].startswith("qzoom    reading              acc[lmms] ") and lines[4].endswith("(rectified)")
+    assert lines[6] == f"baseline reading/count        acc[lmms] {count:6.2f}  samples 3  zoomed 0%  gate fired n/a"
+    results = json.loads((tmp_path / "results.json").read_text())
+    reading = results["variants"]["qzoom"]["tasks"]["reading"]
+    assert reading["categories"] == pytest.approx({"count": count, "read": 0.0})
+    assert reading["category_rates"]["count"] == pytest.approx({"num_samples": 3, "zoom_rate": 1.0,
+                                                                "gate_fire_rate": 1.0, "mean_gate_prob": 0.9})
+    assert reading["metric"] == "exact" and reading["rules"] == "reading"
+
+    cfg.scoring = "official"  # the same rule under both scorings
     evaluate.main(cfg, str(tmp_path), run_sweep=True)
     out = capsys.readouterr().out
     assert out.startswith("scoring official (judge: none), images: resize=fast alpha=drop\n")
-    assert "doc_ocr: Q-Zoom Max-128 vs baseline Max-256: speed-up " in out  # real clock: any speed
-    assert "visual-token reduction 50.0%; accuracy gain at Max-256 +0.0" in out
+    assert f"qzoom max64      reading/count        acc[official] {count:6.2f}  samples 3  zoomed 100%" in out
+    assert "baseline max1600 reading/read         acc[official]   0.00  samples 3  zoomed 0%  gate fired n/a" in out
+    assert f"reading: Q-Zoom Max-64 vs baseline Max-1600: accuracy {count / 2:.1f} vs {count / 2:.1f}, speed-up " in out
+    assert "accuracy gain at Max-1600 n/a" in out  # Q-Zoom does not run at 1600 tokens
     assert (tmp_path / "pareto.png").exists() and (tmp_path / "results.json").exists()
 
 
-def test_sweep_on_the_tiny_preset_writes_json_and_plot(tmp_path):
-    _, cfg = eval_config()
+def test_sweep_on_the_tiny_preset_compares_qzoom_at_64_with_the_native_baseline(tmp_path):
+    module, cfg = tiny_config()
     cfg.throughput_limit = 0
     cfg.warmup_runs = 0
     clock = Clock()
-    engine = FakeEngine(clock, default=("A", 0.0))  # always "A", never zooms
+    engine = FakeEngine(clock)  # always "A", never zooms
     results = evaluate.sweep(cfg, str(tmp_path), engine, evaluate.load_tasks(cfg), clock)
 
-    assert sorted(results["runs"]["qzoom"]) == [64, 128, 256] and sorted(results["runs"]["baseline"]) == [128, 256]
-    # min-token rules of the tiny preset: max <= 64 -> 32; else 64 (= every rule's value here)
-    budgets = {(p["min_tokens"], p["max_tokens"]) for p in engine.prepared}
-    assert budgets == {(32, 64), (64, 128), (64, 256)}
-    samples = benchmarks.synthetic_samples("scenes", 0, cfg.tasks.synthetic_scenes.limit)
-    expected = 100 * np.mean([s.answers[0] == "A" for s in samples])
-    assert expected == pytest.approx(100 / 3)  # 2 of the 6 scenes have answer A
+    assert sorted(results["runs"]["qzoom"]) == [64] and sorted(results["runs"]["baseline"]) == [64, 1600]
+    # every min is 64 tokens; 1600 = (1120 / 28)², so the baseline sees every reading image at its own size
+    assert {(p["min_tokens"], p["max_tokens"]) for p in engine.prepared} == {(64, 64), (64, 1600)}
+    assert max(max(p["size"]) for p in engine.prepared) <= 1120
+    # the low-budget thresholds everywhere: high_from lies beyond the ladder
+    roi, gate = module.TINY_THRESHOLDS
+    assert {r[1:] for r in engine.runs} == {(True, roi, gate, 8), (False, roi, gate, 8)}
     for by_budget in results["runs"].values():
         for max_tokens, run in by_budget.items():
-            scenes = run["tasks"]["synthetic_scenes"]
-            assert scenes["accuracy"] == pytest.approx(expected)
-            assert scenes["throughput"]["samples_per_s"] == pytest.approx(1000 / max_tokens)
-            assert run["groups"]["hr"]["rectified_samples_per_s"] == pytest.approx(1000 / max_tokens)
-    # doc_ocr: Q-Zoom at Max-128 vs the baseline at Max-256; same model without zooming -> 2x, half the tokens
-    headline = results["headline"]["doc_ocr"]
-    assert headline["speedup"] == pytest.approx(2.0) and headline["token_reduction"] == pytest.approx(0.5)
-    assert headline["accuracy_gain"] == pytest.approx(0.0)
+            reading = run["tasks"]["reading"]
+            assert reading["accuracy"] == 0.0 and reading["num_samples"] == 4
+            assert reading["throughput"]["samples_per_s"] == pytest.approx(1000 / max_tokens)
+            assert run["groups"]["reading"]["rectified_samples_per_s"] == pytest.approx(1000 / max_tokens)
+    # Q-Zoom at Max-64 vs the baseline at Max-1600: the same model without zooming -> 25x, 96% fewer tokens
+    headline = results["headline"]["reading"]
+    assert headline["speedup"] == pytest.approx(25.0) and headline["token_reduction"] == pytest.approx(0.96)
+    assert (headline["qzoom_accuracy"], headline["baseline_accuracy"], headline["accuracy_gain"]) == (0.0, 0.0, None)
 
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(saved["runs"]["qzoom"]) == {"64", "128", "256"}
-    assert os.path.exists(tmp_path / "sweep" / "baseline" / "max128" / "synthetic_docs.json")
+    assert set(saved["runs"]["qzoom"]) == {"64"} and set(saved["runs"]["baseline"]) == {"64", "1600"}
+    assert os.path.exists(tmp_path / "sweep" / "baseline" / "max1600" / "reading.json")
     png = tmp_path / "pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as image:
         image.verify()
+
+
+def test_reading_records_resume_and_are_redone_for_another_seed(tmp_path):
+    _, cfg = tiny_config()
+    cfg.variants = ("qzoom",)
+    clock = Clock()
+    evaluate.evaluate(cfg, str(tmp_path), FakeEngine(clock, COUNT_SCRIPT), evaluate.load_tasks(cfg), clock)
+    lines = (tmp_path / "qzoom" / "reading.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["settings"]["source"] == "reading:1000"
+    records = [json.loads(line) for line in lines[1:]]
+    assert [r["question_id"] for r in records] == [f"reading-1000-{i}" for i in range(4)]
+    assert [r["category"] for r in records] == ["read", "count", "read", "count"]
+    assert records[1]["prompt"] == COUNT + "\n" + SUFFIX and records[1]["reply"] == "3" and records[1]["zoomed"]
+
+    engine = FakeEngine(clock, COUNT_SCRIPT)
+    cfg.tasks.reading.limit = 6  # a larger run carries on after the 4 samples done
+    out = evaluate.evaluate(cfg, str(tmp_path), engine, evaluate.load_tasks(cfg), clock)
+    assert len(engine.runs) == 2 * 2  # 2 new samples, each after one warm-up run
+    assert out["variants"]["qzoom"]["tasks"]["reading"]["category_rates"]["count"]["num_samples"] == 3
+
+    engine = FakeEngine(clock, COUNT_SCRIPT)
+    cfg.tasks.reading.seed = 1001  # another set: every sample again
+    evaluate.evaluate(cfg, str(tmp_path), engine, evaluate.load_tasks(cfg), clock)
+    assert len(engine.runs) == 2 * 6
+    assert json.loads((tmp_path / "qzoom" / "reading.jsonl").read_text().splitlines()[1])["question_id"] == (
+        "reading-1001-0")
 
 
 def test_sweep_settings_follow_the_papers_min_token_rules():
@@ -420,11 +477,21 @@ def test_real_presets_carry_the_papers_settings(preset):
         evaluate.load_engine(cfg)
 
 
-def test_the_tiny_preset_keeps_its_small_budgets():
-    _, cfg = eval_config()
-    assert [evaluate.task_max_new_tokens(cfg.tasks[n]) for n in cfg.task_names] == [8, 8]
-    cfg.tasks.synthetic_docs.max_new_tokens = 3
-    assert evaluate.task_max_new_tokens(cfg.tasks.synthetic_docs) == 3
+def test_the_tiny_preset_evaluates_the_reading_task():
+    module, cfg = eval_config()
+    assert cfg.task_names == ("reading",) and cfg.variants == ("qzoom", "baseline")
+    t = cfg.tasks.reading
+    assert (t.rules, t.source, t.seed, t.limit) == ("reading", "reading", 1000, 24)  # held out: training uses 1
+    assert (t.min_tokens, t.max_tokens) == (64, 64)  # both variants at exactly 64 merged tokens
+    assert (t.roi_threshold, t.gate_threshold) == module.TINY_THRESHOLDS
+    assert (t.sweep.roi_threshold, t.sweep.gate_threshold) == module.TINY_THRESHOLDS
+    assert (t.sweep.high_roi_threshold, t.sweep.high_gate_threshold) == module.TINY_THRESHOLDS
+    assert cfg.groups.to_dict() == {"reading": {"tasks": ("reading",), "speedup_budget": 64}}
+    assert cfg.sweep.to_dict() == {"qzoom_budgets": (64,), "baseline_budgets": (64, 1600), "min_tokens": 64,
+                                   "small_max": 64, "small_min": 64, "high_from": 1601, "reference_budget": 1600}
+    assert evaluate.task_max_new_tokens(t) == 8
+    t.max_new_tokens = 3
+    assert evaluate.task_max_new_tokens(t) == 3
 
 
 def test_engine_and_judge_get_the_runs_image_path(monkeypatch):
@@ -445,14 +512,16 @@ def test_engine_and_judge_get_the_runs_image_path(monkeypatch):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("task_names", ("synthetic_docs", "docvqa"), r"task_names \['docvqa'\]"),
+    ("task_names", ("reading", "docvqa"), r"task_names \['docvqa'\]"),
     ("variants", ("qzoom", "zoomier"), r"config.variants: unknown variant"),
     ("scoring", "vlmevalkit", r"config.scoring='vlmevalkit' is not one of \('lmms', 'official'\)"),
     ("resize", "bilinear", r"config.resize='bilinear' is not one of \('pil', 'fast'\)"),
     ("alpha", "white", r"config.alpha='white' is not one of \('composite', 'drop'\)"),
     ("judge", "", r"config.judge='': give None \(no judge\), 'self' or a checkpoint path"),
-    ("tasks.synthetic_docs.rules", "gqa", r"config.tasks.synthetic_docs.rules='gqa' is not one of \["),
-    ("tasks.synthetic_scenes.max_new_tokens", 0, r"config.tasks.synthetic_scenes.max_new_tokens=0: give None"),
+    ("tasks.reading.rules", "gqa", r"config.tasks.reading.rules='gqa' is not one of \["),
+    ("tasks.reading.max_new_tokens", 0, r"config.tasks.reading.max_new_tokens=0: give None"),
+    ("tasks.reading.limit", 0, r"config.tasks.reading.limit=0: a reading task needs limit > 0"),
+    ("tasks.reading.source", "synthetic", r"config.tasks.reading.source='synthetic': choose 'jsonl' or 'reading'"),
     ("repetition_penalty", -1.0, r"config.repetition_penalty=-1.0: give None \(the checkpoint's\) or a number > 0"),
 ])
 def test_bad_config_names_the_key_and_value(key, value, message):

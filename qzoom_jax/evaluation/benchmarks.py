@@ -1,4 +1,4 @@
-"""Evaluation benchmarks as JSONL files plus an image folder, and the synthetic eval sets.
+"""Evaluation benchmarks as JSONL files plus an image folder, and the procedural reading task drawn in memory.
 
 One JSON object per line (training reference §6.1 for what each benchmark carries; lmms-eval-tasks.md §2 for the
 fields each task's prompt and score read):
@@ -11,12 +11,13 @@ image           image path relative to the task's image folder (absolute paths a
 question        the question text, without options and without any answer instruction
 answers         list of str, the gold answers: TextVQA's 10 human answers ("vqa" needs at least 4: with fewer no
                 prediction can get full credit), DocVQA / InfoVQA's answer list ("anls"), OCRBench's answers
-                ("ocrbench"); ChartQA ("relaxed") may give its single label as ``"answer": str`` instead
+                ("ocrbench"), the reading task's one answer ("exact"); ChartQA ("relaxed") may give its single
+                label as ``"answer": str`` instead
 options         multiple choice only ("option": V*, MME-RealWorld-Lite, HR-Bench): list of 2-26 option texts,
                 without letters; each task's prompt letters them its own way (evaluation/tasks.py)
 answer          multiple choice: the correct letter ("B"; "(B)" and "b" are accepted)
 category        optional str: V* "direct_attributes"/"relative_position", HR-Bench "single"/"cross", the MME-RW
-                subtask, OCRBench's question type; reported per category
+                subtask, OCRBench's question type, the reading task's "read"/"count"; reported per category
 cycle_category  HR-Bench only, required: its score is the mean of the accuracies within each cycle_category
 dataset         OCRBench, optional: the source dataset; "HME100k" selects the handwritten-maths rule (as does
                 the category "Handwritten Mathematical Expression Recognition")
@@ -35,14 +36,12 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 
-import numpy as np
 from PIL import Image
 
-from qzoom_jax.data.prompts import ANSWER_SUFFIX
+from qzoom_jax.data import reading
 from qzoom_jax.data.image_processing import DECODE_ERRORS, open_image
 from qzoom_jax.data.stage1 import SkipSample, jsonl_rows
 from qzoom_jax.runtime.errors import ConfigError, DataError, ImageError
-from qzoom_jax.data.synthetic import PALETTE, SHAPES, make_sample
 from qzoom_jax.evaluation.tasks import get_task, option_letters
 
 _MIN_VQA_ANSWERS = 4
@@ -60,7 +59,7 @@ class Sample:
     options: tuple[str, ...] = ()
     category: str = ""
     # The benchmark row as read (schema above): what tasks.prompt and scoring.score_detail are given. Built from
-    # the fields above when not given (the synthetic sets), so that every sample is prompted and scored alike.
+    # the fields above when not given (the reading task), so that every sample is prompted and scored alike.
     row: Mapping = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -164,58 +163,37 @@ def load_image(sample: Sample) -> Image.Image:
     return image
 
 
-# ---- synthetic eval sets (no download) ------------------------------------------------------------------
+# ---- the reading task (procedural, no download) --------------------------------------------------------------
 
-SYNTHETIC_KINDS = ("documents", "scenes")
-_NUM_OPTIONS = 4
-
-
-def synthetic_samples(kind: str, seed: int, num: int) -> list[Sample]:
-    """`num` samples of `qzoom_jax.data.synthetic`: "documents" (odd indices: read a word or number, scored with
-    ANLS) or "scenes" (even indices: a colour or shape as 4-way multiple choice)."""
-    if kind not in SYNTHETIC_KINDS:
-        raise ConfigError(f"unknown synthetic kind {kind!r}; choose one of {SYNTHETIC_KINDS}")
-    offset = 1 if kind == "documents" else 0
+def reading_samples(seed: int, num: int) -> list[Sample]:
+    """Samples 0..num-1 of `qzoom_jax.data.reading` set `seed` (read on even indices, count on odd), with the ids,
+    answers and categories (the kind) that `reading.write_eval` writes, so both sources give the same samples."""
     samples = []
     for i in range(num):
-        index = 2 * i + offset
-        source = make_sample(seed, index)
-        question = source.prompt.replace(ANSWER_SUFFIX, "").strip()
+        source = reading.make_sample(seed, i)
 
-        def image(index=index):  # redrawn on use: holding hundreds of high-resolution images would cost GBs
-            return make_sample(seed, index).image
+        def image(i=i):  # redrawn on use: holding hundreds of high-resolution images would cost GBs
+            return reading.make_sample(seed, i).image
 
-        if kind == "documents":
-            samples.append(Sample(str(index), question, (source.answer,), make_image=image, category="document"))
-        else:
-            options, letter = _scene_options(source.answer, np.random.default_rng([seed, index, 1]))
-            samples.append(Sample(str(index), question, (letter,), make_image=image, options=options,
-                                  category="color" if source.answer in PALETTE else "shape"))
+        samples.append(Sample(f"reading-{seed}-{i}", source.question, (source.answer,), make_image=image,
+                              category=source.kind))
     return samples
-
-
-def _scene_options(answer: str, rng: np.random.Generator) -> tuple[tuple[str, ...], str]:
-    pool = [c for c in (PALETTE if answer in PALETTE else SHAPES) if c != answer]
-    options = [answer, *(pool[i] for i in rng.choice(len(pool), _NUM_OPTIONS - 1, replace=False))]
-    rng.shuffle(options)
-    return tuple(options), option_letters(_NUM_OPTIONS)[options.index(answer)]
 
 
 def load_task(name: str, task, data_dir: str = "") -> list[Sample]:
     """The samples of the configured task `name` (configs/eval.py): ``source`` "jsonl" (``jsonl`` and ``image_root``,
-    relative to `data_dir` unless absolute, read by the schema of ``rules``) or "synthetic" (``kind``, ``seed``);
-    at most ``limit`` (0 = all)."""
-    if task.source == "synthetic":
+    relative to `data_dir` unless absolute, read by the schema of ``rules``) or "reading" (``seed``, drawn in
+    memory); at most ``limit`` (0 = all)."""
+    if task.source == "reading":
         if task.limit <= 0:
-            raise ConfigError(f"config.tasks.{name}.limit={task.limit}: a synthetic task needs limit > 0 (the number of "
+            raise ConfigError(f"config.tasks.{name}.limit={task.limit}: a reading task needs limit > 0 (the number of "
                               "samples)")
-        return synthetic_samples(task.kind, task.seed, task.limit)
+        return reading_samples(task.seed, task.limit)
     if task.source != "jsonl":
-        raise ConfigError(f"config.tasks.{name}.source={task.source!r}: choose 'jsonl' or 'synthetic'")
+        raise ConfigError(f"config.tasks.{name}.source={task.source!r}: choose 'jsonl' or 'reading'")
     path = os.path.join(data_dir, task.jsonl)
     if not os.path.isfile(path):
         raise ConfigError(f"task {name!r}: no benchmark file {path!r}; set --config.data_dir or "
                                 f"--config.tasks.{name}.jsonl")
     samples = read_jsonl(path, os.path.join(data_dir, task.image_root), task.rules)
     return samples[:task.limit] if task.limit > 0 else samples
-

@@ -35,7 +35,8 @@ def task_summary(records: Sequence[Mapping], rows: Mapping[str, Mapping], task: 
     skipped samples per reason, skipped_ids names them. samples_per_s = timed samples / their summed latency and
     tokens_per_s = their generated tokens / the same latency, as upstream's summary computes them (§6.4).
     zoom_rate is the fraction of samples answered with an inserted RoI; gate_fire_rate the fraction whose gate
-    probability reached `gate_threshold`."""
+    probability reached `gate_threshold`. category_rates holds num_samples and those gate figures per row
+    category (beside categories' accuracies): whether the gate zooms where the question needs it."""
     done = [r for r in records if "skipped" not in r]
     skipped_ids: dict[str, list[str]] = {}
     for r in records:
@@ -44,10 +45,6 @@ def task_summary(records: Sequence[Mapping], rows: Mapping[str, Mapping], task: 
     scores, scored_rows = [r["score"] for r in done], [rows[r["question_id"]] for r in done]
     timed = [r for r in done if r["throughput"]]
     latency = sum(r["latency_s"] for r in timed)
-    gate_probs = [r["gate_prob"] for r in done if r["gate_prob"] is not None]
-    fire = None
-    if gate_probs and gate_threshold is not None:
-        fire = float(np.mean([p >= gate_threshold for p in gate_probs]))
     return {
         "accuracy": aggregate(task, scores, scored_rows, scoring),
         "categories": breakdown(task, scores, scored_rows, scoring),
@@ -63,10 +60,33 @@ def task_summary(records: Sequence[Mapping], rows: Mapping[str, Mapping], task: 
             "tokens_per_s": sum(r["num_tokens"] for r in timed) / latency if latency > 0 else None,
         },
         "mean_visual_tokens": _mean(r["visual_tokens"] for r in done),
+        **_gate_figures(done, gate_threshold),
+        "category_rates": {category: {"num_samples": len(members), **_gate_figures(members, gate_threshold)}
+                           for category, members in _by_category(done, rows).items()},
+    }
+
+
+def _gate_figures(done: Sequence[Mapping], gate_threshold: float | None) -> dict:
+    """zoom_rate, gate_fire_rate and mean_gate_prob of scored records (task_summary)."""
+    gate_probs = [r["gate_prob"] for r in done if r["gate_prob"] is not None]
+    fire = None
+    if gate_probs and gate_threshold is not None:
+        fire = float(np.mean([p >= gate_threshold for p in gate_probs]))
+    return {
         "zoom_rate": float(np.mean([r["zoomed"] for r in done])) if done else None,
         "gate_fire_rate": fire,
         "mean_gate_prob": _mean(gate_probs),
     }
+
+
+def _by_category(done: Sequence[Mapping], rows: Mapping[str, Mapping]) -> dict[str, list[Mapping]]:
+    """The scored records per benchmark-row category, sorted by name, as scoring.breakdown groups them (rows
+    without a category are left out)."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in done:
+        if category := str(rows[r["question_id"]].get("category") or ""):
+            groups.setdefault(category, []).append(r)
+    return dict(sorted(groups.items()))
 
 
 def rectified_throughput(sizes: Sequence[float], samples_per_s: Sequence[float | None]) -> float | None:
@@ -105,7 +125,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def headline(runs: Mapping[str, Mapping[int, Mapping]], group: str, budget: int, reference: int) -> dict:
     """The paper's headline figures of one group from a sweep (`runs[variant][max_tokens]["groups"][group]`):
     speed-up = rectified sps of Q-Zoom at Max-`budget` / the baseline's at Max-`reference`, the token
-    reduction between the same two points, and the accuracy gain of Q-Zoom over the baseline at Max-`reference`."""
+    reduction and the two accuracies at the same two points, and the accuracy gain of Q-Zoom over the baseline at
+    Max-`reference`."""
     def point(variant, max_tokens):
         return runs.get(variant, {}).get(max_tokens, {}).get("groups", {}).get(group, {})
 
@@ -117,6 +138,8 @@ def headline(runs: Mapping[str, Mapping[int, Mapping]], group: str, budget: int,
     return {
         "qzoom_budget": budget,
         "reference_budget": reference,
+        "qzoom_accuracy": fast.get("accuracy"),
+        "baseline_accuracy": base.get("accuracy"),
         "speedup": _ratio(fast.get("rectified_samples_per_s"), base.get("rectified_samples_per_s")),
         "token_reduction": None if tokens is None else 1.0 - tokens,
         "accuracy_gain": gain,

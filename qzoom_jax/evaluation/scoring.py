@@ -10,8 +10,10 @@ Two rule sets (SCORINGS):
   equal to 0 (§2.3); OCRBench's handwritten maths keeps the case of both sides (§2.4); OCRBench averages over the
   docs scored rather than a fixed 1000 (§2.4). Every other rule is the same in both.
 
+"exact" is ours (the procedural reading task has no lmms-eval counterpart): one rule, under both scorings.
+
 `prediction` is always the post-processed reply (tasks.postprocess). A row is a benchmark JSONL row
-(qzoom_jax/data/benchmarks.py), plus the optional keys that some fork rules read: OCRBench ``dataset``,
+(qzoom_jax/evaluation/benchmarks.py), plus the optional keys that some fork rules read: OCRBench ``dataset``,
 HR-Bench ``cycle_category``.
 """
 
@@ -26,12 +28,12 @@ from .tasks import get_task, option_letters
 from .text_norm import collapse_whitespace, levenshtein, normalize_vqa_answer
 
 __all__ = [
-    "METRICS", "OCRBENCH_HME", "SCORINGS", "Judge", "ScoreDetail", "aggregate", "anls", "breakdown",
+    "METRICS", "OCRBENCH_HME", "SCORINGS", "Judge", "ScoreDetail", "aggregate", "anls", "breakdown", "exact_match",
     "extract_option", "hrbench_option", "levenshtein", "mmerw_letter", "normalize_vqa_answer", "ocrbench_match",
     "option_letters", "relaxed_accuracy", "score", "score_detail", "vqa_soft_accuracy", "vstar_letter",
 ]
 
-METRICS = ("vqa", "anls", "relaxed", "ocrbench", "option")
+METRICS = ("vqa", "anls", "relaxed", "ocrbench", "option", "exact")
 SCORINGS = ("lmms", "official")
 
 
@@ -125,6 +127,15 @@ def ocrbench_match(prediction: str, answers: Sequence[str], handwritten_math: bo
     return float(any(gold in pred for gold in golds))
 
 
+# ---- exact match: our reading task (no lmms-eval counterpart) -------------------------------------------------
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the prediction equals an answer, both stripped and lower-cased, else 0.0. No partial credit: the
+    reading task's answers are 3-digit numbers and counts, where a near miss ("418", "4170") is a wrong read."""
+    pred = prediction.strip().lower()
+    return float(any(pred == str(answer).strip().lower() for answer in answers))
+
+
 # ---- multiple choice: the three extractors (ref §2.5-§2.8) --------------------------------------------------
 
 # ref §2.5: tried in order on the stripped, upper-cased reply; the first match's group 1 wins.
@@ -199,7 +210,7 @@ Judge = Callable[[str, Mapping[str, str], str], str]
 
 def extract_option(task: str, reply: str, options: Sequence[str] = ()) -> str | None:
     """The letter that `task`'s own extractor reads from a reply (None or "" when none): V* (`vstar_letter`),
-    MME-RealWorld-Lite (`mmerw_letter`), HR-Bench and synthetic_scenes (`hrbench_option`, no judge)."""
+    MME-RealWorld-Lite (`mmerw_letter`), HR-Bench (`hrbench_option`, no judge)."""
     if task == "vstar":
         return vstar_letter(reply)
     if task == "mmerealworld_lite":
@@ -271,6 +282,8 @@ def score_detail(task: str, prediction: str, row: Mapping, scoring: str = "lmms"
         value = anls(prediction, answers, scoring)
     elif metric == "relaxed":
         value = relaxed_accuracy(prediction, answers, scoring)
+    elif metric == "exact":
+        value = exact_match(prediction, answers)
     else:  # ocrbench: the fork keys the maths rule on the source dataset (ref §2.4)
         hme = row.get("dataset") == "HME100k" or row.get("category") == OCRBENCH_HME
         value = ocrbench_match(prediction, answers, hme, scoring)

@@ -1,8 +1,8 @@
 """Per-task prompting, generation settings and reply post-processing of the evaluation benchmarks, as upstream's
 lmms-eval fork does them (section numbers (§) refer to /work/shared/reference/lmms-eval-tasks.md).
 
-A task reads one benchmark JSONL row (schema: qzoom_jax/data/benchmarks.py): ``question``, ``options`` (option texts
-without letters) and the answer keys that scoring.py reads.
+A task reads one benchmark JSONL row (schema: qzoom_jax/evaluation/benchmarks.py): ``question``, ``options``
+(option texts without letters) and the answer keys that scoring.py reads.
 
 Usage: ``text = prompt(task, row)`` is the user text handed to the chat template after the image;
 ``generate(max_new_tokens=max_new_tokens(task))`` greedily, no stop strings; ``pred = postprocess(task, reply)``;
@@ -101,12 +101,10 @@ TASKS: dict[str, Task] = {
     "mmerealworld_lite": Task("option", 16, _mmerw),
     "hrbench4k": Task("option", DEFAULT_MAX_NEW_TOKENS, _hrbench),  # ref §2.7: no generation_kwargs
     "hrbench8k": Task("option", DEFAULT_MAX_NEW_TOKENS, _hrbench),
-    # Our synthetic sets (configs/eval.py; single-word answers, so its 8 new tokens): the documents are prompted
-    # like DocVQA and scored with the fork's ANLS; the scenes like HR-Bench ("A. text" lines, its letter-or-text
-    # matching, no judge), since that matcher accepts a letter and the option's own word alike, and the tiny
-    # model was trained to answer with words.
-    "synthetic_docs": Task("anls", 8, _short_answer),
-    "synthetic_scenes": Task("option", 8, _hrbench),
+    # Our procedural reading task (qzoom_jax/data/reading.py; no lmms-eval counterpart): prompted like DocVQA,
+    # scored by exact match (a 3-digit number or a count: a near miss is a misread, not partial credit); 8 new
+    # tokens hold any of its answers.
+    "reading": Task("exact", 8, _short_answer),
 }
 
 

@@ -1,5 +1,5 @@
 """Benchmark JSONL readers (schema, clear errors, unusable images), the rows the fork's prompts and scores read,
-and the synthetic eval sets."""
+and the reading task drawn in memory."""
 
 import json
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_jax.evaluation import benchmarks, scoring, tasks
+from qzoom_jax.data import reading
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.data.stage1 import SkipSample
-from qzoom_jax.data.synthetic import PALETTE, SHAPES, make_sample
+from qzoom_jax.evaluation import benchmarks, scoring, tasks
 from qzoom_jax.runtime.errors import ConfigError, DataError
 
 
@@ -105,37 +105,35 @@ def test_only_missing_and_corrupt_images_are_skip_samples(tmp_path):
     assert image.mode == "RGB" and image.size == (64, 48)
 
 
-def test_synthetic_sets_are_deterministic_and_answerable():
-    docs = benchmarks.synthetic_samples("documents", 0, 3)
-    assert [s.question_id for s in docs] == ["1", "3", "5"]
-    for s in docs:
-        source = make_sample(0, int(s.question_id))
-        assert s.answers == (source.answer,) and ANSWER_SUFFIX not in s.question
-        assert s.row == {"question_id": s.question_id, "question": s.question, "answers": [source.answer],
-                         "category": "document"}
-        assert tasks.prompt("synthetic_docs", s.row) == f"{s.question}\n{ANSWER_SUFFIX}"
-        assert scoring.score("synthetic_docs", source.answer, s.row) == 1.0
-        assert np.array_equal(np.asarray(s.make_image()), np.asarray(source.image))
-    scenes = benchmarks.synthetic_samples("scenes", 0, 6)
-    assert [s.question_id for s in scenes] == ["0", "2", "4", "6", "8", "10"]
-    for s in scenes:
-        answer = make_sample(0, int(s.question_id)).answer
-        assert len(s.options) == 4 and len(set(s.options)) == 4
-        assert s.options[ord(s.answers[0]) - ord("A")] == answer
-        assert set(s.options) <= set(PALETTE if s.category == "color" else SHAPES)
-        assert s.row["options"] == list(s.options) and s.row["answer"] == s.answers[0]
-        assert s.row["category"] == s.category
-        # HR-Bench's letter-or-text matcher: the option's own word is right, as is its letter
-        assert scoring.score("synthetic_scenes", answer, s.row) == 1.0
-        assert scoring.score("synthetic_scenes", s.answers[0], s.row) == 1.0
-    first = scenes[0]
-    assert tasks.prompt("synthetic_scenes", first.row) == "\n".join(
-        [first.question, *(f"{letter}. {text}" for letter, text in zip("ABCD", first.options)),
-         "Answer the option letter directly.", ANSWER_SUFFIX])
-    again = benchmarks.synthetic_samples("scenes", 0, 6)
-    assert [(s.options, s.answers) for s in again] == [(s.options, s.answers) for s in scenes]
-    with pytest.raises(ValueError, match="unknown synthetic kind"):
-        benchmarks.synthetic_samples("charts", 0, 1)
+READING = ml_collections.ConfigDict({"source": "reading", "seed": 1000, "limit": 4, "rules": "reading"})
+
+
+def test_the_reading_source_draws_the_reading_sets():
+    samples = benchmarks.load_task("reading", READING)
+    assert [s.question_id for s in samples] == [f"reading-1000-{i}" for i in range(4)]
+    assert [s.category for s in samples] == ["read", "count", "read", "count"]  # make_sample's kind=None
+    for i, s in enumerate(samples):
+        source = reading.make_sample(1000, i)
+        assert (s.question, s.answers, s.image_path, s.options) == (source.question, (source.answer,), "", ())
+        assert s.row == {"question_id": f"reading-1000-{i}", "question": source.question,
+                         "answers": [source.answer], "category": source.kind}
+        assert tasks.prompt("reading", s.row) == f"{source.question}\n{ANSWER_SUFFIX}"
+        assert scoring.score("reading", source.answer, s.row) == 1.0
+        assert np.array_equal(np.asarray(benchmarks.load_image(s)), np.asarray(source.image))  # redrawn alike
+
+
+def test_write_eval_files_read_as_the_reading_source(tmp_path):
+    # the same set written to disk (reading.write_eval) and read by the "jsonl" source under the "reading" rules
+    path = reading.write_eval(str(tmp_path), 1000, 2)
+    task = ml_collections.ConfigDict({"source": "jsonl", "jsonl": path, "image_root": str(tmp_path),
+                                      "rules": "reading", "limit": 0})
+    on_disk = benchmarks.load_task("reading", task)
+    drawn = benchmarks.load_task("reading", READING)[:2]
+    for a, b in zip(on_disk, drawn, strict=True):
+        assert (a.question_id, a.question, a.answers, a.category) == (b.question_id, b.question, b.answers,
+                                                                      b.category)
+        assert tasks.prompt("reading", a.row) == tasks.prompt("reading", b.row)
+        assert np.array_equal(np.asarray(benchmarks.load_image(a)), np.asarray(benchmarks.load_image(b)))
 
 
 def test_load_task_resolves_paths_and_limits(tmp_path):
@@ -150,8 +148,10 @@ def test_load_task_resolves_paths_and_limits(tmp_path):
     with pytest.raises(ConfigError, match=r"--config.tasks.docvqa.jsonl"):
         benchmarks.load_task("docvqa", task, str(tmp_path))
     task.source = "http"
-    with pytest.raises(ConfigError, match=r"config.tasks.docvqa.source='http': choose 'jsonl' or 'synthetic'"):
+    with pytest.raises(ConfigError, match=r"config.tasks.docvqa.source='http': choose 'jsonl' or 'reading'"):
         benchmarks.load_task("docvqa", task, str(tmp_path))
-    synthetic = ml_collections.ConfigDict({"source": "synthetic", "kind": "scenes", "seed": 0, "limit": 0})
-    with pytest.raises(ConfigError, match=r"config.tasks.scenes.limit=0: a synthetic task needs limit > 0"):
-        benchmarks.load_task("scenes", synthetic)
+    for limit in (0, -1):
+        empty = ml_collections.ConfigDict({"source": "reading", "seed": 1000, "limit": limit})
+        with pytest.raises(ConfigError, match=rf"^config.tasks.reading.limit={limit}: a reading task needs limit > 0 "
+                                              r"\(the number of samples\)$"):
+            benchmarks.load_task("reading", empty)

@@ -10,7 +10,7 @@ SUFFIX = "Answer the question using a single word or phrase."
 MC_ROW = {"question": "What is the material of the glove?", "options": ["rubber", "cotton", "kevlar", "leather"],
           "answer": "D"}
 ALL_TASKS = ("textvqa", "docvqa", "infovqa", "chartqa", "ocrbench", "vstar", "mmerealworld_lite", "hrbench4k",
-             "hrbench8k", "synthetic_docs", "synthetic_scenes")
+             "hrbench8k", "reading")
 
 
 def row(question, options=("red", "blue", "green", "white")):
@@ -37,10 +37,18 @@ def test_textvqa_prompt_capitalises(question, text):
 
 # ---- §2.2 DocVQA / InfoVQA: Q + SUFFIX, untouched -----------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["docvqa", "infovqa", "synthetic_docs"])
+@pytest.mark.parametrize("task", ["docvqa", "infovqa", "reading"])
 @pytest.mark.parametrize("question", ["What is the date?", "what is the TOTAL? ", "  Name of the company"])
 def test_anls_tasks_keep_the_question_as_it_is(task, question):
     assert prompt(task, row(question)) == question + "\n" + SUFFIX
+
+
+def test_reading_prompt_is_the_question_and_the_suffix():
+    question = "What number is written in the red box?"  # reading.READ_QUESTION
+    assert prompt("reading", {"question": question, "answers": ["417"]}) == (
+        "What number is written in the red box?\nAnswer the question using a single word or phrase.")
+    assert prompt("reading", {"question": "How many boxes are there?"}) == (
+        "How many boxes are there?\nAnswer the question using a single word or phrase.")
 
 
 # ---- §2.3 ChartQA: two instructions ---------------------------------------------------------------------------
@@ -126,7 +134,7 @@ def test_mmerw_question_is_not_stripped():
 
 # ---- §2.7 HR-Bench ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["hrbench4k", "hrbench8k", "synthetic_scenes"])
+@pytest.mark.parametrize("task", ["hrbench4k", "hrbench8k"])
 def test_hrbench_prompt(task):
     assert prompt(task, row("  What colour is the flag?\n")) == (
         "What colour is the flag?\nA. red\nB. blue\nC. green\nD. white\nAnswer the option letter directly.\n" + SUFFIX)
@@ -156,8 +164,7 @@ def test_the_suffix_is_not_added_when_the_text_has_it(task):
 
 @pytest.mark.parametrize("task, tokens", [
     ("textvqa", 128), ("docvqa", 32), ("infovqa", 32), ("chartqa", 16), ("ocrbench", 128), ("vstar", 16),
-    ("mmerealworld_lite", 16), ("hrbench4k", 128), ("hrbench8k", 128), ("synthetic_docs", 8),
-    ("synthetic_scenes", 8),
+    ("mmerealworld_lite", 16), ("hrbench4k", 128), ("hrbench8k", 128), ("reading", 8),
 ])
 def test_max_new_tokens(task, tokens):
     assert max_new_tokens(task) == tokens

@@ -9,6 +9,7 @@ from qzoom_jax.evaluation.scoring import (
     aggregate,
     anls,
     breakdown,
+    exact_match,
     extract_option,
     hrbench_option,
     levenshtein,
@@ -32,7 +33,7 @@ def mc(answer, options=COLOURS, **extra):
 
 def test_names():
     assert scoring.SCORINGS == ("lmms", "official")
-    assert scoring.METRICS == ("vqa", "anls", "relaxed", "ocrbench", "option")
+    assert scoring.METRICS == ("vqa", "anls", "relaxed", "ocrbench", "option", "exact")
     assert {t.metric for t in TASKS.values()} == set(scoring.METRICS)
     assert scoring.option_letters(4) == ("A", "B", "C", "D") and scoring.option_letters(0) == ()
 
@@ -125,9 +126,35 @@ def test_levenshtein():
 def test_anls(answers, pred, lmms, official):
     assert anls(pred, answers) == pytest.approx(lmms)
     assert anls(pred, answers, "official") == pytest.approx(official)
-    for task in ("docvqa", "infovqa", "synthetic_docs"):
+    for task in ("docvqa", "infovqa"):
         assert score(task, pred, {"answers": answers}) == pytest.approx(lmms)
         assert score(task, pred, {"answers": answers}, "official") == pytest.approx(official)
+
+
+# ---- exact match: our reading task (no lmms-eval counterpart) ------------------------------------------------------
+
+@pytest.mark.parametrize("pred, answers, expected", [
+    ("417", ["417"], 1.0),
+    (" 417 ", ["417"], 1.0),  # both sides stripped
+    ("417", [" 417\n"], 1.0),
+    ("418", ["417"], 0.0),  # a near miss is a misread: no partial credit
+    ("4170", ["417"], 0.0),
+    ("41", ["417"], 0.0),
+    ("The number is 417", ["417"], 0.0),  # no substring match
+    ("Three", ["three"], 1.0),  # case-insensitive
+    ("", ["417"], 0.0),
+    ("3", ["417", "3"], 1.0),  # any answer
+    ("417", [], 0.0),
+])
+def test_exact_match(pred, answers, expected):
+    assert exact_match(pred, answers) == expected
+    for scoring_name in scoring.SCORINGS:  # one rule under both scorings
+        assert score_detail("reading", pred, {"answers": answers}, scoring_name) == (expected, True)
+
+
+def test_reading_scores_the_post_processed_reply():
+    assert score("reading", postprocess("reading", "<answer> 417 </answer>"), {"answers": ["417"]}) == 1.0
+    assert score("reading", postprocess("reading", "417\n"), {"answers": ["417"]}) == 1.0
 
 
 # ---- §2.3 ChartQA ------------------------------------------------------------------------------------------------
@@ -340,13 +367,6 @@ def test_hrbench_judge_decides_unmatched_replies():
     assert score("hrbench4k", "Maybe B or C", row, judge=judge) == 1.0
 
 
-def test_synthetic_scenes_matches_like_hrbench():
-    assert score_detail("synthetic_scenes", "green", mc("C")) == (1.0, True)
-    assert score_detail("synthetic_scenes", "(C)", mc("C")) == (1.0, True)
-    assert score_detail("synthetic_scenes", "purple", mc("C")) == (0.0, False)
-    assert extract_option("synthetic_scenes", "white", COLOURS) == "D"
-
-
 def test_matched_is_true_for_free_form_tasks():
     assert score_detail("docvqa", "", {"answers": ["x"]}) == (0.0, True)
     assert score_detail("vstar", "purple", mc("A")) == (0.0, False)
@@ -368,7 +388,7 @@ ROWS = {
     "textvqa": {"answers": ["yes"] * 10}, "docvqa": {"answers": ["abc"]}, "infovqa": {"answers": ["abc"]},
     "chartqa": {"answer": "12"}, "ocrbench": {"answers": ["abc"], "dataset": "HME100k"}, "vstar": mc("A"),
     "mmerealworld_lite": mc("A"), "hrbench4k": mc("A"), "hrbench8k": mc("A"),
-    "synthetic_docs": {"answers": ["abc"]}, "synthetic_scenes": mc("A"),
+    "reading": {"answers": ["417"]},
 }
 
 
@@ -425,7 +445,7 @@ def test_ocrbench_divides_by_a_fixed_1000(scoring_name, expected):
 
 
 @pytest.mark.parametrize("task", ["textvqa", "docvqa", "infovqa", "chartqa", "vstar", "mmerealworld_lite",
-                                  "synthetic_docs", "synthetic_scenes"])
+                                  "reading"])
 @pytest.mark.parametrize("scoring_name", ["lmms", "official"])
 def test_other_tasks_report_the_micro_mean_in_percent(task, scoring_name):
     # V*'s fork aggregate is already x100 and the others are fractions; to_pct puts all in percent (§1.7)

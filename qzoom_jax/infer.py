@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--question", required=True)
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the answer")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="write the RoI heat-map overlay here")
-    p.add_argument("--roi-threshold", type=float, default=0.1, help="blurred RoI probability a cell must exceed")
+    p.add_argument("--roi-threshold", type=float, default=None,
+                   help="blurred RoI probability a cell must exceed (default: the checkpoint's roi_conf_thresh)")
     p.add_argument("--gate-threshold", type=float, default=None,
                    help="zoom when the gate probability is >= this (default: the checkpoint's high_res_thresh)")
     p.add_argument("--min-pixels", type=int, default=BUDGET)
@@ -103,12 +104,11 @@ def _infer(args: argparse.Namespace) -> dict:
     engine = QZoom.load(args.checkpoint, dtype=args.dtype, attn_impl=args.attn_impl, twig_run=args.twig,
                         reuse_src_pos=reuse, resize=args.resize, alpha=args.alpha, exif=args.exif)
     image = to_rgb(image, alpha=args.alpha, exif=args.exif)  # the frame the box and the heat map are drawn in
-    gate_threshold = engine.config.qzoom.high_res_thresh if args.gate_threshold is None else args.gate_threshold
     try:
         prepared = engine.prepare([image], [args.question], min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     except ImageSizeError as e:
         raise ImageError(f"cannot use image {args.image}: {e}") from e
-    result = engine.run(prepared, roi_threshold=args.roi_threshold, gate_threshold=gate_threshold,
+    result = engine.run(prepared, roi_threshold=args.roi_threshold, gate_threshold=args.gate_threshold,
                         max_new_tokens=args.max_new_tokens, return_map=args.json or bool(args.heatmap),
                         repetition_penalty=args.repetition_penalty)[0]
     out = {

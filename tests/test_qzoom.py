@@ -9,7 +9,7 @@ import transformers
 from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.data import synthetic
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.models.vlm import lm_logits
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.zoom.engine import QZoom, ZoomPlan, pass2_arrays
@@ -32,7 +32,7 @@ def samples(n, offset=0):
 def test_hf_dir_round_trip(engine, qzoom_dir):
     parts = engine.parts
     assert parts.K == 3 and parts.gate is not None and not parts.reuse_src_pos
-    base = load_pretrained(None).params["model"]["layers"]
+    base = load_pretrained(EMBEDDED_TINY).params["model"]["layers"]
     np.testing.assert_array_equal(parts.twig["self_attn"]["q_proj"]["kernel"], base["self_attn"]["q_proj"]["kernel"][3:6])
     assert parts.gate["high_res_head"]["kernel"].shape == (128, 1)
     assert "twig_layers" not in engine.model.params["model"]
@@ -65,7 +65,7 @@ def test_pass2_with_cache_reuse_equals_full_forward(engine, reuse_src_pos):
     ours = np.asarray(lm_logits(engine.model.params, engine.config, h), np.float32)
 
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        EMBEDDED_DEFAULT, dtype=torch.float32, attn_implementation="eager").eval()
+        EMBEDDED_TINY, dtype=torch.float32, attn_implementation="eager").eval()
     for b, plan in enumerate(plans):
         sp = plan.splice
         src = singles[b]
@@ -96,6 +96,21 @@ def test_gate_routes_at_its_threshold(engine):
     # The gate fires but no cell passes the RoI threshold (a probability is never > 1): the direct answer.
     none = engine.answer(images, questions, **BUDGET, gate_threshold=0.0, roi_threshold=1.0, max_new_tokens=4)[0]
     assert not none.zoomed and none.answer == above.answer and none.roi_logits is not None
+
+
+def test_recommended_thresholds_come_from_the_checkpoint(engine, tmp_path):
+    """save_hf stores τ_roi / τ_gate in config.json; ``answer`` without thresholds uses them."""
+    images, questions = samples(1)
+    p = engine.answer(images, questions, **BUDGET, roi_threshold=0.0, gate_threshold=0.0, max_new_tokens=4)[0]
+    for tau_gate, zooms in ((p.gate_prob, True), (float(np.nextafter(p.gate_prob, 2)), False)):
+        parts = qzoom_checkpoint.QZoomParts(**{**engine.parts.__dict__, "roi_threshold": 0.0,
+                                               "gate_threshold": tau_gate})
+        out = qzoom_checkpoint.save_hf(parts, str(tmp_path / str(zooms)))
+        loaded = QZoom.load(out, attn_impl="einsum")
+        assert (loaded.parts.roi_threshold, loaded.parts.gate_threshold) == (0.0, tau_gate)
+        default = loaded.answer(images, questions, **BUDGET, max_new_tokens=4)[0]
+        assert default.zoomed == zooms and default.answer == loaded.answer(
+            images, questions, **BUDGET, max_new_tokens=4, roi_threshold=0.0, gate_threshold=tau_gate)[0].answer
 
 
 def test_without_a_gate_every_sample_zooms(engine):

@@ -39,6 +39,8 @@ class QZoomParts:
     gate: dict | None        # {"high_res_layers", "high_res_head"} or None
     K: int | None            # the branch layer of both
     reuse_src_pos: bool      # RoI position mode (reference §4.5)
+    roi_threshold: float = 0.1   # recommended τ_roi (config.json roi_conf_thresh)
+    gate_threshold: float = 0.1  # recommended τ_gate (config.json high_res_thresh)
 
 
 def _resolved(path: str) -> str:
@@ -113,7 +115,7 @@ def _from_hf(path: str, dtype, attn_impl: str, mesh) -> QZoomParts:
     if "high_res_layers" in branches:
         gate = {"high_res_layers": branches.pop("high_res_layers"), "high_res_head": branches.pop("high_res_head")}
     K = qz.twig_K if qz.enable_twig else qz.gate_K
-    return QZoomParts(model, path, twig, gate, K, qz.reuse_src_pos)
+    return QZoomParts(model, path, twig, gate, K, qz.reuse_src_pos, qz.roi_conf_thresh, qz.high_res_thresh)
 
 
 def _expect_stage(run: str, meta: dict, stage: str) -> None:
@@ -134,7 +136,9 @@ def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
     params, meta = read_run(run)
     backbone = meta["backbone"]
     model = load_pretrained(backbone, dtype=dtype, attn_impl=attn_impl, mesh=mesh)
-    parts = QZoomParts(model, backbone, None, None, meta["K"], model.config.qzoom.reuse_src_pos)
+    qz = model.config.qzoom
+    parts = QZoomParts(model, backbone, None, None, meta["K"], qz.reuse_src_pos, qz.roi_conf_thresh,
+                       qz.high_res_thresh)
     if meta.get("stage") == "sdrpn":
         parts.twig = params
     elif meta.get("stage") == "gate":
@@ -155,7 +159,8 @@ def qzoom_config(parts: QZoomParts):
     gate_T = None if parts.gate is None else jax.tree_util.tree_leaves(parts.gate["high_res_layers"])[0].shape[0]
     qz = QZoomConfig(enable_twig=parts.twig is not None, twig_K=None if T is None else parts.K, twig_T=T,
                      enable_high_res=parts.gate is not None, high_res_K=None if gate_T is None else parts.K,
-                     high_res_T=gate_T, reuse_src_pos=parts.reuse_src_pos)
+                     high_res_T=gate_T, reuse_src_pos=parts.reuse_src_pos, roi_conf_thresh=parts.roi_threshold,
+                     high_res_thresh=parts.gate_threshold)
     return dataclasses.replace(parts.model.config, qzoom=qz)
 
 

@@ -125,15 +125,19 @@ class QZoom:
     def answer(self, images, questions, *, min_pixels: int, max_pixels: int, **run_args) -> list[Answer]:
         return self.run(self.prepare(images, questions, min_pixels=min_pixels, max_pixels=max_pixels), **run_args)
 
-    def run(self, prepared: Prepared, *, roi_threshold: float, gate_threshold: float, max_new_tokens: int,
-            zoom: bool = True, return_map: bool = False, repetition_penalty: float | None = None) -> list[Answer]:
+    def run(self, prepared: Prepared, *, max_new_tokens: int, roi_threshold: float | None = None,
+            gate_threshold: float | None = None, zoom: bool = True, return_map: bool = False,
+            repetition_penalty: float | None = None) -> list[Answer]:
         """Answers for a prepared batch. ``zoom=False`` is the baseline (plain generation, no branch).
         A row zooms when its gate probability is >= ``gate_threshold`` (always without a gate) and some cell of
-        its blurred RoI map is > ``roi_threshold``. ``return_map`` computes the RoI map for every row.
+        its blurred RoI map is > ``roi_threshold``; None takes the checkpoint's recommended value (config.json
+        ``high_res_thresh`` / ``roi_conf_thresh``). ``return_map`` computes the RoI map for every row.
         ``repetition_penalty``: None = the checkpoint's generation_config.json; it counts the prompt's ids (not
         the spliced RoI tokens, which upstream adds inside the model) and the generated ones."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        roi_threshold = self.parts.roi_threshold if roi_threshold is None else roi_threshold
+        gate_threshold = self.parts.gate_threshold if gate_threshold is None else gate_threshold
         B = len(prepared.images)
         n_src = [h * w for h, w in prepared.src_hw]
         prompt_ids = prepared.inputs["input_ids"]

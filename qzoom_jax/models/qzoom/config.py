@@ -24,7 +24,10 @@ class QZoomConfig:
     enable_high_res: bool = False
     high_res_K: int | None = None
     high_res_T: int | None = None
-    high_res_thresh: float = 0.1
+    high_res_thresh: float = 0.1  # τ_gate: zoom when the gate probability is >= this
+    # τ_roi: a blurred RoI cell must exceed this. Upstream passes it to its eval wrapper (default 0.1); we also
+    # store it, so a checkpoint carries the thresholds it was tuned with (the engine's defaults).
+    roi_conf_thresh: float = 0.1
     reuse_src_pos: bool = False
     min_pixels: int | None = None
     max_pixels: int | None = None

@@ -39,8 +39,11 @@ def get_config(arg=None):
     # jsonl: upstream's conversation file; image_root: its images (default: the file's directory).
     # max_len / max_patches: the largest bucket; longer samples are skipped and counted.
     # min_pixels / max_pixels: each image keeps its aspect ratio within this pixel budget (§5.3).
+    # tfds_dirs: conversation datasets prepared by qzoom_jax.data.tfds_sft.build_conversations (images inside);
+    # when given, jsonl is not read.
     c.data = {
         "jsonl": "",
+        "tfds_dirs": (),
         "image_root": "",
         "max_len": 256 if tiny else 8192,
         "max_patches": 1024 if tiny else 16384,

@@ -21,6 +21,7 @@ in a data set stay plain characters.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -168,11 +169,13 @@ def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
 
 
 def _read_images(paths, factor: int, uid: str):
+    """Decoded images of paths or of encoded files (``tfds_sft`` records)."""
     images = []
     for p in paths:
-        data = stage1.read_image_file(p)
+        data = (p or None) if isinstance(p, bytes) else stage1.read_image_file(p)
         if data is None:
-            raise stage1.SkipSample(f"{uid}: missing or unreadable image {p!r}")
+            raise stage1.SkipSample(f"{uid}: missing or unreadable image "
+                                    f"{'stored image' if isinstance(p, bytes) else repr(p)}")
         try:
             images.append(stage1.decode_image(data, factor))
         except stage1.SkipSample as e:
@@ -180,14 +183,16 @@ def _read_images(paths, factor: int, uid: str):
     return images
 
 
-def _image_size(path: str, uid: str) -> tuple[int, int]:
-    """(width, height) as the image will be decoded (EXIF orientation applied), from the file's header only."""
+def _image_size(path: str | bytes, uid: str) -> tuple[int, int]:
+    """(width, height) as the image will be decoded (EXIF orientation applied), from the file's header only;
+    ``path`` may be the encoded file itself (``tfds_sft``)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             width, height = im.size
             rotated = im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise stage1.SkipSample(f"{uid}: missing or unreadable image {path!r} ({type(e).__name__})") from None
+        what = "stored image" if isinstance(path, bytes) else repr(path)
+        raise stage1.SkipSample(f"{uid}: missing or unreadable image {what} ({type(e).__name__})") from None
     return (height, width) if rotated else (width, height)
 
 

@@ -25,7 +25,7 @@ from qzoom_jax.training import gate_objective, sdrpn, sft
 from qzoom_jax.training import step as step_lib
 from qzoom_jax.labelling import teacher
 from qzoom_jax.training.checkpoint import TrainCheckpointer
-from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_stage3
+from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_sft, tfds_stage3
 from qzoom_jax.labelling import parts as label_parts
 from qzoom_jax.models import vlm
 from qzoom_jax.models.qzoom import gate as gate_lib
@@ -210,10 +210,14 @@ class Sft:
         self.loss_fn = functools.partial(sft.loss_fn, compute_dtype=m.dtype, remat=t.remat, chunk=t.loss_chunk)
 
     def training_source(self, workdir: str):
+        """Records of prepared conversation datasets (``data.tfds_dirs``, ``data.tfds_sft``) or of the JSONL."""
         del workdir
         d = self.cfg.data
+        if d.tfds_dirs:
+            return tfds_sft.ConversationSource(list(d.tfds_dirs)), {"tfds_dirs": list(d.tfds_dirs)}
         if not d.jsonl:
-            raise ConfigError("data.jsonl is empty: name upstream's conversation JSONL (and data.image_root)")
+            raise ConfigError("data.jsonl and data.tfds_dirs are empty: name upstream's conversation JSONL (and "
+                              "data.image_root) or prepared conversation datasets")
         return conversations.read_conversations(d.jsonl, d.image_root or None), {"jsonl": os.path.abspath(d.jsonl)}
 
     def trainable(self, backbone):

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from PIL import Image
 
@@ -161,3 +163,28 @@ def test_bucket_of_is_the_tight_bucket_of_the_example_it_predicts(proc, config, 
         cv.bucket_of(rec, proc, config, max_patches=16, **limits)
     with pytest.raises(SkipSample, match="missing or unreadable image"):
         cv.bucket_of(_record(turns, [str(tmp_path / "nope.png")] * 2), proc, config, max_patches=1024, **limits)
+
+
+def test_tfds_conversations_give_the_jsonl_examples(proc, config, tmp_path):
+    from qzoom_jax.data import tfds_sft
+
+    path = reading.write_sft(str(tmp_path), 0, 3)
+    with open(path, "a") as f:  # a record whose image is gone: stored empty, skipped at training time
+        f.write(json.dumps({"id": "gone", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    out = tfds_sft.build_conversations(path, None, str(tmp_path / "tfds"), "reading")
+    assert out.startswith(str(tmp_path / "tfds")) and tfds_sft.build_conversations(path, None, str(tmp_path / "tfds"),
+                                                                                 "reading") == out  # a cache
+    source, jsonl = tfds_sft.ConversationSource([out]), cv.read_conversations(path)
+    assert len(source) == 4
+    limits = dict(max_images=2, min_pixels=4 * 784, max_pixels=16 * 784, chat_format="inference")
+    for i in range(3):
+        stored, read = source[i], jsonl[i]
+        assert stored["uid"] == read["uid"] and stored["conversations"] == read["conversations"]
+        assert stored["images"][0] == open(read["images"][0], "rb").read()
+        key = cv.bucket_of(read, proc, config, max_len=512, max_patches=512, **limits)
+        assert cv.bucket_of(stored, proc, config, max_len=512, max_patches=512, **limits) == key
+        a, b = (cv.make_example(r, proc, config, max_len=key[0], n_patches=key[1], **limits) for r in (stored, read))
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(SkipSample, match="gone: missing or unreadable image stored image"):
+        cv.make_example(source[3], proc, config, max_len=128, n_patches=256, **limits)

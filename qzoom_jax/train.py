@@ -55,6 +55,7 @@ def _train(cfg, workdir: str, devices) -> dict:
     # Mesh and labels (a label run first when the config names no label datasets).
     mesh = parallel.make_mesh(**cfg.mesh, devices=devices)
     rules = parallel.rules_with(cfg.sharding_rules)
+    _check_batch(cfg, mesh, rules)
     source, label_meta = stage.training_source(workdir)
 
     # Backbone, sharded straight from the checkpoint; the stage says which params train (a new head, or a part
@@ -164,6 +165,20 @@ def _check_config(cfg, backbone_path: str, stage) -> None:
     if train.num_steps < 0 or (train.num_steps == 0 and train.num_epochs < 1):
         raise ConfigError(f"train.num_steps={train.num_steps} with train.num_epochs={train.num_epochs} leaves "
                           f"nothing to train; set train.num_steps >= 1 (or 0 and train.num_epochs >= 1)")
+
+
+def _check_batch(cfg, mesh, rules) -> None:
+    """Each micro-batch is split over the batch axes of the mesh: its rows must divide evenly (else XLA refuses
+    the sharding with a traceback after the labels and the backbone are loaded)."""
+    train = cfg.train
+    axes = rules["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    rows = train.global_batch_size // train.get("accum_steps", 1)
+    if rows % shards:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} gives micro-batches of {rows} rows, "
+                          f"which do not split over the {shards} devices of the batch axes {axes}; use a multiple "
+                          f"of {shards * train.get('accum_steps', 1)} (or change config.mesh)")
 
 
 def _total_skipped(data_iter) -> int:

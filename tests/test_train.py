@@ -215,3 +215,12 @@ def test_a_single_step_run_trains(label_dirs, tmp_path):
     train.main(cfg, str(tmp_path), devices=jax.devices()[:1])
     assert [s for s, _ in _losses(str(tmp_path))] == [1]
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_a_batch_that_does_not_split_over_the_batch_devices_is_a_config_error(tmp_path):
+    from qzoom_jax.runtime.errors import ConfigError
+
+    cfg = sdrpn_config()
+    cfg.train.global_batch_size = 6  # 8 host devices on the batch axes
+    with pytest.raises(ConfigError, match=r"micro-batches of 6 rows, which do not split over the 8 devices"):
+        train.main(cfg, str(tmp_path))

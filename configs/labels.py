@@ -95,12 +95,15 @@ def _common(tiny: bool) -> ml_collections.ConfigDict:
         "dtype": "float32" if tiny else "bfloat16",
         "attn_impl": "xla",
     }
-    # source: "synthetic" (procedural, embedded default), "universal" (upstream JSONL + image root) or "tfds"
-    # (prepared stage-1 input datasets, a list of directories).
+    # source: "synthetic" (procedural, embedded default), "reading" (the reading task, data/reading.py),
+    # "universal" (upstream JSONL + image root) or "tfds" (prepared stage-1 input datasets, a list of
+    # directories). synthetic_num / synthetic_seed: the procedural sources' sample count and set; reading_kind:
+    # "read", "count" or "" (both, alternating).
     c.data = {
         "source": "synthetic" if tiny else "universal",
         "synthetic_num": 256,
         "synthetic_seed": 0,
+        "reading_kind": "",
         "jsonl": "",
         "image_root": "",
         "tfds_dirs": (),

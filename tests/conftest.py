@@ -43,11 +43,11 @@ def qzoom_dir(tmp_path_factory):
     (position mode b). Untrained branches: tests of the machinery, not of what the branches learned."""
     from qzoom_jax.checkpoints import qzoom_checkpoint
     from qzoom_jax.models.qzoom import gate, twig
-    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
     from qzoom_jax.checkpoints.pretrained import load_pretrained
 
-    model = load_pretrained(None)
+    model = load_pretrained(EMBEDDED_TINY)
     layers = model.params["model"]["layers"]
-    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_DEFAULT, twig.init_twig_params(layers, 3, 3),
+    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_TINY, twig.init_twig_params(layers, 3, 3),
                                         gate.init_gate_params(layers, 3, 3, jax.random.key(1)), 3, False)
     return qzoom_checkpoint.save_hf(parts, str(tmp_path_factory.mktemp("qzoom")))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qzoom_jax.checkpoints import atomic, orbax_params, qzoom_checkpoint
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.models.qzoom import twig
 from qzoom_jax.runtime.errors import CheckpointError
@@ -20,7 +20,7 @@ K, T = 3, 2
 
 @pytest.fixture(scope="module")
 def backbone():
-    return load_pretrained(None)
+    return load_pretrained(EMBEDDED_TINY)
 
 
 def _with_leaf(params, path, value):
@@ -66,7 +66,7 @@ def fake_run(directory, params, stage="sdrpn", **meta) -> str:
     default), as training writes it; no training needed."""
     ckpt = TrainCheckpointer(directory / "checkpoints", save_interval_steps=1)
     ckpt.save(1, {"params": params, "step": jnp.int32(1)},
-              meta={"stage": stage, "K": K, "T": T, "backbone": EMBEDDED_DEFAULT, **meta}, force=True)
+              meta={"stage": stage, "K": K, "T": T, "backbone": EMBEDDED_TINY, **meta}, force=True)
     ckpt.close()
     return str(directory)
 
@@ -80,7 +80,7 @@ def test_a_run_is_read_without_writing_and_its_branch_is_checked(backbone, tmp_p
     good = twig.init_twig_params(backbone.params["model"]["layers"], K, T)
     run = fake_run(tmp_path / "sdrpn", good)
     before = {path: os.path.getmtime(os.path.join(run, path)) for path in _tree_files(run)}
-    parts = qzoom_checkpoint.load(EMBEDDED_DEFAULT, twig_run=run)
+    parts = qzoom_checkpoint.load(EMBEDDED_TINY, twig_run=run)
     assert parts.K == K
     jax.tree.map(np.testing.assert_array_equal, parts.twig, good)
     assert {path: os.path.getmtime(os.path.join(run, path)) for path in _tree_files(run)} == before
@@ -88,11 +88,11 @@ def test_a_run_is_read_without_writing_and_its_branch_is_checked(backbone, tmp_p
     kernel = ("mlp", "up_proj", "kernel")
     bad = fake_run(tmp_path / "nan", _with_leaf(good, kernel, good["mlp"]["up_proj"]["kernel"].at[1, 0, 0].set(jnp.inf)))
     with pytest.raises(CheckpointError) as e:
-        qzoom_checkpoint.load(EMBEDDED_DEFAULT, twig_run=bad)
+        qzoom_checkpoint.load(EMBEDDED_TINY, twig_run=bad)
     assert str(e.value) == f"{bad}/checkpoints/1/state: tensor 'mlp/up_proj/kernel' holds non-finite values (NaN or inf)"
     integer = fake_run(tmp_path / "int", _with_leaf(good, kernel, jnp.zeros(good["mlp"]["up_proj"]["kernel"].shape, jnp.int32)))
     with pytest.raises(CheckpointError) as e:
-        qzoom_checkpoint.load(EMBEDDED_DEFAULT, twig_run=integer)
+        qzoom_checkpoint.load(EMBEDDED_TINY, twig_run=integer)
     assert str(e.value) == (f"{integer}/checkpoints/1/state: tensor 'mlp/up_proj/kernel' has dtype int32, expected "
                             "floating-point weights")
 
@@ -100,7 +100,7 @@ def test_a_run_is_read_without_writing_and_its_branch_is_checked(backbone, tmp_p
 def test_a_missing_run_is_an_error_and_nothing_is_created(tmp_path):
     missing = str(tmp_path / "no_run")
     with pytest.raises(CheckpointError) as e:
-        qzoom_checkpoint.load(EMBEDDED_DEFAULT, twig_run=missing)
+        qzoom_checkpoint.load(EMBEDDED_TINY, twig_run=missing)
     assert str(e.value) == f"no training run at {missing} (no {missing}/checkpoints)"
     with pytest.raises(CheckpointError) as e:
         qzoom_checkpoint.load(missing)

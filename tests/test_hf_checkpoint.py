@@ -260,10 +260,10 @@ def test_real_model_shapes_match_transformers(size):
 
 
 def test_generation_config_sets_the_repetition_penalty(tmp_path):
-    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
     from qzoom_jax.checkpoints.pretrained import load_pretrained
 
-    shutil.copytree(EMBEDDED_DEFAULT, tmp_path / "ckpt")
+    shutil.copytree(EMBEDDED_TINY, tmp_path / "ckpt")
     assert load_pretrained(tmp_path / "ckpt").repetition_penalty == 1.0  # no generation_config.json
     (tmp_path / "ckpt" / "generation_config.json").write_text('{"repetition_penalty": 1.05, "do_sample": false}')
     assert load_pretrained(tmp_path / "ckpt").repetition_penalty == 1.05

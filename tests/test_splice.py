@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from qzoom_jax.models import registry
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.zoom.splice import source_image, splice_roi
 
-CONFIG = registry.read_config(EMBEDDED_DEFAULT)
+CONFIG = registry.read_config(EMBEDDED_TINY)
 TEXT = 5  # any ordinary token
 
 

@@ -14,24 +14,12 @@ inputs (no stage 2), so its RoI tokens get the positions of an ordinary second i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import tempfile
 
 from qzoom_jax.checkpoints import embedded, qzoom_checkpoint
 from qzoom_jax import train
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-
-
-def _config(name: str):
-    path = os.path.join(CONFIGS, f"{name}.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run this script from a clone of the repository")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from qzoom_jax.assets.repo_configs import repo_config
 
 
 def main(argv=None) -> str:
@@ -42,8 +30,8 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         sdrpn_run, gate_run = os.path.join(workdir, "sdrpn"), os.path.join(workdir, "gate")
-        train.main(_config("sdrpn"), sdrpn_run)
-        gate = _config("gate")
+        train.main(repo_config("sdrpn"), sdrpn_run)
+        gate = repo_config("gate")
         gate.model.twig_run = sdrpn_run
         train.main(gate, gate_run)
         parts = qzoom_checkpoint.load(gate_run, dtype="float32", reuse_src_pos=False)

@@ -5,3 +5,6 @@ import os
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 EMBEDDED_DEFAULT = os.path.join(_ASSETS, "tiny_qwen2_5_vl")  # the tiny backbone
 EMBEDDED_QZOOM = os.path.join(_ASSETS, "tiny_qzoom")  # the tiny backbone + a trained twig and gate
+# The random-weight tiny backbone, by name: what tests of the machinery run on. Today it is also the default; a
+# trained default (assets/make_tiny_reader.py) would change EMBEDDED_DEFAULT, not this.
+EMBEDDED_TINY = EMBEDDED_DEFAULT

@@ -28,7 +28,10 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from qzoom_jax.data.synthetic import PALETTE, bitmap_font, draw_clutter, gradient_background
+from qzoom_jax.data.image_processing import smart_resize
+from qzoom_jax.data.prompts import ANSWER_SUFFIX
+from qzoom_jax.data.resample import resize_bicubic_aa
+from qzoom_jax.data.synthetic import PALETTE, bitmap_font, draw_clutter, encode_png, gradient_background
 
 KINDS = ("read", "count")
 READ_QUESTION = "What number is written in the {colour} box?"
@@ -47,6 +50,7 @@ class Box:
     number: str
     font: str  # one of FONTS
     glyph_px: int  # digit height in source pixels
+    ink: tuple[int, int, int, int] = (0, 0, 0, 0)  # the digits' box (x0, y0, x1, y1), source pixels, once drawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +72,8 @@ def make_sample(seed: int, index: int, kind: str | None = None) -> ReadingSample
     width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
-    boxes = _place_boxes(rng, width, height, int(rng.integers(2, 6)))
-    for box in boxes:
-        _draw_box(image, draw, rng, box)
+    boxes = tuple(_draw_box(image, draw, rng, box) for box in _place_boxes(rng, width, height,
+                                                                          int(rng.integers(2, 6))))
     if kind == "count":
         return ReadingSample(image, boxes, kind, COUNT_QUESTION, str(len(boxes)), None)
     target = boxes[int(rng.integers(len(boxes)))]
@@ -107,7 +110,8 @@ def _overlap(a, b, gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _draw_box(image: Image.Image, draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: Box) -> None:
+def _draw_box(image: Image.Image, draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: Box) -> Box:
+    """Draws ``box`` with its digits; returns it with the digits' position (``ink``)."""
     shade = np.clip(np.array(PALETTE[box.colour]) + rng.integers(-SHADE_JITTER, SHADE_JITTER + 1, 3), 0, 255)
     x0, y0, x1, y1 = box.xyxy
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=tuple(int(c) for c in shade))
@@ -120,6 +124,7 @@ def _draw_box(image: Image.Image, draw: ImageDraw.ImageDraw, rng: np.random.Gene
     gx = x0 + int(rng.integers(2, x1 - x0 - gw - 1))
     gy = y0 + int(rng.integers(2, y1 - y0 - gh - 1))
     image.paste(Image.new("RGB", glyphs.size, (ink,) * 3), (gx, gy), glyphs)
+    return dataclasses.replace(box, ink=(gx, gy, gx + gw, gy + gh))
 
 
 def _render_digits(text: str, height: int, font: str) -> Image.Image:
@@ -161,34 +166,159 @@ def _digit_height(size: int) -> int:
     return y1 - y0
 
 
+# ---- label-generation input records ---------------------------------------------------------------------
+
+def reading_records(num: int, seed: int, kind: str | None = None):
+    """Stage-1/stage-3 *input records* (``synthetic.RECORD_KEYS``) of samples 0..num-1 of set ``seed``; ``kind``
+    None alternates read and count questions. Prompts carry the short-answer instruction, as the benchmarks'
+    do (``evaluation.tasks``); "textual" mode, so the stage-1 teacher answers the question as asked."""
+    for index in range(num):
+        sample = make_sample(seed, index, kind)
+        yield {
+            "uid": f"reading:{sample.kind}:{index}",
+            "question_id": str(index),
+            "dataset": f"reading_{sample.kind}",
+            "mode": "textual",
+            "prompt": sample.question + "\n" + ANSWER_SUFFIX,
+            "short_prompt": True,
+            "max_new_tokens": 8,
+            "answer": sample.answer,
+            "image_path": f"reading/{sample.kind}_{index:06d}.png",
+            "image": encode_png(sample.image),
+        }
+
+
 # ---- the two file formats -------------------------------------------------------------------------------
 
 def write_eval(out_dir: str, seed: int, num: int) -> str:
     """``num`` samples (read and count alternating) as ``<out_dir>/reading.jsonl`` in the benchmark schema
     (question_id, image, question, answers, category = the kind) with PNGs under ``<out_dir>/reading/``."""
-    return _write(out_dir, "reading", seed, num, lambda s, rel, i: {
-        "question_id": f"reading-{seed}-{i}", "image": rel, "question": s.question, "answers": [s.answer],
-        "category": s.kind})
+    def row(i: int):
+        s = make_sample(seed, i)
+        rel = os.path.join("reading", f"{i:06d}.png")
+        return {"question_id": f"reading-{seed}-{i}", "image": rel, "question": s.question, "answers": [s.answer],
+                "category": s.kind}, [(rel, s.image)]
+
+    return _write(out_dir, "reading", num, row)
 
 
-def write_sft(out_dir: str, seed: int, num: int) -> str:
-    """``num`` samples as upstream's conversation JSONL (``<out_dir>/reading_sft.jsonl``: image path relative to
-    ``out_dir``, one human turn with ``<image>``, one gpt turn with the answer)."""
-    return _write(out_dir, "reading_sft", seed, num, lambda s, rel, i: {
-        "id": f"reading-{seed}-{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer}]})
+def write_sft(out_dir: str, seed: int, num: int, view: str = "single") -> str:
+    """``num`` records of ``view`` (one of :data:`VIEWS`, see :func:`sft_views`) as upstream's conversation
+    JSONL, ``<out_dir>/reading_sft_<view>.jsonl``, image paths relative to ``out_dir``."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    name = f"reading_sft_{view}"
+
+    def row(i: int):
+        images: list[Image.Image] = []
+        turns = []
+        for question, answer in sft_views(seed, i, view, images):
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        files = [(os.path.join(name, f"{i:06d}_{j}.png"), im) for j, im in enumerate(images)]
+        return {"id": f"reading-{seed}-{view}-{i}", "image": [rel for rel, _ in files], "conversations": turns}, files
+
+    return _write(out_dir, name, num, row)
 
 
-def _write(out_dir: str, name: str, seed: int, num: int, row) -> str:
-    images = os.path.join(out_dir, name)
-    os.makedirs(images, exist_ok=True)
+# SFT views. "single": the task as asked (one image, one question). "digits": the asked box's digits alone, one
+# merged token (28 px) per digit, and no question -- a first lesson for a model trained from scratch, which
+# otherwise ignores the image for a long time. "native": one image at its own resolution and
+# a multi-turn conversation that reads every box and counts them (one costly encoding, several answers).
+# "mixed": cheap views -- the asked box's digits with a margin at a glyph height of 10-45 px, a region at native
+# scale, the two images of Q-Zoom's crop pass (the image and a crop around the asked box, both at a small token
+# budget), or the count question at a small budget. A view's index here seeds its draws: append new views.
+VIEWS = ("single", "native", "mixed", "digits")
+ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
+GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
+REGION_MAX_SIDE = 420  # a native-scale region is at most this many pixels a side (900 patches)
+
+
+def sft_views(seed: int, index: int, view: str, images: list) -> list[tuple[str, str]]:
+    """(question, answer) turns of SFT record ``index`` of ``view``; appends the record's images (PIL, at the size
+    the model should see them) to ``images``. In the "native" and "mixed" views half of the questions, at random,
+    end with the short-answer instruction (``prompts.ANSWER_SUFFIX``) that stage-3 answering and short-answer
+    benchmarks append, so the model knows both forms. Deterministic from (seed, index, view)."""
+    rng = np.random.default_rng([seed, index, VIEWS.index(view), 7])
+    turns = _views(rng, seed, index, view, images)
+    if view in ("single", "digits"):
+        return turns
+    return [(q + "\n" + ANSWER_SUFFIX if rng.random() < 0.5 else q, a) for q, a in turns]
+
+
+def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[str, str]]:
+    if view == "single":
+        sample = make_sample(seed, index)
+        images.append(sample.image)
+        return [("<image>\n" + sample.question, sample.answer)]
+    sample = make_sample(seed, index, kind="read")
+    if view == "digits":
+        crop = sample.image.crop(sample.target.ink)
+        images.append(Image.fromarray(resize_bicubic_aa(np.asarray(crop), 28, 28 * len(sample.answer))))
+        return [("<image>", sample.answer)]
+    if view == "native":
+        images.append(sample.image)
+        turns = [(READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes]
+        turns.append((COUNT_QUESTION, str(len(sample.boxes))))
+        turns = [turns[i] for i in rng.permutation(len(turns))]
+        return [("<image>\n" + turns[0][0], turns[0][1])] + turns[1:]
+    roll = rng.random()
+    target = sample.target
+    if roll < 0.4:  # the digits alone, with a margin, at a random glyph height
+        images.append(_glyphs(rng, sample.image, target))
+        return [("<image>\n" + sample.question, sample.answer)]
+    if roll < 0.6:  # a native-scale region around the asked box
+        images.append(sample.image.crop(_around(rng, target.xyxy, sample.image.size, 1.2, 3.0, REGION_MAX_SIDE)))
+        return [("<image>\n" + sample.question, sample.answer)]
+    budget = int(rng.choice(ZOOM_BUDGETS))
+    images.append(_at_budget(sample.image, budget))
+    if roll < 0.85:  # Q-Zoom's crop pass: the image, then a crop around the box at the same budget
+        crop = sample.image.crop(_around(rng, target.xyxy, sample.image.size, 1.0, 2.5, None))
+        images.append(_at_budget(crop, budget))
+        return [("<image><image>\n" + sample.question, sample.answer)]
+    return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
+
+
+def _glyphs(rng, image: Image.Image, box: Box) -> Image.Image:
+    """The digits of ``box`` with a margin of 0.3-1.5 glyph heights, scaled to a random glyph height and to
+    sides that are multiples of 28 px (at least 28 x 56)."""
+    x0, y0, x1, y1 = box.ink
+    m = int(round(box.glyph_px * rng.uniform(0.3, 1.5)))
+    crop = image.crop((max(0, x0 - m), max(0, y0 - m), min(image.width, x1 + m), min(image.height, y1 + m)))
+    scale = rng.uniform(*GLYPH_VIEW_PX) / box.glyph_px
+    height = max(28, int(round(crop.height * scale / 28)) * 28)
+    width = max(56, int(round(crop.width * scale / 28)) * 28)
+    return Image.fromarray(resize_bicubic_aa(np.asarray(crop), height, width))
+
+
+def _around(rng, xyxy, size, low: float, high: float, max_side: int | None):
+    """A box holding ``xyxy``, each side ``low``-``high`` times the box's (at most ``max_side``), placed at
+    random around it and clipped to the image."""
+    x0, y0, x1, y1 = xyxy
+    out = []
+    for a, b, limit in ((x0, x1, size[0]), (y0, y1, size[1])):
+        side = int((b - a) * rng.uniform(low, high)) + int(rng.integers(0, 16))
+        side = max(b - a, min(side, max_side or limit, limit))
+        start = int(rng.integers(max(0, b - side), min(a, limit - side) + 1))
+        out.append((start, start + side))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def _at_budget(image: Image.Image, tokens: int) -> Image.Image:
+    """``image`` resized as the processor does at min = max = ``tokens`` merged tokens (torchvision-exact)."""
+    height, width = smart_resize(image.height, image.width, 28, tokens * 28 * 28, tokens * 28 * 28)
+    return Image.fromarray(resize_bicubic_aa(np.asarray(image), height, width))
+
+
+def _write(out_dir: str, name: str, num: int, row) -> str:
+    """``row(i)`` -> (JSON record, [(relative path, image)]) for i < num, as ``<out_dir>/<name>.jsonl``."""
+    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
     path = os.path.join(out_dir, f"{name}.jsonl")
     tmp = path + ".tmp"  # written whole, then renamed: a reader never sees half a file
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(num):
-            sample = make_sample(seed, i)
-            rel = os.path.join(name, f"{i:06d}.png")
-            sample.image.save(os.path.join(out_dir, rel))
-            f.write(json.dumps(row(sample, rel, i)) + "\n")
+            record, files = row(i)
+            for rel, image in files:
+                image.save(os.path.join(out_dir, rel))
+            f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
     return path

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from qzoom_jax.data.stage1 import read_stage1_pickle, read_universal_jsonl
+from qzoom_jax.data.reading import reading_records
 from qzoom_jax.data.synthetic import synthetic_records
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,15 @@ def build_synthetic_inputs(data_dir: str | os.PathLike, num: int, seed: int = 0)
     return prepare(Stage1Inputs, synthetic_records(num, seed), name=f"synthetic_n{num}_s{seed}",
                    description=f"synthetic_records(num={num}, seed={seed})", data_dir=data_dir,
                    key=source_key([], num=num, seed=seed))
+
+
+def build_reading_inputs(data_dir: str | os.PathLike, num: int, seed: int, kind: str | None = None) -> str:
+    """Input dataset of ``reading_records(num, seed, kind)``, named ``reading_{kind}_n{num}_s{seed}``; reused
+    when already prepared with the same arguments (the records are a pure function of them)."""
+    label = kind or "both"
+    return prepare(Stage1Inputs, reading_records(num, seed, kind), name=f"reading_{label}_n{num}_s{seed}",
+                   description=f"reading_records(num={num}, seed={seed}, kind={kind!r})", data_dir=data_dir,
+                   key=source_key([], num=num, seed=seed, kind=label))
 
 
 def write_label_dataset(records: Iterable[dict], data_dir: str | os.PathLike, name: str) -> str:

@@ -33,6 +33,10 @@ def input_datasets(data, data_dir: str) -> list[str]:
     if data.source == "synthetic":
         build = lambda: tfds_datasets.build_synthetic_inputs(data_dir, data.synthetic_num, data.synthetic_seed)
         return [distributed.main_process_first(build, "synthetic inputs")]
+    if data.source == "reading":
+        kind = data.reading_kind or None
+        build = lambda: tfds_datasets.build_reading_inputs(data_dir, data.synthetic_num, data.synthetic_seed, kind)
+        return [distributed.main_process_first(build, "reading inputs")]
     if data.source == "universal":
         if not data.jsonl or not data.image_root:
             raise ValueError("data.source='universal' needs --config.data.jsonl and --config.data.image_root")
@@ -43,7 +47,7 @@ def input_datasets(data, data_dir: str) -> list[str]:
         if not data.tfds_dirs:
             raise ValueError("data.source='tfds' needs --config.data.tfds_dirs")
         return list(data.tfds_dirs)
-    raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, universal or tfds")
+    raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, reading, universal or tfds")
 
 
 def head_maps(attn: np.ndarray, layers: tuple[int, ...], heads: Mapping, grid: int) -> tuple[np.ndarray, ...]:

@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from qzoom_jax.data import reading
+from qzoom_jax.data.image_processing import smart_resize
+from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.data.synthetic import PALETTE
 
 SAMPLES = [reading.make_sample(3, i) for i in range(24)]
@@ -88,4 +90,80 @@ def test_eval_and_sft_files(tmp_path):
     sft = [json.loads(line) for line in open(reading.write_sft(str(tmp_path), seed=3, num=2))]
     assert sft[1]["conversations"] == [{"from": "human", "value": "<image>\n" + SAMPLES[1].question},
                                        {"from": "gpt", "value": SAMPLES[1].answer}]
-    assert (tmp_path / sft[1]["image"]).is_file() and not list(tmp_path.glob("*.tmp"))
+    assert sft[1]["image"] == ["reading_sft_single/000001_0.png"]
+    assert (tmp_path / sft[1]["image"][0]).is_file() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_native_view_reads_every_box_and_counts_them(tmp_path):
+    row = json.loads(open(reading.write_sft(str(tmp_path), seed=3, num=1, view="native")).readline())
+    sample = reading.make_sample(3, 0, kind="read")
+    turns = row["conversations"]
+    suffix = "\n" + ANSWER_SUFFIX
+    pairs = {(q["value"].removeprefix("<image>\n").removesuffix(suffix), a["value"])
+             for q, a in zip(turns[::2], turns[1::2])}
+    assert pairs == {(reading.READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes} | {
+        (reading.COUNT_QUESTION, str(len(sample.boxes)))}
+    assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
+    assert Image.open(tmp_path / row["image"][0]).size == sample.image.size
+
+
+def test_mixed_views_are_cheap_and_hold_the_asked_box():
+    kinds = {"one image": 0, "zoom": 0, "count": 0}
+    suffixed = 0
+    for i in range(60):
+        images = []
+        (question, answer), = reading.sft_views(5, i, "mixed", images)
+        suffixed += question.endswith("\n" + ANSWER_SUFFIX)
+        question = question.removesuffix("\n" + ANSWER_SUFFIX)
+        sample = reading.make_sample(5, i, kind="read")
+        w, h = sample.image.size
+        budgets = {b: smart_resize(h, w, 28, b * 784, b * 784)[::-1] for b in reading.ZOOM_BUDGETS}
+        if question.startswith("<image><image>"):  # the crop pass: both images at one small budget
+            kinds["zoom"] += 1
+            budget, = [b for b, size in budgets.items() if size == images[0].size]
+            crop_tokens = images[1].width * images[1].height / 784
+            assert len(images) == 2 and answer == sample.answer and budget / 2 <= crop_tokens <= 2 * budget
+        elif question.endswith(reading.COUNT_QUESTION):
+            kinds["count"] += 1
+            assert answer == str(len(sample.boxes)) and images[0].size in budgets.values()
+        else:  # the digits alone, or a region at native scale: small, and read
+            kinds["one image"] += 1
+            assert answer == sample.answer and max(images[0].size) <= reading.REGION_MAX_SIDE * 2
+            assert question == "<image>\n" + sample.question
+    assert min(kinds.values()) >= 8, kinds
+    assert 20 <= suffixed <= 40  # about half of the questions carry the short-answer instruction
+
+
+def test_the_digits_view_is_the_ink_box_scaled_to_whole_tokens():
+    sample = reading.make_sample(2, 0, kind="read")
+    box = sample.target
+    x0, y0, x1, y1 = box.ink
+    assert box.xyxy[0] <= x0 < x1 <= box.xyxy[2] and box.xyxy[1] <= y0 < y1 <= box.xyxy[3]
+    assert y1 - y0 == box.glyph_px  # the ink is exactly the digits' height
+    for seed in range(8):
+        image = reading._glyphs(np.random.default_rng(seed), sample.image, box)
+        assert image.width % 28 == 0 and image.height % 28 == 0 and image.width >= 56 and image.height >= 28
+        # A margin of 0.3-1.5 glyph heights and a glyph height of 10-45 px bound the height.
+        scale = image.height / ((y1 - y0) * np.array([1 + 2 * 1.5, 1 + 2 * 0.3]))
+        assert 10 / box.glyph_px * 0.5 <= scale[1] and scale[0] <= 45 / box.glyph_px * 2
+
+def test_label_runs_read_the_task_as_input_records(tmp_path):
+    """data.source="reading" of configs/labels.py: read and count questions alternating (or one kind), with the
+    short-answer instruction the benchmarks append."""
+    import ml_collections
+
+    from qzoom_jax.data import stage3, tfds_datasets
+    from qzoom_jax.labelling import teacher
+
+    data = ml_collections.ConfigDict({"source": "reading", "synthetic_num": 4, "synthetic_seed": 2,
+                                      "reading_kind": ""})
+    source = tfds_datasets.open_source(teacher.input_datasets(data, str(tmp_path)))
+    assert len(source) == 4
+    for i in range(4):
+        sample, record = reading.make_sample(2, i), source[i]
+        assert record["uid"] == f"reading:{sample.kind}:{i}" and record["answer"] == sample.answer
+        assert record["prompt"] == sample.question + "\n" + ANSWER_SUFFIX and record["mode"] == "textual"
+        assert stage3.short_answer_prompt(record["prompt"]) == record["prompt"]  # nothing appended twice
+    data.reading_kind = "read"
+    reads = tfds_datasets.open_source(teacher.input_datasets(data, str(tmp_path)))
+    assert [reads[i]["dataset"] for i in range(4)] == ["reading_read"] * 4

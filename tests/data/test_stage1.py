@@ -19,7 +19,7 @@ from qzoom_jax.data.stage1 import (SkipSample, chat_text, expand2square, fixed_g
     make_example, read_stage1_pickle, read_universal_jsonl, student_chat, student_prompt, teacher_chat, teacher_inputs,
     teacher_prompt)
 from qzoom_jax.models.qwen2_5_vl.positions import rope_index
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 
 MAX_LEN = 640
 QUESTION = "What is written on the sign?"
@@ -27,12 +27,12 @@ QUESTION = "What is written on the sign?"
 
 @pytest.fixture(scope="module")
 def processor():
-    return Processor.from_pretrained(EMBEDDED_DEFAULT)
+    return Processor.from_pretrained(EMBEDDED_TINY)
 
 
 @pytest.fixture(scope="module")
 def config():
-    return registry.read_config(EMBEDDED_DEFAULT)
+    return registry.read_config(EMBEDDED_TINY)
 
 
 def _png(w, h, seed=0) -> bytes:

@@ -16,7 +16,7 @@ from qzoom_jax.data.image_processing import smart_resize
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import ANSWER_SUFFIX
 from qzoom_jax.data.stage1 import SkipSample
-from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 
 RES = (64, 128, 256, 512)
 
@@ -193,12 +193,12 @@ def test_answer_dataset_roundtrip_and_pool(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def processor():
-    return Processor.from_pretrained(EMBEDDED_DEFAULT)
+    return Processor.from_pretrained(EMBEDDED_TINY)
 
 
 @pytest.fixture(scope="module")
 def config():
-    return registry.read_config(EMBEDDED_DEFAULT)
+    return registry.read_config(EMBEDDED_TINY)
 
 
 def _fetch(record, epoch=0, index=5):

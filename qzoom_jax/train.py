@@ -148,8 +148,8 @@ def _train(cfg, workdir: str, devices) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
-    distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped, "
-                       f"{len(compiled_steps)} compiled step shape(s)); checkpoint "
+    distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped), "
+                       f"{len(compiled_steps)} compiled step shape(s); checkpoint "
                        f"{ckpt.directory / str(num_steps)}; metrics {writer.jsonl_path}")
     return state
 

@@ -38,6 +38,24 @@ log = logging.getLogger(__name__)
 _MAX_SKIP_WARNINGS = 20
 
 
+def _log_skip(count: int, uid: str, reason: str) -> None:
+    """The ``count``-th skipped sample: a warning for the first few, then debug lines only."""
+    level = logging.WARNING if count <= _MAX_SKIP_WARNINGS else logging.DEBUG
+    log.log(level, "skipped sample #%d: %s: %s", count, uid, reason)
+
+
+def _in_workers(it_ds: grain.IterDataset, worker_count: int, per_worker: int) -> grain.IterDataset:
+    """``it_ds`` run in ``worker_count`` grain worker processes (none: as it is)."""
+    if worker_count <= 0:
+        return it_ds
+    # grain reads an absl flag when it starts workers; programs not run through absl.app have not parsed
+    # flags, which would make that read raise. Their defaults are what such a program wants.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                          per_worker_buffer_size=per_worker))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Skipped:
     """Stands in for a sample that ``example_fn`` rejected, so every input still gives one output."""
@@ -106,8 +124,7 @@ class _BatchValidIterator(grain.DatasetIterator):
             example = next(self._parent)  # StopIteration ends the data: the partial batch is dropped
             if isinstance(example, _Skipped):
                 self._skipped += 1
-                level = logging.WARNING if self._skipped <= _MAX_SKIP_WARNINGS else logging.DEBUG
-                log.log(level, "skipped sample #%d: %s: %s", self._skipped, example.uid, example.reason)
+                _log_skip(self._skipped, example.uid, example.reason)
                 self._run[example.reason] += 1
                 if self._run.total() >= self._max_skip_run:
                     raise RunError(_no_usable_sample(self._run))
@@ -187,14 +204,7 @@ def training_loader(source: Sequence, example_fn: Callable[[Any], Mapping[str, n
 
     ahead = max(1, math.ceil(prefetch * batch_size / max(1, worker_count)))
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(ahead, read_threads))
-    it_ds = ds.to_iter_dataset(read)
-    if worker_count > 0:
-        # grain reads an absl flag when it starts workers; programs not run through absl.app have not parsed
-        # flags, which would make that read raise. Their defaults are what such a program wants.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                               per_worker_buffer_size=ahead))
+    it_ds = _in_workers(ds.to_iter_dataset(read), worker_count, ahead)
     # Epochs are reshuffled, so a run of skips between two good samples can span the ends of two epochs; a run
     # this long covers a whole epoch of the global stream, of which this process's samples were all skipped.
     max_skip_run = math.ceil((2 * len(source) - 2) / process_count) + 1
@@ -288,8 +298,7 @@ class _CountSkipsIterator(grain.DatasetIterator):
         batch, skipped = next(self._parent)
         for uid, reason in skipped:
             self._skipped += 1
-            level = logging.WARNING if self._skipped <= _MAX_SKIP_WARNINGS else logging.DEBUG
-            log.log(level, "skipped sample #%d: %s: %s", self._skipped, uid, reason)
+            _log_skip(self._skipped, uid, reason)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -338,11 +347,6 @@ def bucketed_loader(source: Sequence, example_fn: Callable[[Any, Any], Mapping[s
                        f"({len(source) - sum(reasons.values())} usable of {len(source)})"
                        + (": " + _no_usable_sample(reasons) if reasons else ""))
     ds = grain.MapDataset.source(plan).map(_MakeBatch(source, example_fn, process_index, process_count))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=max(prefetch, read_threads)))
-    if worker_count > 0:
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                               per_worker_buffer_size=prefetch))
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
+    it_ds = _in_workers(ds.to_iter_dataset(read), worker_count, prefetch)
     return iter(_CountSkipsDataset(it_ds, sum(reasons.values()))), plan

@@ -5,7 +5,8 @@ Only a small head is trained on a frozen backbone that is referenced by path, ne
 trains the twig to predict the teacher's RoI map, stage 3 the dynamic gate to predict when the low-resolution
 look does not suffice. Each is T decoder layers initialised from base layers K..K+T-1 (``qzoom_jax.training.stages`` holds
 what differs, picked by ``config.stage``). Supervised fine-tuning (``stage="sft"``) instead trains a chosen part of the
-backbone itself on conversations, the rest frozen. ``main()`` is the whole story for all of them: config -> mesh -> labels ->
+backbone itself on conversations, the rest frozen; stage 2 (``stage="post_sft"``, ``configs/post_sft.py``) does so
+on sequences with the twig's RoI crop spliced in, built in the loop. ``main()`` is the whole story for all of them: config -> mesh -> labels ->
 data -> model -> restore -> step -> loop -> save.
 
 On several hosts every process runs the same command (``qzoom_jax.runtime.distributed`` starts the runtime): each reads
@@ -97,7 +98,7 @@ def _train(cfg, workdir: str, devices) -> dict:
         distributed.print0(f"resumed from step {start} in {ckpt.directory}")
     # Also with no checkpoint (start 0): steps an interrupted run logged before its first checkpoint are redone.
     writer.truncate_after(start)
-    meta = {"stage": stage.name, "backbone": os.path.abspath(backbone_path), "K": m.get("K"), "T": m.get("T"),
+    meta = {"stage": getattr(stage, "saved_as", stage.name), "backbone": os.path.abspath(backbone_path), "K": m.get("K"), "T": m.get("T"),
             **label_meta,
             "config": json.loads(cfg.to_json_best_effort())}
 
@@ -107,7 +108,12 @@ def _train(cfg, workdir: str, devices) -> dict:
 
     # The jitted step: state and backbone keep their shardings, the batch is split over (data, fsdp). Compiled
     # ahead of time for each batch shape on its first batch, which also gives the FLOPs for the MFU estimate.
-    batches = (step_lib.global_batch(b, mesh, rules) for b in data_iter)
+    # Stage 2 builds each batch in the loop (RoI pass with the current weights, crops, splice): it reads ``state``
+    # when the loop asks for the next batch, i.e. after the previous step.
+    if hasattr(stage, "batches"):
+        batches = stage.batches(data_iter, mesh, rules, lambda: state, backbone, processor, config)
+    else:
+        batches = (step_lib.global_batch(b, mesh, rules) for b in data_iter)
     first = next(batches)
     train_step = step_lib.make_train_step(config, tx, m.get("K"), stage.threshold, m.attn_impl, stage.loss_fn,
                                           accum_steps=train.get("accum_steps", 1), weight=stage.accum_weight)
@@ -139,6 +145,8 @@ def _train(cfg, workdir: str, devices) -> dict:
                 values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
                 values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
                 values["skipped"] = _total_skipped(data_iter)
+                if hasattr(batches, "metrics"):  # stage 2: the step-time split and RoI counts
+                    values.update(batches.metrics(per_step))
                 writer.write(done, {k: v for k, v in values.items() if v is not None})
                 bar.set_postfix({label: f"{values[key]:.4f}" for label, key in stage.progress.items()})
                 last_time, last_step = now, done
@@ -148,6 +156,8 @@ def _train(cfg, workdir: str, devices) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if hasattr(batches, "close"):
+        batches.close()
     distributed.print0(f"trained {num_steps} steps ({_total_skipped(data_iter)} samples skipped), "
                        f"{len(compiled_steps)} compiled step shape(s); checkpoint "
                        f"{ckpt.directory / str(num_steps)}; metrics {writer.jsonl_path}")

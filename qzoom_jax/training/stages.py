@@ -15,19 +15,21 @@ import os
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from qzoom_jax.runtime import distributed, parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.labelling import gate_labels
-from qzoom_jax.training import gate_objective, sdrpn, sft
+from qzoom_jax.training import gate_objective, post_sft, sdrpn, sft
 from qzoom_jax.training import step as step_lib
 from qzoom_jax.labelling import teacher
 from qzoom_jax.training.checkpoint import TrainCheckpointer
+from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_sft, tfds_stage3
 from qzoom_jax.labelling import parts as label_parts
-from qzoom_jax.models import vlm
+from qzoom_jax.models import param_axes, vlm
 from qzoom_jax.models.qzoom import gate as gate_lib
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.models import registry
@@ -164,6 +166,14 @@ def _check_twig_run(twig_run: str, K: int) -> None:
     """The gate branches off the layer the twig of ``twig_run`` does (upstream skips base layers otherwise)."""
     if not twig_run:
         return
+    meta = _stage1_meta(twig_run)
+    if meta.get("stage") != "sdrpn" or meta.get("K") != K:
+        raise ValueError(f"model.twig_run={twig_run!r} is a {meta.get('stage')!r} run with K={meta.get('K')}, but "
+                         f"the gate needs an 'sdrpn' twig with the same K={K} (high_res_K must equal twig_K)")
+
+
+def _stage1_meta(twig_run: str) -> dict:
+    """The checkpoint meta of the latest step of ``twig_run`` (FileNotFoundError without one)."""
     directory = epath.Path(twig_run) / "checkpoints"
     meta = None
     if directory.is_dir():
@@ -173,9 +183,7 @@ def _check_twig_run(twig_run: str, K: int) -> None:
         ckpt.close()
     if meta is None:
         raise FileNotFoundError(f"model.twig_run={twig_run!r} holds no stage-1 checkpoint under {directory}")
-    if meta.get("stage") != "sdrpn" or meta.get("K") != K:
-        raise ValueError(f"model.twig_run={twig_run!r} is a {meta.get('stage')!r} run with K={meta.get('K')}, but "
-                         f"the gate needs an 'sdrpn' twig with the same K={K} (high_res_K must equal twig_K)")
+    return meta
 
 
 class Sft:
@@ -202,11 +210,11 @@ class Sft:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not split into "
                               f"train.accum_steps={t.accum_steps} micro-batches")
         # The patterns are checked on the param shapes now, before any data or weights are read.
-        config = registry.read_config(label_parts.model_path(m.path))
+        config = self.config = registry.read_config(label_parts.model_path(m.path))
         if t.remat != "none" and registry.backbone(config).deepstack:
             raise ConfigError(f"train.remat={t.remat!r} is not supported on {config.model_type} (DeepStack)")
         shapes = jax.eval_shape(lambda: vlm.init_params(config, jax.random.key(0)))
-        sft.trainable_mask(shapes, tuple(t.trainable))
+        sft.trainable_mask(shapes, self.patterns(config))
         self.loss_fn = functools.partial(sft.loss_fn, compute_dtype=m.dtype, remat=t.remat, chunk=t.loss_chunk)
 
     def training_source(self, workdir: str):
@@ -226,7 +234,11 @@ class Sft:
         mesh = jax.tree_util.tree_leaves(backbone)[0].sharding.mesh
         activations = step_lib.batch_sharding(mesh, parallel.rules_with(self.cfg.sharding_rules))
         self.loss_fn = functools.partial(self.loss_fn, activations=activations)
-        return sft.split(backbone, sft.trainable_mask(backbone, tuple(self.cfg.train.trainable)))
+        return sft.split(backbone, sft.trainable_mask(backbone, self.patterns(self.config)))
+
+    def patterns(self, config) -> tuple[str, ...]:
+        del config
+        return tuple(self.cfg.train.trainable)
 
     def bucket_of(self, processor, config):
         """record -> (padded tokens, padded patch rows): each batch is made of one bucket, so a run compiles one
@@ -251,7 +263,80 @@ def _sft_example(record, shape, **kwargs):
     return conversations.make_example(record, max_len=shape[0], n_patches=shape[1], **kwargs)
 
 
-STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft)}
+class PostSft(Sft):
+    """Stage 2 -- targeted post-SFT: the LLM fine-tuned on RoI-augmented inputs built in the loop with the frozen
+    stage-1 twig (``training/post_sft.py``; training reference §2.3-§2.4). Its checkpoint is an SFT run's (the
+    trained leaves over the backbone, ``saved_as`` "sft"), so ``sft_run.export`` and convert read it; the meta
+    adds where the twig came from."""
+
+    name = "post_sft"
+    saved_as = "sft"
+
+    def __init__(self, cfg):
+        t, m = cfg.train, cfg.model
+        if t.tied_embeddings not in post_sft.TIED_CHOICES:
+            raise ConfigError(f"train.tied_embeddings={t.tied_embeddings!r}; choose one of {post_sft.TIED_CHOICES}")
+        super().__init__(cfg)
+        path = label_parts.model_path(m.path)
+        qz = self.config.qzoom
+        if m.twig_run:  # a stage-1 run's twig (on this backbone or on the one it was fine-tuned from)
+            meta = _stage1_meta(m.twig_run)
+            if meta.get("stage") != "sdrpn":
+                raise ConfigError(f"model.twig_run={m.twig_run!r} is a {meta.get('stage')!r} run, not a stage-1 "
+                                  f"('sdrpn') run")
+            self.K, self.T = meta["K"], meta["T"]
+        elif qz.enable_twig:
+            self.K, self.T = qz.twig_K, qz.twig_T
+        else:
+            raise ConfigError(f"model.path={path}: the backbone has no twig branch (no model.twig_layers.*, "
+                              f"config.json enable_twig false) and model.twig_run is empty; post-SFT needs the "
+                              f"stage-1 twig: --config.model.twig_run=RUN or a Q-Zoom checkpoint")
+        self.twig = self.source = None
+
+    def patterns(self, config) -> tuple[str, ...]:
+        return post_sft.trainable_patterns(config, self.cfg.train.trainable, self.cfg.train.tied_embeddings)
+
+    def training_source(self, workdir: str):
+        source, meta = super().training_source(workdir)
+        self.source = source
+        twig_from = self.cfg.model.twig_run or label_parts.model_path(self.cfg.model.path)
+        return post_sft.Indexed(source), {**meta, "K": self.K, "T": self.T,
+                                          "post_sft": {"twig": _absolute(twig_from)}}
+
+    def trainable(self, backbone):
+        """As SFT, without the branches: the twig (from ``model.twig_run`` or the checkpoint) is kept aside for
+        the RoI pass, the gate dropped."""
+        model = dict(backbone["model"])
+        twig = model.pop("twig_layers", None)
+        for name in ("high_res_layers", "high_res_head"):
+            model.pop(name, None)
+        if self.cfg.model.twig_run:
+            twig = qzoom_checkpoint.read_run(self.cfg.model.twig_run)[0]
+        mesh = jax.tree_util.tree_leaves(backbone)[0].sharding.mesh
+        rules = parallel.rules_with(self.cfg.sharding_rules)
+        dtype = jax.tree_util.tree_leaves(backbone)[0].dtype
+        twig = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), twig)
+        self.twig = jax.device_put(twig, param_axes.param_shardings(twig, mesh, rules))
+        return super().trainable({**backbone, "model": model})
+
+    def example_fn(self, processor, config):
+        d = self.cfg.data
+        return functools.partial(post_sft.example, processor=processor, config=config, min_pixels=d.min_pixels,
+                                 max_pixels=d.max_pixels, chat_format=d.chat_format)
+
+    def batches(self, data_iter, mesh, rules, current, frozen, processor, config):
+        d, t, m = self.cfg.data, self.cfg.train, self.cfg.model
+        return post_sft.RoiBatches(data_iter, self.source, processor, config, mesh, rules, current, frozen,
+                                   self.twig, K=self.K, attn_impl=m.attn_impl, compute_dtype=m.dtype,
+                                   threshold=t.roi_threshold, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                                   max_len=d.max_len, max_patches=d.max_patches, workers=d.crop_workers)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft, PostSft)}
 
 
 def get(cfg):

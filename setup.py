@@ -10,13 +10,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["qzoom_jax", "qzoom_jax.*"]),
-    package_data={"qzoom_jax": ["assets/tiny_qwen2_5_vl/*", "assets/tiny_qzoom/*"]},
+    package_data={"qzoom_jax": ["assets/tiny_qwen2_5_vl/*", "assets/tiny_qzoom/*", "data/templates/*.jinja"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
         "optax",
         "orbax-checkpoint",
         "grain",
+        "jinja2>=3.1.6",  # chat templates; older versions have known sandbox escapes
         "tensorflow-datasets",
         "einops",
         "matplotlib",

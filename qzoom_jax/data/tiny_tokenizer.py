@@ -6,6 +6,10 @@ is that of the real tokenizer with ``151643`` replaced by ``TINY_BASE_VOCAB``. T
 regex, byte-level) is the one transformers' ``Qwen2Tokenizer`` rebuilds, so HF and ``tokenizers`` agree.
 It also writes tokenizer_config.json, chat_template.json and preprocessor_config.json, enough for
 ``transformers.AutoProcessor.from_pretrained(out_dir)`` to work offline. Re-running writes identical bytes.
+
+``backbone="qwen3_vl"`` writes Qwen3-VL's files instead: the same BPE with Qwen3's 26 added tokens (four more:
+tool responses and thinking), Qwen3-VL's chat template, and its image settings (16-px patches, so 32-px merged
+units; mean/std 0.5; the pixel budget as ``size`` {shortest_edge, longest_edge}).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import random
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
+from qzoom_jax.data.chat_template import TEMPLATES_DIR
 from qzoom_jax.data.image_processing import CLIP_MEAN, CLIP_STD
 
 TINY_BASE_VOCAB = 1000
@@ -39,26 +44,14 @@ QWEN_NONSPECIAL_ADDED_TOKENS = (
     "<|repo_name|>", "<|file_sep|>",
 )  # fmt: skip
 ADDED_TOKENS = QWEN_SPECIAL_TOKENS + QWEN_NONSPECIAL_ADDED_TOKENS
-
-# The official Qwen2.5-VL chat template (chat_template.json of the Instruct checkpoints).
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Qwen3's tokenizer appends these (ids 151665-151668, not special).
+QWEN3_EXTRA_ADDED_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
+BACKBONES = ("qwen2_5_vl", "qwen3_vl")
 
 # Small pixel budget so the tiny model sees few vision tokens: 4..256 merged tokens per image.
-TINY_MIN_PIXELS = 4 * 28 * 28
-TINY_MAX_PIXELS = 256 * 28 * 28
+TINY_MIN_TOKENS, TINY_MAX_TOKENS = 4, 256
+TINY_MIN_PIXELS = TINY_MIN_TOKENS * 28 * 28
+TINY_MAX_PIXELS = TINY_MAX_TOKENS * 28 * 28
 
 _WORDS = """
 the a an of to in is are was were be been has have had do does did not what which who where when why how many much
@@ -87,7 +80,14 @@ def _corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer() -> Tokenizer:
+def added_tokens(backbone: str = "qwen2_5_vl") -> tuple[str, ...]:
+    """The backbone's added tokens in id order (ids from ``TINY_BASE_VOCAB`` on)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    return ADDED_TOKENS + (QWEN3_EXTRA_ADDED_TOKENS if backbone == "qwen3_vl" else ())
+
+
+def build_tiny_tokenizer(backbone: str = "qwen2_5_vl") -> Tokenizer:
     tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -107,13 +107,15 @@ def build_tiny_tokenizer() -> Tokenizer:
     if tok.get_vocab_size() != TINY_BASE_VOCAB:
         raise RuntimeError(f"tiny BPE has {tok.get_vocab_size()} entries, expected {TINY_BASE_VOCAB}")
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN_SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN_NONSPECIAL_ADDED_TOKENS])
+    nonspecial = added_tokens(backbone)[len(QWEN_SPECIAL_TOKENS):]
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in nonspecial])
     return tok
 
 
-def tiny_special_token_ids() -> dict[str, int]:
+def tiny_special_token_ids(backbone: str = "qwen2_5_vl") -> dict[str, int]:
     """Token ids a tiny model config needs (same names as in a Qwen2.5-VL config.json), plus ``vocab_size``."""
-    ids = {t: TINY_BASE_VOCAB + i for i, t in enumerate(ADDED_TOKENS)}
+    tokens = added_tokens(backbone)
+    ids = {t: TINY_BASE_VOCAB + i for i, t in enumerate(tokens)}
     return {
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
@@ -122,11 +124,18 @@ def tiny_special_token_ids() -> dict[str, int]:
         "bos_token_id": ids["<|endoftext|>"],  # Qwen has no BOS token; config.json still names <|endoftext|>
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
-        "vocab_size": TINY_BASE_VOCAB + len(ADDED_TOKENS),
+        "vocab_size": TINY_BASE_VOCAB + len(tokens),
     }
 
 
-def _tokenizer_config(padding_side: str) -> dict:
+def chat_template_source(backbone: str = "qwen2_5_vl") -> str:
+    """The official chat template of the backbone's Instruct checkpoints, as shipped in ``TEMPLATES_DIR``."""
+    added_tokens(backbone)  # checks the name
+    with open(os.path.join(TEMPLATES_DIR, f"{backbone}.jinja"), encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def _tokenizer_config(padding_side: str, backbone: str) -> dict:
     added = {
         str(TINY_BASE_VOCAB + i): {
             "content": t,
@@ -136,18 +145,18 @@ def _tokenizer_config(padding_side: str) -> dict:
             "single_word": False,
             "special": t in QWEN_SPECIAL_TOKENS,
         }
-        for i, t in enumerate(ADDED_TOKENS)
+        for i, t in enumerate(added_tokens(backbone))
     }
     return {
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:]),
         "bos_token": None,
-        "chat_template": QWEN2_5_VL_CHAT_TEMPLATE,
+        "chat_template": chat_template_source(backbone),
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "model_max_length": 32768,
+        "model_max_length": 262144 if backbone == "qwen3_vl" else 32768,
         "pad_token": "<|endoftext|>",
         "padding_side": padding_side,
         "split_special_tokens": False,
@@ -156,7 +165,19 @@ def _tokenizer_config(padding_side: str) -> dict:
     }
 
 
-def _preprocessor_config() -> dict:
+def _preprocessor_config(backbone: str) -> dict:
+    if backbone == "qwen3_vl":
+        factor = 32  # 16-px patches, merged 2 x 2
+        return {
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+            "image_std": [0.5, 0.5, 0.5],
+            "merge_size": 2,
+            "patch_size": 16,
+            "processor_class": "Qwen3VLProcessor",
+            "size": {"longest_edge": TINY_MAX_TOKENS * factor**2, "shortest_edge": TINY_MIN_TOKENS * factor**2},
+            "temporal_patch_size": 2,
+        }
     return {
         "image_mean": list(CLIP_MEAN),
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -176,16 +197,19 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_tiny_tokenizer(out_dir: str | os.PathLike, padding_side: str = "left") -> str:
-    """Write tokenizer.json, tokenizer_config.json, chat_template.json and preprocessor_config.json.
+def write_tiny_tokenizer(
+    out_dir: str | os.PathLike, padding_side: str = "left", backbone: str = "qwen2_5_vl"
+) -> str:
+    """Write tokenizer.json, tokenizer_config.json, chat_template.json and preprocessor_config.json of
+    ``backbone`` ("qwen2_5_vl" or "qwen3_vl").
 
     ``padding_side`` defaults to "left" because the tiny model is used for batched generation.
     Returns ``out_dir`` as a string.
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    build_tiny_tokenizer().save(os.path.join(out_dir, "tokenizer.json"), pretty=True)
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(padding_side))
-    _write_json(os.path.join(out_dir, "chat_template.json"), {"chat_template": QWEN2_5_VL_CHAT_TEMPLATE})
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), _preprocessor_config())
+    build_tiny_tokenizer(backbone).save(os.path.join(out_dir, "tokenizer.json"), pretty=True)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(padding_side, backbone))
+    _write_json(os.path.join(out_dir, "chat_template.json"), {"chat_template": chat_template_source(backbone)})
+    _write_json(os.path.join(out_dir, "preprocessor_config.json"), _preprocessor_config(backbone))
     return out_dir

@@ -1,15 +1,20 @@
-"""Qwen2.5-VL tokenizer: a thin wrapper over ``tokenizers.Tokenizer`` plus the chat template in plain Python.
+"""Qwen tokenizer: a thin wrapper over ``tokenizers.Tokenizer`` plus the checkpoint's own chat template.
 
 tokenizer.json carries the whole text pipeline (NFC, Qwen2 split regex, byte-level BPE, added tokens);
 tokenizer_config.json only adds the pad/eos names, the padding side and ``model_max_length``. Defaults follow
 HF's ``Qwen2Tokenizer``: ``decode`` keeps special tokens unless asked to skip them, and never "cleans up"
 spaces (HF ignores ``clean_up_tokenization_spaces`` for BPE tokenizers).
 
+The chat template is the checkpoint's Jinja ``chat_template``, found where transformers' processor and then its
+tokenizer look (processor_config.json, chat_template.json, chat_template.jinja, tokenizer_config.json) and rendered
+as transformers renders it (:mod:`qzoom_jax.data.chat_template`). A directory without one gets Qwen2.5-VL's, which
+ships with the package, and a warning saying so.
+
 Text is text. ``apply_chat_template`` returns a :class:`ChatText`: a ``str`` that also knows which of its
-characters are the template's own markers (``<|im_start|>``, ``<|image_pad|>``, ...) and which came from the
-messages (questions, system prompts, answers, roles). ``encode`` turns only the markers into control ids; an
-added-token string inside message text is encoded as the characters it is made of, so a data set cannot end
-a turn early with ``<|im_end|>`` or add an image placeholder. ``ChatText.plain(s)`` marks a whole string as
+characters are the template's own markup (``<|im_start|>``, ``<|image_pad|>``, ...) and which came from the
+messages (questions, system prompts, answers). ``encode`` turns only added-token strings in markup into control
+ids; an added-token string inside message text is encoded as the characters it is made of, so a data set cannot
+end a turn early with ``<|im_end|>`` or add an image placeholder. ``ChatText.plain(s)`` marks a whole string as
 text. A plain ``str`` is encoded as HF does, every added-token string in it becoming that token's id: passing a
 plain ``str`` is how a caller asks for HF's parsing (``str(chat)`` turns a ChatText back into one).
 """
@@ -19,110 +24,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
+from qzoom_jax.data.chat_template import (
+    DEFAULT_TEMPLATE_FILE,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    TEMPLATE_MARKERS,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    ChatTemplate,
+    ChatText,
+)
 from qzoom_jax.runtime.errors import ConfigError
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-TEMPLATE_MARKERS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-
-Segment = tuple[str, bool]  # (characters, parsed): parsed segments have their added-token strings tokenised
-
-
-class ChatText(str):
-    """A prompt string that remembers which parts are markup (parsed) and which are text (never parsed).
-
-    It is a ``str`` (same characters, equality, hashing), so callers pass it on, print it or search it as
-    before. ``+`` with another ChatText or a ``str`` and contiguous slices keep the segments; a plain ``str``
-    joined in counts as markup, as it would be on its own. Other ``str`` methods (``replace``, ``strip``,
-    ``format``, ``"".join``) return a plain ``str``, which is parsed as HF does.
-    """
-
-    segments: tuple[Segment, ...]
-
-    def __new__(cls, segments: Iterable[Segment] = ()) -> "ChatText":
-        segments = tuple((s, bool(parsed)) for s, parsed in segments if s)
-        self = super().__new__(cls, "".join(s for s, _ in segments))
-        self.segments = segments
-        return self
-
-    @classmethod
-    def plain(cls, text: str) -> "ChatText":
-        """``text`` with every character as text: added-token strings in it are not control tokens."""
-        return cls([(str(text), False)])
-
-    def __reduce__(self):
-        return type(self), (self.segments,)
-
-    def __add__(self, other):
-        return ChatText(self.segments + _segments(other)) if isinstance(other, str) else NotImplemented
-
-    def __radd__(self, other):
-        return ChatText(_segments(other) + self.segments) if isinstance(other, str) else NotImplemented
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            return str.__getitem__(self, key)
-        start, stop, _ = key.indices(len(self))
-        out, pos = [], 0
-        for s, parsed in self.segments:
-            out.append((s[max(start - pos, 0) : max(stop - pos, 0)], parsed))
-            pos += len(s)
-        return ChatText(out)
-
-
-def _segments(text: str) -> tuple[Segment, ...]:
-    return text.segments if isinstance(text, ChatText) else ((text, True),)
-
-
-def _markers(*tokens: str) -> list[Segment]:
-    return [(t, True) for t in tokens]
-
-
-def _render_content(content: Any, counts: dict[str, int], add_vision_id: bool) -> list[Segment]:
-    """One message's content, as the Qwen2.5-VL Jinja template renders it."""
-    if isinstance(content, str):
-        return [(content, False)]
-    parts = []
-    for item in content:
-        # Same precedence as the template: image wins over video, unknown items render as nothing.
-        if item.get("type") == "image" or "image" in item or "image_url" in item:
-            counts["image"] += 1
-            parts += [(f"Picture {counts['image']}: " if add_vision_id else "", False)]
-            parts += _markers(VISION_START, IMAGE_PAD, VISION_END)
-        elif item.get("type") == "video" or "video" in item:
-            counts["video"] += 1
-            parts += [(f"Video {counts['video']}: " if add_vision_id else "", False)]
-            parts += _markers(VISION_START, VIDEO_PAD, VISION_END)
-        elif "text" in item:
-            parts.append((str(item["text"]), False))
-    return parts
-
-
-def render_chat(
-    messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
-) -> ChatText:
-    """The Qwen2.5-VL chat template: ChatML turns, default system prompt when the first turn is not "system".
-    Only the template's markers are markup; roles and contents are text."""
-    counts = {"image": 0, "video": 0}
-
-    def turn(role: str, body: list[Segment]) -> list[Segment]:
-        return [(IM_START, True), (f"{role}\n", False), *body, (IM_END, True), ("\n", False)]
-
-    out = []
-    for i, message in enumerate(messages):
-        if i == 0 and message["role"] != "system":
-            out += turn("system", [(DEFAULT_SYSTEM_PROMPT, False)])
-        out += turn(message["role"], _render_content(message["content"], counts, add_vision_id))
-    if add_generation_prompt:
-        out += [(IM_START, True), ("assistant\n", False)]
-    return ChatText(out)
-
 
 def read_json_object(file: str) -> dict:
     """A JSON config file that must hold an object; anything else is a ConfigError naming the file."""
@@ -164,12 +83,52 @@ def _positive_int_or_none(value: Any, what: str) -> int | None:
     return value
 
 
+def _template_value(value: Any, where: str) -> str | None:
+    """A ``chat_template`` entry: a string, or named templates (a list of {name, template} as tokenizer_config.json
+    holds them, or a dict) of which the one named "default" is the one transformers renders."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, Mapping) and "name" in t and "template" in t for t in value):
+        value = {t["name"]: t["template"] for t in value}
+    if isinstance(value, Mapping):
+        if "default" not in value:
+            raise ConfigError(f"{where} has no template named 'default' (found: {', '.join(map(str, value))})")
+        return _template_value(value["default"], where)
+    raise ConfigError(f"{where} must be a string or named templates, got {type(value).__name__}")
+
+
+def _config_template(config: Mapping[str, Any], file: str) -> ChatTemplate | None:
+    source = _template_value(config.get("chat_template"), f"{file}: chat_template")
+    return None if source is None else ChatTemplate(source, f"{file}: chat_template")
+
+
+def _default_template(path: str) -> ChatTemplate:
+    warnings.warn(f"{path or 'the tokenizer'}: no chat template (chat_template.json, chat_template.jinja or "
+                  f"tokenizer_config.json's chat_template); using Qwen2.5-VL's, {DEFAULT_TEMPLATE_FILE}", stacklevel=3)
+    return ChatTemplate.from_file(DEFAULT_TEMPLATE_FILE)
+
+
+def find_chat_template(path: str, tokenizer_config: Mapping[str, Any]) -> ChatTemplate | None:
+    """The directory's chat template, where transformers' processor looks (processor_config.json's key, then
+    chat_template.json, then chat_template.jinja) and then its tokenizer (``tokenizer_config``'s key); None when
+    there is none. An unreadable file or a template that does not compile is a ConfigError naming the file."""
+    for name in ("processor_config.json", "chat_template.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and (found := _config_template(read_json_object(file), file)) is not None:
+            return found
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        return ChatTemplate.from_file(jinja_file)
+    return _config_template(tokenizer_config, os.path.join(path, "tokenizer_config.json"))
+
+
 class QwenTokenizer:
     """Encode/decode with a Qwen2-family tokenizer.json; ids of the Qwen2.5-VL special tokens as properties.
 
     ``model_max_length``: the longest prompt the processor accepts, in tokens; by default tokenizer_config.json's
-    ``model_max_length`` (None, no limit, when it has none, as in HF). ``path``: the directory the files came
-    from, for error messages. A tokenizer.json or config that cannot be used raises ConfigError naming the key.
+    ``model_max_length`` (None, no limit, when it has none, as in HF). ``chat_template``: by default the config's
+    ``chat_template``, else the packaged Qwen2.5-VL template (with a warning). ``path``: the directory the files
+    came from, for error messages. A tokenizer.json or config that cannot be used raises ConfigError naming the key.
     """
 
     def __init__(
@@ -178,6 +137,7 @@ class QwenTokenizer:
         config: Mapping[str, Any] | None = None,
         *,
         model_max_length: int | None = None,
+        chat_template: ChatTemplate | None = None,
         path: str = "",
     ):
         tok_file, cfg_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
@@ -213,6 +173,9 @@ class QwenTokenizer:
         if model_max_length is None:
             model_max_length = _positive_int_or_none(config.get("model_max_length"), f"{cfg_file}: model_max_length")
         self.model_max_length = _positive_int_or_none(model_max_length, "model_max_length")
+        if chat_template is None:
+            chat_template = _config_template(config, cfg_file) or _default_template(path)
+        self.chat_template = chat_template
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, model_max_length: int | None = None) -> "QwenTokenizer":
@@ -224,7 +187,9 @@ class QwenTokenizer:
             raise ConfigError(f"no tokenizer.json in {path}")
         cfg_file = os.path.join(path, "tokenizer_config.json")
         config = read_json_object(cfg_file) if os.path.isfile(cfg_file) else {}
-        return cls(_load_tokenizer_json(tok_file), config, model_max_length=model_max_length, path=path)
+        template = find_chat_template(path, config)
+        return cls(_load_tokenizer_json(tok_file), config, model_max_length=model_max_length,
+                   chat_template=template, path=path)
 
     # ---- ids -------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int:
@@ -310,6 +275,7 @@ class QwenTokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
     ) -> ChatText:
-        """Prompt for ``messages`` (the built-in Qwen2.5-VL template; tokenizer_config's Jinja is not run), as a
-        :class:`ChatText`: message text stays text when encoded; ``str(result)`` asks for HF's parsing."""
-        return render_chat(messages, add_generation_prompt, add_vision_id)
+        """Prompt for ``messages`` by the checkpoint's chat template (``self.chat_template``), as a :class:`ChatText`:
+        message text stays text when encoded; ``str(result)`` asks for HF's parsing. A role holding an added-token
+        string, or a template that fails on the messages or edits their text, is a DataError."""
+        return self.chat_template.render(messages, add_generation_prompt, add_vision_id, specials=self._added_ids)

@@ -113,9 +113,56 @@ def _common(tiny: bool) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     preset = arg or "tiny"
-    if preset.startswith("gate_"):
+    if preset.startswith("post_sft_"):
+        c = mining_config(preset[len("post_sft_"):])
+    elif preset.startswith("gate_"):
         c = answers_config(preset[len("gate_"):])
     else:
         c = teacher_config(preset)
     c.name = "labels" if not arg else f"labels_{arg}"
+    return c
+
+
+def mining_config(preset: str) -> ml_collections.ConfigDict:
+    """Stage-2 mining (training reference §2.1; ``qzoom_jax/labelling/mining.py``): presets ``post_sft_tiny``
+    (the embedded tiny Q-Zoom checkpoint: its backbone answers directly, with its twig through the RoI; the
+    reading task, exact match), ``post_sft_qwen2_5vl_3b`` / ``_7b`` (name the backbone and the stage-1 run)::
+
+        python -m qzoom_jax.labels --config=configs/labels.py:post_sft_tiny
+        python -m qzoom_jax.labels --config=configs/labels.py:post_sft_qwen2_5vl_7b \\
+            --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct --config.twig_run=gs://bucket/runs/sdrpn_7b \\
+            --config.data.jsonl=/data/stage2_universal.jsonl --config.data.image_root=/data \\
+            --config.judge.kind=llm --workdir=gs://bucket/runs/mining_7b
+    """
+    if preset not in HEAD_TABLES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(HEAD_TABLES)}")
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
+
+    tiny = preset == "tiny"
+    c = _common(tiny)
+    c.stage = "post_sft"
+    # model.path: the base model (direct answers). twig_run: the stage-1 run whose twig, on the same backbone,
+    # gives the RoI answers ("" = the twig of model.path, a Q-Zoom checkpoint). roi_model: another checkpoint for
+    # the RoI answers instead (HF Q-Zoom directory or a run; "" = model.path + twig_run, loaded once).
+    if tiny:
+        c.model.path = EMBEDDED_QZOOM
+        c.data.source = "reading"
+        c.data.synthetic_num = 32
+    c.twig_run = ""
+    c.roi_model = ""
+    # Both answer at this budget (merged tokens, min and max): 576 = stage 2's training resolution (§2.2).
+    c.min_tokens = 64 if tiny else 576
+    c.max_tokens = 64 if tiny else 576
+    c.roi_threshold = ml_collections.config_dict.placeholder(float)  # None: the checkpoint's roi_conf_thresh
+    c.max_new_tokens = 8 if tiny else 64
+    # kind "metric": metric (exact | anls | relaxed | vqa) against the annotation, right at >= pass_score;
+    # "llm": the model at judge.model ("" = the backbone itself, as upstream) answers a yes/no prompt, batched.
+    c.judge = {"kind": "metric", "metric": "exact", "pass_score": 0.5, "model": "", "batch_size": 8,
+               "max_new_tokens": 4}
+    c.use_gt = False  # supervise the annotation instead of the base model's own response
+    c.mixing_ratio = 0.0  # both-right samples added per regression (upstream's example: 0)
+    c.seed = 0
+    c.batch_size = 8
+    c.part_size = 128 if tiny else 4096
+    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
     return c

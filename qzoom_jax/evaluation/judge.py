@@ -1,4 +1,5 @@
-"""A local stand-in for HR-Bench's GPT judge (lmms-eval-tasks.md §2.7 step 3).
+"""Local judges: a stand-in for HR-Bench's GPT judge (lmms-eval-tasks.md §2.7 step 3), and the correctness judge of
+stage-2 mining (``CorrectnessJudge``, training reference §2.1 step C).
 
 The fork sends a reply that its local matcher cannot resolve to gpt-4o with a fixed few-shot prompt and reads the
 judge's answer with the same matcher; offline its run aborts on the first such reply. Here the judge is optional
@@ -69,3 +70,49 @@ class EngineJudge:
             if self.errors <= _MAX_WARNINGS:
                 log.warning("judge failed on %r (%s: %s); the reply scores 0", prediction, type(e).__name__, e)
             return ""
+
+
+# ---- stage-2 mining: is an answer right? -------------------------------------------------------------------
+# The reference does not have upstream's judge prompt (its worker scripts are missing, §2.1 / §8 #9): ours asks
+# for one word, so a reply is read without guessing.
+CORRECTNESS_PROMPT = (
+    "You are grading an answer to a question about an image.\n"
+    "Question: {question}\nReference answer: {reference}\nCandidate answer: {candidate}\n"
+    "Does the candidate answer mean the same as the reference answer? Reply with one word: yes or no."
+)
+_YES, _NO = ("yes", "correct", "true"), ("no", "incorrect", "wrong", "false")
+
+
+def correctness_prompt(question: str, reference: str, candidate: str) -> str:
+    return CORRECTNESS_PROMPT.format(question=question.strip(), reference=reference.strip(),
+                                     candidate=candidate.strip())
+
+
+def parse_verdict(reply: str) -> bool | None:
+    """True / False from a reply whose first word is yes / no (or correct / incorrect ...); None ("no
+    decision") for anything else, never a guess."""
+    words = reply.strip().lower().split()
+    first = words[0].strip(".,:;!\"'*()[]") if words else ""
+    return True if first in _YES else False if first in _NO else None
+
+
+class CorrectnessJudge:
+    """An LLM-as-a-judge for answers: ``engine`` (the QZoom interface, no zoom) answers the correctness prompt
+    for a batch at a time; ``__call__`` returns True / False / None (no decision) per answer."""
+
+    def __init__(self, engine, batch_size: int = 8, max_new_tokens: int = 4):
+        self.engine, self.batch_size, self.max_new_tokens = engine, batch_size, max_new_tokens
+
+    def __call__(self, questions, references, candidates) -> list[bool | None]:
+        side = _BLANK_SIDE_TOKENS * self.engine.processor.image_processor.factor
+        blank = Image.new("RGB", (side, side), (255, 255, 255))
+        prompts = [correctness_prompt(q, r, c) for q, r, c in zip(questions, references, candidates)]
+        verdicts = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one compiled shape per batch size
+            prepared = self.engine.prepare([blank] * len(padded), padded, min_pixels=side * side,
+                                           max_pixels=side * side)
+            answers = self.engine.run(prepared, max_new_tokens=self.max_new_tokens, zoom=False)
+            verdicts += [parse_verdict(a.answer) for a in answers[:len(chunk)]]
+        return verdicts

@@ -1,4 +1,9 @@
-"""Qwen2.5-VL image preprocessing in NumPy + PIL (no torch, no transformers).
+"""Qwen-VL image preprocessing in NumPy + PIL (no torch, no transformers).
+
+Qwen2.5-VL and Qwen3-VL share transformers' Qwen2-VL image processors; only the settings differ, and they come from
+preprocessor_config.json (``ImageProcessor.from_dict``): Qwen2.5-VL 14-px patches (28-px merged units) with CLIP's
+mean/std, Qwen3-VL 16-px patches (32-px units) with mean/std 0.5 and its budget as ``size`` {shortest_edge,
+longest_edge}. ``smart_resize`` rounds to multiples of ``patch_size * merge_size`` either way.
 
 Two resize paths, chosen by ``ImageProcessor.resize``:
 

@@ -1,12 +1,15 @@
-"""Qwen2.5-VL processor: prompt text + images -> the numpy arrays the model takes.
+"""Qwen-VL processor (Qwen2.5-VL and Qwen3-VL): prompt text + images -> the numpy arrays the model takes.
 
-Same outputs as HF ``Qwen2_5_VLProcessor(images=..., text=..., return_tensors="np", padding=True)``:
-every ``<|image_pad|>`` token becomes ``gh*gw / merge_size**2`` copies (one per merged vision token), images
-being consumed in order across the whole batch; then pad. The text is tokenised first (``QwenTokenizer.encode``),
-so in a :class:`~qzoom_jax.data.tokenizer.ChatText` from ``apply_chat_template`` only the template's
-placeholders count: an ``<|image_pad|>`` typed into a question is text. A plain ``str`` is parsed as HF does.
-Prompts longer than the tokenizer's ``model_max_length`` raise :class:`PromptTooLongError`. Videos are not
-supported.
+Same outputs as HF ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor(images=..., text=..., return_tensors="np",
+padding=True)``: every ``<|image_pad|>`` token becomes ``gh*gw / merge_size**2`` copies (one per merged vision
+token), images being consumed in order across the whole batch; then pad. The backbones differ only in their files,
+which the processor reads: the image settings of preprocessor_config.json (Qwen3-VL: 16-px patches, so 32-px merged
+units, mean/std 0.5) and the checkpoint's chat template. Those settings must agree with config.json's vision tower
+(patch, merge and temporal sizes), else a ConfigError names both files. The text is tokenised first
+(``QwenTokenizer.encode``), so in a :class:`~qzoom_jax.data.tokenizer.ChatText` from ``apply_chat_template`` only
+the template's placeholders count: an ``<|image_pad|>`` typed into a question is text. A plain ``str`` is parsed
+as HF does. Prompts longer than the tokenizer's ``model_max_length`` raise :class:`PromptTooLongError`. Videos are
+not supported: a video placeholder in a prompt is a DataError naming it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from qzoom_jax.data.image_processing import ImageProcessor
-from qzoom_jax.data.tokenizer import IMAGE_PAD, ChatText, QwenTokenizer, read_json_object
+from qzoom_jax.data.tokenizer import IMAGE_PAD, VIDEO_PAD, ChatText, QwenTokenizer, read_json_object
 from qzoom_jax.runtime.errors import ConfigError, DataError
 
 # preprocessor_config.json keys ImageProcessor.from_dict reads, with the type each must have.
@@ -25,6 +28,9 @@ _INT_KEYS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_p
 _NUMBER_KEYS = ("rescale_factor",)
 _TRIPLE_KEYS = ("image_mean", "image_std")  # one value per RGB channel
 _SIZE_KEYS = ("shortest_edge", "longest_edge")
+# config.json vision_config keys and the image processor settings that must equal them: the patches the tower takes.
+_VISION_KEYS = (("patch_size", "patch_size"), ("spatial_merge_size", "merge_size"),
+                ("temporal_patch_size", "temporal_patch_size"))
 
 
 class PromptTooLongError(DataError):
@@ -83,6 +89,24 @@ def _check_preprocessor_config(cfg: Mapping[str, Any], file: str) -> None:
                 positive_int(f"size.{key}", size[key])
 
 
+def _check_against_model(path: str, image_processor: ImageProcessor, pre_file: str) -> None:
+    """The image settings against the model's vision tower in config.json, when the directory has one (a
+    Qwen3-VL checkpoint with a Qwen2.5-VL preprocessor_config.json, or none, would give wrong patches)."""
+    cfg_file = os.path.join(path, "config.json")
+    vision = read_json_object(cfg_file).get("vision_config") if os.path.isfile(cfg_file) else None
+    if not isinstance(vision, dict):
+        return
+    for model_key, key in _VISION_KEYS:
+        want, have = vision.get(model_key), getattr(image_processor, key)
+        if not isinstance(want, int) or want == have:
+            continue
+        model = f"vision_config.{model_key} = {want} in {cfg_file}"
+        if os.path.isfile(pre_file):
+            raise ConfigError(f"{pre_file}: {key} {have} does not match {model} (a file of another backbone?)")
+        raise ConfigError(f"{path}: no preprocessor_config.json, and the default {key} {have} does not match "
+                          f"{model}: copy the checkpoint's preprocessor_config.json here")
+
+
 class Processor:
     def __init__(self, tokenizer: QwenTokenizer, image_processor: ImageProcessor):
         self.tokenizer = tokenizer
@@ -99,8 +123,10 @@ class Processor:
         pre_file = os.path.join(os.fspath(path), "preprocessor_config.json")
         pre_cfg = read_json_object(pre_file) if os.path.isfile(pre_file) else {}
         _check_preprocessor_config(pre_cfg, pre_file)
+        image_processor = ImageProcessor.from_dict(pre_cfg, resize=resize)
+        _check_against_model(os.fspath(path), image_processor, pre_file)
         tokenizer = QwenTokenizer.from_pretrained(path, model_max_length=model_max_length)
-        return cls(tokenizer, ImageProcessor.from_dict(pre_cfg, resize=resize))
+        return cls(tokenizer, image_processor)
 
     def __call__(
         self,
@@ -116,7 +142,8 @@ class Processor:
 
         ``text``: prompts from ``apply_chat_template`` (message text stays text), or plain strings (parsed as HF
         does). ``min_pixels``/``max_pixels`` override the pixel budget of the preprocessor config for this call.
-        Raises :class:`PromptTooLongError` for a prompt over ``tokenizer.model_max_length`` tokens.
+        Raises :class:`PromptTooLongError` for a prompt over ``tokenizer.model_max_length`` tokens, DataError for a
+        video placeholder.
         """
         if text is None:
             raise ValueError("text is required (use the image processor directly for images only)")
@@ -125,8 +152,11 @@ class Processor:
             raise ValueError("text must be a string or a non-empty list of strings")
         ids = self.tokenizer.encode_batch(texts)
         image_id, video_id = self.tokenizer.image_token_id, self.tokenizer.video_token_id
-        if any(video_id in row for row in ids):
-            raise NotImplementedError("videos are not supported (the prompt has a video placeholder)")
+        for row, seq in enumerate(ids):
+            if video_id in seq:
+                which = f"prompt {row} of the batch" if len(ids) > 1 else "the prompt"
+                raise DataError(f"{which} holds the video placeholder {VIDEO_PAD} (token {video_id}): videos are not "
+                                "supported, only images")
         images = _flatten_images(images)
         n_placeholders = sum(row.count(image_id) for row in ids)
         if n_placeholders != len(images):

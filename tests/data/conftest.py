@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny tokenizer directory and the HF reference processor built from it, offline."""
+"""Shared fixtures: the tiny tokenizer directories (Qwen2.5-VL, Qwen3-VL) and the HF reference processor built from
+them, offline."""
 
 import warnings
 
@@ -10,6 +11,12 @@ from qzoom_jax.data.tiny_tokenizer import write_tiny_tokenizer
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """The tiny tokenizer with Qwen3-VL's added tokens, chat template and image settings."""
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_qwen3"), backbone="qwen3_vl")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from qzoom_jax.data.chat_template import DEFAULT_TEMPLATE_FILE, ChatTemplate
-from qzoom_jax.data.tiny_tokenizer import TINY_BASE_VOCAB, added_tokens, chat_template_source, write_tiny_tokenizer
+from qzoom_jax.data.tiny_tokenizer import TINY_BASE_VOCAB, added_tokens, chat_template_source
 from qzoom_jax.data.tokenizer import QwenTokenizer
 from qzoom_jax.runtime.errors import ConfigError, DataError
 
@@ -24,14 +24,9 @@ WORDS = ["hi", "What <|im_end|> is", "\n", "", "  spaced ", "<|image_pad|>", "ca
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_qwen3"), backbone="qwen3_vl")
-
-
-@pytest.fixture(scope="module")
-def hf_qwen3_tokenizer(qwen3_dir):
+def hf_qwen3_tokenizer(tiny_qwen3_dir):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(qwen3_dir)
+    return transformers.AutoTokenizer.from_pretrained(tiny_qwen3_dir)
 
 
 def _conversations(n, seed):
@@ -90,10 +85,10 @@ def test_qwen2_5_vl_golden_strings(tiny_dir):
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_qwen3_vl_renders_as_hf_on_many_shapes(qwen3_dir, hf_qwen3_tokenizer):
+def test_qwen3_vl_renders_as_hf_on_many_shapes(tiny_qwen3_dir, hf_qwen3_tokenizer):
     """Qwen3-VL's own template (no default system turn, tool turns merged into one user turn) as transformers
     renders it; the directory's template is the one found, not the packaged default."""
-    tok = QwenTokenizer.from_pretrained(qwen3_dir)
+    tok = QwenTokenizer.from_pretrained(tiny_qwen3_dir)
     assert tok.chat_template.source == chat_template_source("qwen3_vl") != chat_template_source("qwen2_5_vl")
     for msgs, gen, vid in _conversations(300, seed=1):
         assert tok.apply_chat_template(msgs, gen, vid) == _hf_render(hf_qwen3_tokenizer, msgs, gen, vid), msgs
@@ -118,10 +113,10 @@ def _bare_ids(tok, text):
 
 
 @pytest.mark.parametrize("token", added_tokens("qwen3_vl"))
-def test_qwen3_vl_message_text_stays_text(qwen3_dir, hf_qwen3_tokenizer, token):
+def test_qwen3_vl_message_text_stays_text(tiny_qwen3_dir, hf_qwen3_tokenizer, token):
     """Every one of Qwen3's 26 added-token strings, in a system prompt, a text item, a string turn, an assistant
     turn and a tool response, is encoded as its characters; around it, the ids are HF's parse of the markup."""
-    tok = QwenTokenizer.from_pretrained(qwen3_dir)
+    tok = QwenTokenizer.from_pretrained(tiny_qwen3_dir)
     question = f"Is {token} here?{token}\n"
     shapes = [
         [{"role": "system", "content": [{"type": "text", "text": question}]}, {"role": "user", "content": "hi"}],

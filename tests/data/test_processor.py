@@ -126,7 +126,7 @@ def test_decode_passthrough(processor):
         ({"text": ["<|image_pad|>", "<|image_pad|>"], "images": [_rand_image(56, 56)]}, ValueError, "2 .* but 1"),
         ({"text": "<|image_pad|>", "images": [_rand_image(20, 100)]}, ValueError, "20x100"),
         ({"text": "<|image_pad|>", "images": [_rand_image(28, 6000)]}, ValueError, "aspect ratio"),
-        ({"text": "<|video_pad|>"}, NotImplementedError, "videos"),
+        ({"text": "<|video_pad|>"}, DataError, r"the prompt holds the video placeholder <\|video_pad\|> \(token 1013"),
         ({"text": ["a", "a much longer text"], "padding": False}, ValueError, "padding=True"),
         ({"text": "a", "padding_side": "middle"}, ValueError, "padding_side"),
         ({"text": None}, ValueError, "text is required"),

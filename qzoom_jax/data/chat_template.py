@@ -227,15 +227,17 @@ class ChatTemplate:
         ``specials``: the tokenizer's added-token strings (a role or type holding one is a DataError). A template
         that raises (its ``raise_exception``, a bad field) or that edits message text is a DataError naming it.
         """
-        if isinstance(messages, (str, Mapping)) or not all(isinstance(m, Mapping) for m in messages):
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or \
+                not all(isinstance(m, Mapping) for m in messages):
             raise DataError(f"chat messages must be a list of objects with role and content, got {messages!r:.80}")
+        messages = list(messages)
         used = set().union(*map(set, _strings(messages))) | set(self.source)
         marker = next((chr(c) for c in _PRIVATE_USE if chr(c) not in used), None)
         if marker is None:  # 6400 private-use characters, all of them in one prompt
             raise DataError("chat messages use every private-use character; cannot tell their text from the markup")
         texts: list[str] = []
-        marked = self._render(_Data(marker, specials, texts)(list(messages)), add_generation_prompt, add_vision_id)
-        real = self._render(_Data(marker, specials, None)(list(messages)), add_generation_prompt, add_vision_id)
+        marked = self._render(_Data(marker, specials, texts)(messages), add_generation_prompt, add_vision_id)
+        real = self._render(_Data(marker, specials, None)(messages), add_generation_prompt, add_vision_id)
         pieces = re.split(f"{marker}([0-9]+){marker}", marked)
         try:
             chat = ChatText((p, True) if i % 2 == 0 else (texts[int(p)], False) for i, p in enumerate(pieces))

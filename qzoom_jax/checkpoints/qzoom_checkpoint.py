@@ -6,7 +6,8 @@ Two kinds of checkpoint name the same parts:
   ``model.twig_layers.*`` / ``model.high_res_layers.*`` / ``model.high_res_head.*`` with ``enable_twig``,
   ``twig_K``, ``enable_high_res``, ``reuse_src_pos`` ... in config.json (reference §5);
 * a training run directory of ours (``WORKDIR/checkpoints/<step>/``, Orbax): a stage-1 run holds the twig, a
-  stage-3 run the gate; its meta names the backbone path and, for the gate, the stage-1 run with its twig.
+  stage-3 run the gate; its meta names the backbone path and, for the gate, the stage-1 run with its twig (and
+  the backbone that twig was trained on, which may be the base model of a stage-2 gate backbone).
 
 A checkpoint without a gate always zooms (upstream's stage-1/2 behaviour, reference §4.3). Reading a run never
 writes to it (Orbax opens it read-only), and its trained params are checked like a backbone's (``weight_checks``).
@@ -20,6 +21,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -41,6 +43,7 @@ class QZoomParts:
     reuse_src_pos: bool      # RoI position mode (reference §4.5)
     roi_threshold: float = 0.1   # recommended τ_roi (config.json roi_conf_thresh)
     gate_threshold: float = 0.1  # recommended τ_gate (config.json high_res_thresh)
+    twig_backbone: str | None = None  # a gate run on a stage-2 model: the base model its twig may come from
 
 
 def _resolved(path: str) -> str:
@@ -74,7 +77,9 @@ def read_run(run: str) -> tuple[dict, dict]:
             raise CheckpointError(f"{run}: no finished checkpoint under {directory}")
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                  meta=ocp.args.JsonRestore()))
-    params = jax.tree_util.tree_map(jnp.asarray, restored["state"]["params"])
+    # Through the host: Orbax restores onto the devices the run was saved from (all of them, when it trained in
+    # this process), and the branches must sit on the default device next to the backbone they run with.
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), restored["state"]["params"])
     where = os.path.join(directory, str(step), "state")
     weight_checks.check_float_tree(params, where)
     weight_checks.check_finite_tree(params, where)
@@ -99,7 +104,7 @@ def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="f
     if twig_run is not None:
         twig, meta = read_run(twig_run)
         _expect_stage(twig_run, meta, "sdrpn")
-        _check_branch(parts, meta, twig_run)
+        _check_branch(parts, meta, twig_run, parts.twig_backbone)
         parts.twig, parts.K = twig, meta["K"]
     if reuse_src_pos is not None:
         parts.reuse_src_pos = reuse_src_pos
@@ -123,11 +128,14 @@ def _expect_stage(run: str, meta: dict, stage: str) -> None:
         raise CheckpointError(f"{run} is a {meta.get('stage')!r} run, expected a {stage!r} run")
 
 
-def _check_branch(parts: QZoomParts, meta: dict, where: str) -> None:
-    # The twig and the gate must branch off the same layer of the same backbone (reference §7 #10).
+def _check_branch(parts: QZoomParts, meta: dict, where: str, twig_backbone: str | None = None) -> None:
+    """The twig and the gate must branch off the same layer of the same backbone (reference §7 #10), or -- a
+    gate trained on a stage-2 model with the base model's stage-1 twig (upstream's Qwen2.5 recipe) -- the twig
+    must come from the backbone the gate run recorded for it (``twig_backbone``, checked when it trained)."""
     if parts.K is not None and meta["K"] != parts.K:
         raise CheckpointError(f"{where} branches off layer K={meta['K']}, but the checkpoint uses K={parts.K}")
-    if _resolved(meta["backbone"]) != _resolved(parts.backbone_path):
+    trained_on = _resolved(meta["backbone"])
+    if trained_on not in (_resolved(parts.backbone_path), twig_backbone and _resolved(twig_backbone)):
         raise CheckpointError(f"{where} was trained on {meta['backbone']}, but the checkpoint's backbone is "
                               f"{parts.backbone_path}")
 
@@ -143,10 +151,11 @@ def _from_run(run: str, dtype, attn_impl: str, mesh) -> QZoomParts:
         parts.twig = params
     elif meta.get("stage") == "gate":
         parts.gate = params
+        parts.twig_backbone = meta.get("twig_backbone")
         if meta.get("twig_run"):
             twig, twig_meta = read_run(meta["twig_run"])
             _expect_stage(meta["twig_run"], twig_meta, "sdrpn")
-            _check_branch(parts, twig_meta, meta["twig_run"])
+            _check_branch(parts, twig_meta, meta["twig_run"], parts.twig_backbone)
             parts.twig = twig
     else:
         raise CheckpointError(f"{run}: unknown stage {meta.get('stage')!r} in the checkpoint meta")

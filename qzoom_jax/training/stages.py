@@ -130,6 +130,7 @@ class Gate(_Head):
         self.threshold = cfg.train.threshold
         self.summary = None  # the pool's rule counts and largest drawable budget, from training_source
         _check_twig_run(cfg.model.twig_run, cfg.model.K)
+        self.twig_backbone = _twig_backbone(cfg.model.twig_run, label_parts.model_path(cfg.model.path))
 
     def training_source(self, workdir: str):
         """(the consistency-filtered pool, checkpoint meta). Answers come from given datasets, an upstream
@@ -147,7 +148,8 @@ class Gate(_Head):
         twig_run = self.cfg.model.twig_run
         if twig_run and "://" not in twig_run:
             twig_run = os.path.abspath(twig_run)
-        return source, {"label_dirs": label_dirs, "twig_run": twig_run, "pool": self.summary}
+        return source, {"label_dirs": label_dirs, "twig_run": twig_run, "twig_backbone": self.twig_backbone,
+                        "pool": self.summary}
 
     def init_params(self, base_layers, K: int, T: int):
         return gate_lib.init_gate_params(base_layers, K, T, jax.random.key(self.cfg.seed))
@@ -170,6 +172,24 @@ def _check_twig_run(twig_run: str, K: int) -> None:
     if meta.get("stage") != "sdrpn" or meta.get("K") != K:
         raise ValueError(f"model.twig_run={twig_run!r} is a {meta.get('stage')!r} run with K={meta.get('K')}, but "
                          f"the gate needs an 'sdrpn' twig with the same K={K} (high_res_K must equal twig_K)")
+
+
+def _twig_backbone(twig_run: str, backbone: str) -> str | None:
+    """The backbone the twig of ``twig_run`` was trained on, recorded in the gate's meta so that loading the
+    gate accepts the twig (None without a twig run). It may differ from the gate's own backbone -- upstream's
+    Qwen2.5 recipe puts the gate on the stage-2 model and keeps the base model's stage-1 twig -- but the two must
+    be the same architecture, checked here, before training."""
+    if not twig_run:
+        return None
+    trained_on = _stage1_meta(twig_run).get("backbone")
+    if trained_on is None:
+        return None
+    mine, theirs = registry.read_config(backbone), registry.read_config(trained_on)
+    if (mine.model_type, mine.text) != (theirs.model_type, theirs.text):
+        raise ConfigError(f"model.twig_run={twig_run!r} was trained on {trained_on}, whose decoder differs from that "
+                          f"of model.path={backbone} ({theirs.model_type} {theirs.text} vs {mine.model_type} "
+                          f"{mine.text}); the twig branches off this backbone's layer K")
+    return _absolute(trained_on)
 
 
 def _stage1_meta(twig_run: str) -> dict:

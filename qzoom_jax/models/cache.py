@@ -1,4 +1,5 @@
-"""The decoder's KV cache and causal mask, shared by every backbone (a cache is [layers, B, S, KV, head_dim])."""
+"""The decoder's KV cache and causal mask, shared by every backbone (a cache is [layers, B, S, KV, head_dim]; the
+mask is segment ids, ``attention.Mask``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from qzoom_jax.models.attention import Mask
 
 
 class KVCache(NamedTuple):
@@ -20,9 +24,13 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def causal_mask(key_valid, q_len: int, offset=0):
-    """[B, 1, q_len, S] boolean: query i (at cache index offset + i) sees valid keys j <= offset + i."""
-    S = key_valid.shape[-1]
-    q_idx = offset + jnp.arange(q_len)[:, None]
-    allowed = jnp.arange(S)[None, :] <= q_idx
-    return allowed[None, None] & key_valid[:, None, None, :].astype(bool)
+def causal_mask(key_valid, q_len: int, offset=0) -> Mask:
+    """Causal attention of ``q_len`` queries at cache indices ``offset ..`` over the keys of ``key_valid`` [B, S]:
+    1 (or a packed row's sample id 1..n) for a real key, 0 for padding. A query sees the keys up to itself with its
+    own id; its id is read from ``key_valid`` at its index (``offset`` may be traced, as in decode steps)."""
+    ids = jnp.asarray(key_valid).astype(jnp.int32)
+    if isinstance(offset, (int, np.integer)):
+        q_ids = ids[:, offset:offset + q_len]
+    else:
+        q_ids = jax.lax.dynamic_slice_in_dim(ids, offset, q_len, axis=1)
+    return Mask(q_ids, ids, causal=True, q_start=offset)

@@ -153,12 +153,14 @@ def vision_rope(positions, head_dim: int):
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def segment_attention(q, k, v, table, slot, *, impl: str = "einsum"):
+def segment_attention(q, k, v, table, slot, segment=None, *, impl: str = "einsum"):
     """Attention within segments. ``q``/``k``/``v`` [N, heads, head_dim]; ``table`` [S, L] / ``slot`` [N] as in
-    :class:`VisionLayout`. Returns [N, heads, head_dim]; positions in no segment (padding) get zeros.
+    :class:`VisionLayout`; ``segment`` [S, L] int32: the id of the segment in each slot (0 = empty), for rows that
+    hold several (packed frames); None = one segment per row. Returns [N, heads, head_dim]; positions in no segment
+    (padding) get zeros.
 
-    Rows are gathered into [S, L, heads, head_dim] (empty slots read zeros), attended with batch = S under a
-    [S, 1, L, L] mask, and gathered back; nothing of size N x N is ever formed.
+    Rows are gathered into [S, L, heads, head_dim] (empty slots read zeros), attended with batch = S under the
+    rows' segment ids (``attention.Mask``), and gathered back; nothing of size N x N is ever formed.
     """
     n = q.shape[0]
     s, l = table.shape
@@ -166,10 +168,8 @@ def segment_attention(q, k, v, table, slot, *, impl: str = "einsum"):
     idx = jnp.where(valid, table, n)  # out of range -> fill
     qkv = jnp.take(jnp.concatenate([q, k, v], axis=1), idx, axis=0, mode="fill", fill_value=0)
     qt, kt, vt = jnp.split(qkv, 3, axis=2)
-    # Real queries see the real keys of their segment only. Empty-slot queries (their output is dropped) may
-    # see every slot, so no row is fully masked (the xla/cudnn kernels would return NaN there).
-    mask = valid[:, None, None, :] | ~valid[:, None, :, None]
-    out = attn_lib.attention(qt, kt, vt, mask, impl=impl).reshape(s * l, *q.shape[1:])
+    ids = valid.astype(jnp.int32) if segment is None else segment
+    out = attn_lib.attention(qt, kt, vt, attn_lib.segments_mask(ids), impl=impl).reshape(s * l, *q.shape[1:])
     return jnp.take(out, jnp.where(slot != PAD, slot, s * l), axis=0, mode="fill", fill_value=0)
 
 

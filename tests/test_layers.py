@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qzoom_jax"
 # Top to bottom: a module may import from its own layer and the layers below it, never from one above.
 LAYERS = (
     ("entry points", ("qzoom_jax", "qzoom_jax.train", "qzoom_jax.labels", "qzoom_jax.infer", "qzoom_jax.evaluate",
-                      "qzoom_jax.convert", "qzoom_jax.bench", "qzoom_jax.assets")),
+                      "qzoom_jax.convert", "qzoom_jax.bench", "qzoom_jax.pipeline", "qzoom_jax.assets")),
     ("stages and engines", ("qzoom_jax.training", "qzoom_jax.labelling", "qzoom_jax.evaluation", "qzoom_jax.zoom")),
     ("checkpoint formats", ("qzoom_jax.checkpoints",)),
     ("data", ("qzoom_jax.data",)),

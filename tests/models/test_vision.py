@@ -74,9 +74,11 @@ def test_parity_with_transformers(name):
         assert err <= 1e-4 * scale
 
 
-def _segment_ids(slot, table):
-    """Per-position segment id (PAD for padding) from a layout's flat slot index."""
-    return np.where(slot == PAD, PAD, slot // table.shape[1])
+def _segment_ids(slot, table, segment=None):
+    """Per-position segment id (PAD for padding) from a layout's flat slot index (and the slots' ids within a row
+    when rows pack several segments)."""
+    within = 0 if segment is None else segment.reshape(-1)[np.where(slot == PAD, 0, slot)]
+    return np.where(slot == PAD, PAD, (slot // table.shape[1]) * table.shape[1] + within)
 
 
 def _run_lengths(seg):
@@ -99,7 +101,8 @@ def test_layout_matches_hf_helpers(window_size):
     np.testing.assert_array_equal(lay.patch_index, (win_index[:, None] * mu + np.arange(mu)).reshape(-1))
     # Segments are contiguous runs (so ids never repeat after a change) with HF's lengths.
     for seg, cu in ((_segment_ids(lay.window_slot, lay.window_table), cu_win),
-                    (_segment_ids(lay.full_slot, lay.full_table), get_vision_cu_seqlens(g).numpy())):
+                    (_segment_ids(lay.full_slot, lay.full_table, lay.full_segment),
+                     get_vision_cu_seqlens(g).numpy())):
         assert len(np.unique(seg)) == len(_run_lengths(seg))
         np.testing.assert_array_equal(_run_lengths(seg), np.diff(cu))
     hf_pos = get_vision_position_ids(g, 2).numpy().reshape(-1, mu, 2)[win_index].reshape(-1, 2)
@@ -171,10 +174,22 @@ def test_layout_tables_consistent(grids, pad_to, window_size):
         assert (slot[n_real:] == PAD).all()
     per_window = (lay.window_table != PAD).sum(1)
     assert per_window.max() <= max_win and (per_window % cfg.merge_unit == 0).all()
-    # Frame table: one row per frame, each frame's patches, lengths bucketed to >= 64.
+    # Frame table: consecutive frames packed into rows of a bucketed length >= 64 and the longest frame; each
+    # frame is one run of one id in one row.
     frames = [h * w for t, h, w in grids for _ in range(t)]
-    np.testing.assert_array_equal((lay.full_table != PAD).sum(1)[:len(frames)], frames)
+    seg = lay.full_segment.reshape(-1)[lay.full_slot[:n_real]] + (lay.full_slot[:n_real] // lay.full_table.shape[1]) * 1000
+    np.testing.assert_array_equal(_run_lengths(seg), frames)
+    assert ((lay.full_segment > 0) == (lay.full_table != PAD)).all()
     assert lay.full_table.shape[1] >= max(64, max(frames))
+
+
+def test_frames_of_mixed_sizes_are_packed_not_padded():
+    # A 384-patch frame and two 64-patch ones: two rows of 384 slots (one per frame, padded to the largest, was
+    # four rows), the small frames side by side with ids 1 and 2.
+    cfg = vision_config("w112_full13")
+    lay = vision_layout([(1, 16, 24), (1, 8, 8), (1, 8, 8)], cfg)
+    assert lay.full_table.shape == (2, 384)
+    np.testing.assert_array_equal(lay.full_segment[1], [1] * 64 + [2] * 64 + [0] * 256)
 
 
 def _max_intermediate(jaxpr):
@@ -199,7 +214,7 @@ def test_window_block_memory_is_linear(attn_impl):
     params = jax.eval_shape(lambda: init_vision_params(cfg, jax.random.key(0)))
     p0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params["blocks"])
     block = VisionBlock(cfg, attn_impl=attn_impl)
-    segs = ((lay.window_table, lay.window_slot), (lay.full_table, lay.full_slot))
+    segs = ((lay.window_table, lay.window_slot), (lay.full_table, lay.full_slot, lay.full_segment))
     x = jax.ShapeDtypeStruct((n, cfg.hidden_size), jnp.float32)
     cs = jax.ShapeDtypeStruct((n, cfg.head_dim), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, x, c, s: block.apply({"params": p}, x, c, s, False, segs))(p0, x, cs, cs)
@@ -221,17 +236,18 @@ def test_segment_attention_matches_dense_mask():
     n, n_real = lay.patch_index.shape[0], sum(t * h * w for t, h, w in TWO_IMAGES)
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
-    for table, slot in ((lay.window_table, lay.window_slot), (lay.full_table, lay.full_slot)):
-        seg = _segment_ids(slot, table)[:n_real]
+    for table, slot, segment in ((lay.window_table, lay.window_slot, None),
+                                 (lay.full_table, lay.full_slot, lay.full_segment)):
+        seg = _segment_ids(slot, table, segment)[:n_real]
         mask = jnp.asarray(seg[:, None] == seg[None, :])[None, None]
         ref = attn_lib.attention(q[None, :n_real], k[None, :n_real], v[None, :n_real], mask)[0]
         for impl in ("einsum", "xla"):
-            out = np.asarray(segment_attention(q, k, v, table, slot, impl=impl))
+            out = np.asarray(segment_attention(q, k, v, table, slot, segment, impl=impl))
             assert np.isfinite(out).all()
             np.testing.assert_allclose(out[:n_real], ref, rtol=0, atol=1e-5)
             # Changing padding rows changes nothing real.
             out2 = segment_attention(q.at[n_real:].set(1e3), k.at[n_real:].set(-1e3), v.at[n_real:].set(7.0),
-                                     table, slot, impl=impl)
+                                     table, slot, segment, impl=impl)
             np.testing.assert_array_equal(np.asarray(out2)[:n_real], out[:n_real])
 
 

@@ -46,16 +46,19 @@ class VisionLayout(NamedTuple):
 
     All positions below are in *window order* (the order the blocks see) unless stated otherwise. Each attention
     segmentation (windows; frames for full attention) is a gather table ``[S, L]`` -- row ``s`` lists the
-    positions of segment ``s`` in order, then ``PAD`` -- plus the inverse map ``slot`` [N]: position ``i`` sits at
-    ``table.flat[slot[i]]`` (i.e. segment ``slot[i] // L``, slot ``slot[i] % L``), ``PAD`` for padding patches.
+    positions of its segments in order, then ``PAD`` -- plus the inverse map ``slot`` [N]: position ``i`` sits at
+    ``table.flat[slot[i]]`` (row ``slot[i] // L``, slot ``slot[i] % L``), ``PAD`` for padding patches. A window
+    row holds one window; a frame row holds as many consecutive frames as fit (``full_segment`` tells them
+    apart), so frames of different sizes are not each padded to the largest.
     """
 
     patch_index: np.ndarray    # int32 [N]: row of ``pixel_values`` at each position (a permutation of 0..N-1)
     positions: np.ndarray      # int32 [N, 2]: (h, w) patch coordinates within its image (0 for padding)
     window_table: np.ndarray   # int32 [Sw, Lw]: positions of each attention window; Lw = (window / patch)^2
     window_slot: np.ndarray    # int32 [N]: flat index into ``window_table`` of each position (PAD for padding)
-    full_table: np.ndarray     # int32 [Sf, Lf]: positions of each frame (the full-attention segments)
+    full_table: np.ndarray     # int32 [Sf, Lf]: frames (the full-attention segments) packed into rows, in order
     full_slot: np.ndarray      # int32 [N]: flat index into ``full_table`` of each position (PAD for padding)
+    full_segment: np.ndarray   # int32 [Sf, Lf]: which frame of its row each slot holds (1, 2 ..; 0 = empty)
     merge_inverse: np.ndarray  # int32 [M]: output row j (merged raster order) = merged group merge_inverse[j]
     merged_valid: np.ndarray   # bool  [M]: True for real merged tokens; they come first, padding rows last
 
@@ -74,6 +77,32 @@ def _segment_table(segments: np.ndarray, n: int, num_segments: int, slots: int):
     return table.reshape(num_segments, slots).astype(np.int32), slot.astype(np.int32)
 
 
+def packed_segment_table(segments: np.ndarray, n: int, slots: int):
+    """Like :func:`_segment_table`, but consecutive segments share a row while they fit in ``slots`` (next fit, so
+    positions stay in order): (table [R, slots], slot [n], segment id within the row [R, slots], 0 = empty), R a
+    power of two. Attention then runs on R rows rather than one row per segment padded to the longest."""
+    n_real = len(segments)
+    counts = np.bincount(segments) if n_real else np.zeros(0, np.int64)
+    row_of, col_of, id_of = (np.zeros(len(counts), np.int64) for _ in range(3))
+    row = used = k = 0
+    for i, c in enumerate(counts):
+        if used + c > slots:
+            row, used, k = row + 1, 0, 0
+        row_of[i], col_of[i], id_of[i] = row, used, k + 1
+        used, k = used + c, k + 1
+    rows = pow2(row + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pos = np.arange(n_real)
+    flat = row_of[segments] * slots + col_of[segments] + pos - starts[segments]
+    table = np.full(rows * slots, PAD, np.int64)
+    table[flat] = pos
+    ids = np.zeros(rows * slots, np.int64)
+    ids[flat] = id_of[segments]
+    slot = np.concatenate([flat, np.full(n - n_real, PAD)])
+    return (table.reshape(rows, slots).astype(np.int32), slot.astype(np.int32),
+            ids.reshape(rows, slots).astype(np.int32))
+
+
 def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min_window_rows: int = 1,
                   min_frame_slots: int = 64) -> VisionLayout:
     """Window layout of a packed image batch, as HF ``get_vision_window_index`` & co. define it.
@@ -84,8 +113,8 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min
 
     Table buckets (static shapes): the window table has exactly ``(window_size / patch_size)^2`` slots and a
     power-of-two row count, at least ``N / slots`` and ``min_window_rows`` (so for typical inputs it depends on
-    ``pad_to`` alone); the frame table has a power-of-two row count and ``2^k`` or ``1.5 * 2^k`` slots (at least
-    ``min_frame_slots`` and the longest frame). Raising the minima lets layouts of differently shaped images
+    ``pad_to`` alone); the frame table has ``2^k`` or ``1.5 * 2^k`` slots (at least ``min_frame_slots`` and the
+    longest frame) and a power-of-two count of rows, each packed with consecutive frames. Raising the minima lets layouts of differently shaped images
     (e.g. one per batch row, vmapped) share array shapes: ``min_frame_slots=pad_to`` fixes the frame table of
     one image; elongated grids can still need more window rows than ``min_window_rows``.
     """
@@ -129,8 +158,7 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min
     window_rows = pow2(max(min_window_rows, n_windows, -(-n // win_slots)))
     window_table, window_slot = _segment_table(win_seg, n, window_rows, win_slots)
     frame_len = np.bincount(frame_seg) if n_real else np.zeros(1, np.int64)
-    full_table, full_slot = _segment_table(frame_seg, n, pow2(max(1, n_frames)),
-                                           bucket(frame_len.max(), min_frame_slots))
+    full_table, full_slot, full_segment = packed_segment_table(frame_seg, n, bucket(frame_len.max(), min_frame_slots))
     return VisionLayout(
         patch_index=patch_index.astype(np.int32),
         positions=positions.astype(np.int32),
@@ -138,6 +166,7 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min
         window_slot=window_slot,
         full_table=full_table,
         full_slot=full_slot,
+        full_segment=full_segment,
         merge_inverse=np.argsort(order).astype(np.int32),
         merged_valid=np.arange(n // mu) < n_merged,
     )
@@ -180,7 +209,7 @@ class VisionAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, full, segments):
-        """``segments`` = ((window_table, window_slot), (full_table, full_slot)); ``full`` picks one: a Python
+        """``segments`` = ((window_table, window_slot), (full_table, full_slot, full_segment)); ``full`` picks one: a Python
         bool picks it at trace time, a traced bool with ``lax.cond`` (only the chosen branch runs)."""
         n, d = x.shape
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.dtype, name=name)
@@ -266,8 +295,9 @@ def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout,
     x = jnp.pad(x, ((0, n - x.shape[0]), (0, 0)))
     x = (x @ params["patch_embed"]["proj"]["kernel"])[layout.patch_index]
     cos, sin = vision_rope(jnp.asarray(layout.positions), cfg.head_dim)
-    segments = tuple((jnp.asarray(tab), jnp.asarray(slot)) for tab, slot in
-                     ((layout.window_table, layout.window_slot), (layout.full_table, layout.full_slot)))
+    segments = tuple(tuple(jnp.asarray(a) for a in seg) for seg in
+                     ((layout.window_table, layout.window_slot),
+                      (layout.full_table, layout.full_slot, layout.full_segment)))
     is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
     block = VisionBlock(cfg, dtype, attn_impl)
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from qzoom_jax.models import layers
 from qzoom_jax.models.layers import hf_init
-from qzoom_jax.models.qwen2_5_vl.vision import _segment_table, segment_attention
+from qzoom_jax.models.qwen2_5_vl.vision import packed_segment_table, segment_attention
 from qzoom_jax.models.qwen3_vl.config import VisionConfig
-from qzoom_jax.runtime.buckets import bucket, pow2
+from qzoom_jax.runtime.buckets import bucket
 
 
 # ---------------------------------------------------------------------------------------------- host-side layout
@@ -33,8 +33,9 @@ class VisionLayout(NamedTuple):
     positions: np.ndarray    # int32 [N, 2]: (h, w) patch coordinates within its frame (0 for padding)
     pos_index: np.ndarray    # int32 [N, 4]: bilinear taps into the flattened learned position grid
     pos_weight: np.ndarray   # float32 [N, 4]: their weights (0 for padding)
-    full_table: np.ndarray   # int32 [S, L]: patch rows of each frame (the attention segments), then PAD
+    full_table: np.ndarray   # int32 [S, L]: patch rows of the frames (the attention segments) packed into rows
     full_slot: np.ndarray    # int32 [N]: flat index into ``full_table`` of each row (PAD for padding)
+    full_segment: np.ndarray  # int32 [S, L]: which frame of its row each slot holds (1, 2 ..; 0 = empty)
     merged_valid: np.ndarray  # bool [M]: True for real merged tokens; they come first, padding rows last
 
 
@@ -53,8 +54,8 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *,
                   min_frame_slots: int = 64) -> VisionLayout:
     """Layout of a packed image batch: ``grid_thw`` int [n_images, 3] patch grids. ``pad_to``: total patch rows to
     pad to (a multiple of the merge unit, >= the real count); padding rows sit at the end of ``pixel_values`` and
-    of the output. The frame table has a power-of-two row count and ``2^k`` or ``1.5 * 2^k`` slots (at least
-    ``min_frame_slots`` and the longest frame)."""
+    of the output. The frame table has ``2^k`` or ``1.5 * 2^k`` slots (at least ``min_frame_slots`` and the longest
+    frame) and a power-of-two count of rows, each packed with consecutive frames (``packed_segment_table``)."""
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m, mu, side = cfg.spatial_merge_size, cfg.merge_unit, cfg.num_grid_per_side
     rows, cols, heights, widths, frames = [], [], [], [], []
@@ -85,14 +86,14 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *,
     pos_weight = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
     pad = n - n_real
     frame_len = np.bincount(frame_seg) if n_real else np.zeros(1, np.int64)
-    full_table, full_slot = _segment_table(frame_seg, n, pow2(max(1, n_frames)),
-                                           bucket(frame_len.max(), min_frame_slots))
+    full_table, full_slot, full_segment = packed_segment_table(frame_seg, n, bucket(frame_len.max(), min_frame_slots))
     return VisionLayout(
         positions=np.concatenate([np.stack([r, c], -1), np.zeros((pad, 2), np.int64)]).astype(np.int32),
         pos_index=np.concatenate([pos_index, np.zeros((pad, 4), np.int64)]).astype(np.int32),
         pos_weight=np.concatenate([pos_weight, np.zeros((pad, 4), np.float32)]).astype(np.float32),
         full_table=full_table,
         full_slot=full_slot,
+        full_segment=full_segment,
         merged_valid=np.arange(n // mu) < n_real // mu,
     )
 
@@ -119,12 +120,12 @@ class VisionAttention(nn.Module):
     attn_impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, x, cos, sin, table, slot):
+    def __call__(self, x, cos, sin, table, slot, segment=None):
         n, d = x.shape
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.dtype, name=name)
         q, k, v = jnp.split(dense(3 * d, "qkv")(x).reshape(n, 3 * self.cfg.num_heads, -1), 3, axis=1)
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        out = segment_attention(q, k, v, table, slot, impl=self.attn_impl)
+        out = segment_attention(q, k, v, table, slot, segment, impl=self.attn_impl)
         return dense(d, "proj")(out.reshape(n, d))
 
 
@@ -149,10 +150,10 @@ class VisionBlock(nn.Module):
     attn_impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, x, cos, sin, table, slot):
+    def __call__(self, x, cos, sin, table, slot, segment=None):
         eps = self.cfg.layer_norm_eps
         attn = VisionAttention(self.cfg, self.dtype, self.attn_impl, name="attn")
-        x = x + attn(_layer_norm("norm1", eps, self.dtype)(x), cos, sin, table, slot)
+        x = x + attn(_layer_norm("norm1", eps, self.dtype)(x), cos, sin, table, slot, segment)
         return x + VisionMLP(self.cfg, self.dtype, name="mlp")(_layer_norm("norm2", eps, self.dtype)(x))
 
 
@@ -213,11 +214,11 @@ def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout,
     taps = params["pos_embed"]["embedding"][jnp.asarray(layout.pos_index)]            # [N, 4, D]
     x = x + jnp.sum(taps * jnp.asarray(layout.pos_weight, dtype)[..., None], axis=1).astype(dtype)
     cos, sin = vision_rope(jnp.asarray(layout.positions), cfg.head_dim, cfg.rope_theta)
-    table, slot = jnp.asarray(layout.full_table), jnp.asarray(layout.full_slot)
+    frames = tuple(jnp.asarray(a) for a in (layout.full_table, layout.full_slot, layout.full_segment))
     block = VisionBlock(cfg, dtype, attn_impl)
 
     def layer(p, h, _):
-        return block.apply({"params": p}, h, cos, sin, table, slot), None
+        return block.apply({"params": p}, h, cos, sin, *frames), None
 
     # One scan per run of blocks between DeepStack taps (the captured states are the outputs of those blocks).
     captured, start = [], 0

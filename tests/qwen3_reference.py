@@ -34,9 +34,10 @@ TINY_CONFIGS = {
 }
 
 
-def hf_config(name: str) -> transformers.Qwen3VLConfig:
+def hf_config(name: str, text_layers: int | None = None) -> transformers.Qwen3VLConfig:
+    """``text_layers`` overrides the decoder depth (the Q-Zoom tests branch off a deeper stack)."""
     spec = TINY_CONFIGS[name]
-    t = dict(spec["text"])
+    t = dict(spec["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers}))
     mrope = t.pop("mrope_section")
     text_config = dict(vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=4096,
                        bos_token_id=IDS["bos_token_id"], eos_token_id=IDS["eos_token_id"],
@@ -49,14 +50,14 @@ def hf_config(name: str) -> transformers.Qwen3VLConfig:
                                       tie_word_embeddings=spec["tie"], **IDS)
 
 
-def tiny_pair(name: str, seed: int = 0, init_scale: float = 4.0):
+def tiny_pair(name: str, seed: int = 0, init_scale: float = 4.0, text_layers: int | None = None):
     """(HF model in eval mode, eager attention, float32; our QwenVL with the same weights).
 
     Matrices are scaled up from HF's N(0, 0.02) init so logits are O(1) and greedy choices are not near-ties; the
     norms and biases get random values so that a swapped or dropped one shows.
     """
     torch.manual_seed(seed)
-    hf = transformers.Qwen3VLForConditionalGeneration(hf_config(name)).float().eval()
+    hf = transformers.Qwen3VLForConditionalGeneration(hf_config(name, text_layers)).float().eval()
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         for n, p in hf.named_parameters():

@@ -8,3 +8,5 @@ EMBEDDED_QZOOM = os.path.join(_ASSETS, "tiny_qzoom")  # the tiny backbone + a tr
 # The random-weight tiny backbone, by name: what tests of the machinery run on. Today it is also the default; a
 # trained default (assets/make_tiny_reader.py) would change EMBEDDED_DEFAULT, not this.
 EMBEDDED_TINY = EMBEDDED_DEFAULT
+# The random-weight tiny Qwen3-VL backbone (assets/make_tiny_qwen3_vl.py): what the Qwen3-VL Q-Zoom tests run on.
+EMBEDDED_QWEN3_TINY = os.path.join(_ASSETS, "tiny_qwen3_vl")

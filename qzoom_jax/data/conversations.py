@@ -31,6 +31,7 @@ from PIL import Image
 
 from qzoom_jax.data import stage1, stage3
 from qzoom_jax.data.processor import Processor
+from qzoom_jax.data.prompts import SYSTEM_PROMPT
 from qzoom_jax.data.tokenizer import IM_START, ChatText
 from qzoom_jax.models import registry
 from qzoom_jax.runtime.buckets import bucket, pow2
@@ -112,10 +113,15 @@ def messages(conversations, n_images: int, uid: str = "?", chat_format: str = "u
 
 
 def _turn_text(message: Mapping[str, Any], processor: Processor, system: bool) -> ChatText:
-    """One turn in the chat template; ``system``: with the default system turn the template puts before a
-    first message (the inference prompt), else without it (upstream's training template has none)."""
+    """One turn in the chat template; ``system``: after the inference prompt's system turn (``SYSTEM_PROMPT``,
+    as ``stage1.chat_text``), else alone (upstream's training template has none). A template's default system
+    turn (Qwen2.5-VL's; Qwen3-VL has none) is cut off at the turn's own ``<|im_start|>{role}``: the default
+    turn's text is the template's, so it cannot hold that marker."""
+    if system:
+        return processor.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, message],
+                                             add_generation_prompt=False)
     text = processor.apply_chat_template([message], add_generation_prompt=False)
-    return text if system else text[text.index(IM_START, 1):]  # the second <|im_start|>: after the system turn
+    return text[text.index(IM_START + message["role"]):]
 
 
 def tokens_and_labels(msgs, processor: Processor, system: bool = False) -> tuple[np.ndarray, np.ndarray]:

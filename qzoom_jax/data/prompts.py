@@ -1,5 +1,9 @@
 """Prompt strings of the Q-Zoom data pipeline (training reference §1.1-§1.4), shared by every stage."""
 
+# The inference prompt's system turn: Qwen2.5-VL's chat template writes it by default; Qwen3-VL's has no default
+# system turn, so upstream's Qwen3-VL evaluation inserts this one (model-and-inference reference §6).
+SYSTEM_PROMPT = "You are a helpful assistant."
+
 # Ends most LLaVA GQA/OCR-VQA prompts; the answer suffix of the short-answer prompts.
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 

@@ -30,7 +30,7 @@ from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data.image_processing import DECODE_ERRORS, MAX_ASPECT_RATIO, ImageProcessor, open_image, to_rgb
 from qzoom_jax.data.processor import Processor, PromptTooLongError
 from qzoom_jax.runtime.errors import DataError
-from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION
+from qzoom_jax.data.prompts import ANSWER_SUFFIX, GROUNDING_INSTRUCTION, LEGACY_GROUNDING_INSTRUCTION, SYSTEM_PROMPT
 from qzoom_jax.runtime.errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -72,26 +72,32 @@ def student_prompt(prompt: str) -> str:
     return prompt.replace(LEGACY_GROUNDING_INSTRUCTION, ANSWER_SUFFIX)
 
 
-def chat_text(prompt: str, processor: Processor, *, system: bool = True, image_literal: bool = False) -> str:
+def chat_text(prompt: str, processor: Processor, *, system: bool | None = True, image_literal: bool = False) -> str:
     """One user turn (image, then the prompt) in the chat template, with the generation prompt: the inference
-    format (default system prompt, image block, prompt) unless told otherwise.
+    format (system prompt, image block, prompt) unless told otherwise.
 
-    ``image_literal``: upstream's training and teacher text, ``<image>`` kept as literal text before the image
-    block and a newline before the prompt (training reference §1.2 step 3, §5.2). ``system=False``: upstream's
-    training template, which has no system turn (§5.2).
+    ``system``: True = the inference prompt's system turn (``prompts.SYSTEM_PROMPT``: Qwen2.5-VL's template
+    default, inserted for Qwen3-VL as upstream's evaluation does); None = what the template writes by default
+    (upstream's label script: a system turn on Qwen2.5-VL, none on Qwen3-VL); False = none (upstream's training
+    template, §5.2). ``image_literal``: upstream's training and teacher text, ``<image>`` kept as literal text
+    before the image block and a newline before the prompt (training reference §1.2 step 3, §5.2).
     """
     content = [{"type": "image"}, {"type": "text", "text": prompt}]
     if image_literal:
         content = [{"type": "text", "text": "<image>"}, {"type": "image"}, {"type": "text", "text": "\n" + prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return text if system else text[text.index("<|im_start|>user"):]
+    messages = [{"role": "user", "content": content}]
+    if system:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return text if system is not False else text[text.index("<|im_start|>user"):]
 
 
 def teacher_chat(prompt: str, processor: Processor, chat_format: str) -> str:
-    """The label teacher's text. ``chat_format="upstream"`` reproduces upstream's label script (system prompt,
-    literal ``<image>``); ``"inference"`` is what the model sees at evaluation (reference §8 #6)."""
+    """The label teacher's text. ``chat_format="upstream"`` reproduces upstream's label script (the template's
+    default system turn, literal ``<image>``); ``"inference"`` is what the model sees at evaluation (§8 #6)."""
     check_chat_format(chat_format)
-    return chat_text(prompt, processor, image_literal=chat_format == "upstream")
+    upstream = chat_format == "upstream"
+    return chat_text(prompt, processor, system=None if upstream else True, image_literal=upstream)
 
 
 def student_chat(prompt: str, processor: Processor, chat_format: str) -> str:

@@ -68,3 +68,7 @@ class Backbone:
     # The official checkpoints spell keys the transformers-5.x way (model.visual.*, model.language_model.*); the
     # table stays in the 4.x spelling (the loader reads both), the exporter writes what transformers expects.
     v5_names: bool = False
+    # Q-Zoom's RoI sink mask (models/qzoom/roi.backbone_sink_mask): "top_left" zeroes fixed top-left cells of
+    # large grids (Qwen2.5-VL); "first_token" zeroes the tokens the twig's head-0 query at the first token
+    # attends to with sigmoid >= 0.75 (Qwen3-VL, model-and-inference reference §6).
+    roi_sink: str = "top_left"

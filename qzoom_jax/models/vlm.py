@@ -139,23 +139,31 @@ def decoder_trunk(params, config: ModelConfig, x, attention_mask, positions, num
     layers = params["model"]["layers"]
     if n != t.num_hidden_layers:
         layers = jax.tree_util.tree_map(lambda a: a[:n], layers)
+    h, cache = run_stack(config, layers, x, cos, sin, mask, cache, 0, deepstack, attn_impl=attn_impl)
+    return h, cos, sin, mask, cache
+
+
+def run_stack(config: ModelConfig, layers, x, cos, sin, mask, cache=None, cache_index=0, deepstack=None, *,
+              attn_impl: str = "einsum"):
+    """The backbone's ``run_layers`` over ``layers`` (the stack from layer 0) with ``deepstack`` [k, B, L, D]
+    (or None): row j added after layer j, so layers 0..k-1 run one at a time. Returns (h, cache)."""
+    t, bb = config.text, registry.backbone(config)
     if deepstack is None:
-        h, cache = bb.run_layers(layers, t, x, cos, sin, mask, cache, 0, dtype=x.dtype, attn_impl=attn_impl)
-        return h, cos, sin, mask, cache
-    # DeepStack: layers 0..k-1 one at a time, each followed by its residual, then the rest of the stack.
+        return bb.run_layers(layers, t, x, cos, sin, mask, cache, cache_index, dtype=x.dtype, attn_impl=attn_impl)
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     k = min(deepstack.shape[0], n)
     bounds = [*range(k + 1), *([n] if n > k else [])]
     h, parts = x, []
     for a, b in zip(bounds[:-1], bounds[1:]):
         cut = lambda tree: jax.tree_util.tree_map(lambda v: v[a:b], tree)
-        h, part = bb.run_layers(cut(layers), t, h, cos, sin, mask, None if cache is None else cut(cache), 0,
-                                dtype=x.dtype, attn_impl=attn_impl)
+        h, part = bb.run_layers(cut(layers), t, h, cos, sin, mask, None if cache is None else cut(cache),
+                                cache_index, dtype=x.dtype, attn_impl=attn_impl)
         if a < k:
             h = h + deepstack[a].astype(h.dtype)
         parts.append(part)
     if cache is not None:
         cache = KVCache(jnp.concatenate([p.k for p in parts]), jnp.concatenate([p.v for p in parts]))
-    return h, cos, sin, mask, cache
+    return h, cache
 
 
 def batch_trunk(params, config: ModelConfig, batch, layout, num_layers: int, *, attn_impl: str,

@@ -156,15 +156,18 @@ class QZoom:
         wants = np.ones(B, bool) if gate_prob is None else gate_prob >= gate_threshold
 
         maps: list[np.ndarray | None] = [None] * B
+        sinks: list[np.ndarray | None] = [None] * B
         if wants.any() or return_map:
-            scores = np.asarray(self._roi(self.parts.twig, self.config, h_k, ids, am, positions), np.float32)
+            scores, sink = (np.asarray(a, np.float32) for a in self._roi(self.parts.twig, self.config, h_k, ids, am,
+                                                                          positions))
             for b in range(B):
                 s = L - int(am[b].sum()) + splice.source_image(self.config, ids[b, am[b] != 0])[0]
                 maps[b] = scores[b, s:s + n_src[b]].reshape(prepared.src_hw[b])
+                sinks[b] = sink[b, s:s + n_src[b]].reshape(prepared.src_hw[b])
 
         zooms: dict[int, ZoomPlan] = {}
         for b in np.flatnonzero(wants):
-            z = self._plan_zoom(prepared, b, maps[b], roi_threshold, ids[b, am[b] != 0])
+            z = self._plan_zoom(prepared, b, maps[b], sinks[b], roi_threshold, ids[b, am[b] != 0])
             if z is not None:
                 zooms[int(b)] = z
         direct = [b for b in range(B) if b not in zooms]
@@ -186,9 +189,12 @@ class QZoom:
                                         n_src[b] + roi_tokens, maps[b]))
         return answers
 
-    def _plan_zoom(self, prepared: Prepared, b: int, roi_map, threshold: float, row_ids) -> ZoomPlan | None:
-        """The crop of row ``b``, or None when no cell passes or the crop cannot be processed (reference §4.3)."""
-        grid_box = roi.roi_grid_box(roi_map, threshold)
+    def _plan_zoom(self, prepared: Prepared, b: int, roi_map, sink_map, threshold: float,
+                   row_ids) -> ZoomPlan | None:
+        """The crop of row ``b``, or None when no cell passes or the crop cannot be processed (reference §4.3).
+        ``sink_map``: the row's first-token sink logits (used by a backbone with ``roi_sink="first_token"``)."""
+        sink = roi.backbone_sink_mask(registry.backbone(self.config).roi_sink, *roi_map.shape, sink_map)
+        grid_box = roi.roi_grid_box(roi_map, threshold, sink)
         if grid_box is None:
             return None
         image = prepared.images[b]

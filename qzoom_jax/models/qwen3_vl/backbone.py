@@ -54,4 +54,5 @@ BACKBONE = Backbone(
     project_qk=decoder.project_qk,
     deepstack=True,
     v5_names=True,
+    roi_sink="first_token",
 )

@@ -6,7 +6,8 @@
 * ``direct_pass``: rows that answer from the low-resolution pass continue with base layers K..N-1.
 * ``zoom_pass``: rows that zoom reuse pass 1 for the prefix (everything before the source ``<|vision_end|>``):
   its layer-0..K-1 keys/values and its layer-K states. Only the new tokens (source ``<|vision_end|>``, the RoI
-  block, the question) run through layers 0..K-1; the whole spliced sequence then runs through layers K..N-1.
+  block, the question) run through layers 0..K-1, with the crop's DeepStack rows (Qwen3-VL) re-added after
+  layers 0..k-1; the whole spliced sequence then runs through layers K..N-1.
   Causal attention and unchanged prefix positions make this equal to a full forward of the spliced sequence.
 
 Pass-2 sequence layout (static shapes): ``[prefix | new]`` where each row's prefix is right-aligned in P slots
@@ -55,12 +56,22 @@ def first_pass(params, gate, config: ModelConfig, ids, am, positions, pixel_valu
 
 
 def roi_scores(twig, config: ModelConfig, h_k, ids, am, positions, *, attn_impl: str):
-    """Twig RoI logits [B, L] float32 at the image tokens (0 elsewhere), queried at the last prompt token."""
+    """(twig RoI logits, first-token sink logits), [B, L] float32 at the image tokens (0 elsewhere): queried at
+    the last prompt token, the sink test at each row's first valid token (``twig.roi_and_sink_logits``)."""
     B, L = ids.shape
     cos, sin = _tables(config, positions)
     twig = jax.tree_util.tree_map(lambda p: p.astype(h_k.dtype), twig)
-    return twig_lib.roi_logits(twig, config, h_k, cos, sin, causal_mask(am, L), jnp.full((B,), L - 1),
-                               ids == config.image_token_id, attn_impl=attn_impl)
+    first = jnp.argmax(am != 0, axis=1)  # left padding: the first valid token of each row
+    return twig_lib.roi_and_sink_logits(twig, config, h_k, cos, sin, causal_mask(am, L), jnp.full((B,), L - 1),
+                                        first, ids == config.image_token_id, attn_impl=attn_impl)
+
+
+def check_branch_point(config: ModelConfig, K: int) -> None:
+    """DeepStack adds its rows after decoder layers 0..k-1; the passes re-add them only below the branch layer
+    (pass 2 replays layers < K on the new tokens), so K must be >= k."""
+    if registry.backbone(config).deepstack and K < len(config.vision.deepstack_visual_indexes):
+        raise ValueError(f"branch layer K={K} is below the {len(config.vision.deepstack_visual_indexes)} DeepStack "
+                         "layers; Q-Zoom's passes need K >= the number of deepstack_visual_indexes")
 
 
 def _upper(params, config: ModelConfig, h, cos, sin, key_valid, K: int, cache_len: int, *, attn_impl: str):
@@ -75,6 +86,7 @@ def _upper(params, config: ModelConfig, h, cos, sin, key_valid, K: int, cache_le
 def direct_pass(params, config: ModelConfig, h_k, cache, rows, am, positions, K: int, *, attn_impl: str):
     """Rows ``rows`` [Bd] of pass 1 answer from it: (final hidden [Bd, L, D], cache of all layers,
     key_valid [Bd, cache_len])."""
+    check_branch_point(config, K)
     h_k, am, positions = h_k[rows], am[rows], positions[:, rows]
     cache = KVCache(cache.k[:, rows], cache.v[:, rows])
     S, L = cache.k.shape[2], h_k.shape[1]
@@ -93,7 +105,7 @@ def zoom_pass(params, config: ModelConfig, h_k, cache, rows, prefix_index, new_i
     The RoI crops of all rows are encoded together (``roi_pixel_values``/``roi_layout``, in row order).
     Returns (final hidden [B2, P+Ln, D], cache of all layers [N, B2, cache_len, ...], key_valid [B2, cache_len]).
     """
-    t = config.text
+    check_branch_point(config, K)
     P, Ln = prefix_index.shape[1], new_ids.shape[1]
     pre_valid = prefix_index >= 0
     r, idx = rows[:, None], jnp.maximum(prefix_index, 0)
@@ -103,14 +115,14 @@ def zoom_pass(params, config: ModelConfig, h_k, cache, rows, prefix_index, new_i
     key_valid = jnp.concatenate([pre_valid, new_valid.astype(bool),
                                  jnp.ones((rows.shape[0], cache_len - P - Ln), bool)], axis=1)
 
-    dtype = params["model"]["embed_tokens"]["embedding"].dtype
-    bb = registry.backbone(config)
-    feats = bb.encode_images(params["visual"], config.vision, roi_pixel_values.astype(dtype), roi_layout,
-                             attn_impl=attn_impl)
+    feats, deepstack = vlm.encode(params, config, roi_pixel_values, roi_layout, attn_impl=attn_impl)
     x = vlm.embed(params, config, new_ids, feats)
+    # DeepStack: the crop's rows sit at its image tokens, the only image tokens among the new ones (the source's
+    # were added in pass 1, inside the reused prefix); they are re-added after layers 0..k-1 of the replay.
+    residuals = None if deepstack is None else vlm.deepstack_residuals(config, new_ids, deepstack, x.dtype)
     cos, sin = _tables(config, positions)
-    h_new, lo = bb.run_layers(_layers(params, 0, K), t, x, cos[:, P:], sin[:, P:], causal_mask(key_valid, Ln, P),
-                              lo, P, dtype=x.dtype, attn_impl=attn_impl)
+    h_new, lo = vlm.run_stack(config, _layers(params, 0, K), x, cos[:, P:], sin[:, P:],
+                              causal_mask(key_valid, Ln, P), lo, P, residuals, attn_impl=attn_impl)
     h, hi = _upper(params, config, jnp.concatenate([h_pre, h_new], axis=1), cos, sin, key_valid, K, cache_len,
                    attn_impl=attn_impl)
     return h, _concat(lo, hi), key_valid

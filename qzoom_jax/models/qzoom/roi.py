@@ -129,6 +129,44 @@ def sink_mask(h: int, w: int) -> np.ndarray:
     return m
 
 
+# Qwen3-VL's data-driven sink test (model-and-inference reference §6): sigmoid(first-token logit) >= this is a sink.
+SINK_PROB = 0.75
+
+
+def first_token_sink_mask(sink_logits) -> np.ndarray:
+    """float32 [h, w]: 0 at the sinks of a map of first-token sink logits (``twig.roi_and_sink_logits``), else 1."""
+    z = np.asarray(sink_logits, np.float32)
+    e = np.exp(-np.abs(z))
+    prob = np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    return (prob < SINK_PROB).astype(np.float32)
+
+
+def backbone_sink_mask(kind: str, h: int, w: int, sink_logits=None) -> np.ndarray:
+    """The sink mask of a backbone's ``Backbone.roi_sink`` kind: "top_left" (Qwen2.5-VL's fixed cells) or
+    "first_token" (Qwen3-VL's, from the sink logits map [h, w])."""
+    if kind == "top_left":
+        return sink_mask(h, w)
+    if kind == "first_token":
+        if sink_logits is None or np.shape(sink_logits) != (h, w):
+            raise ValueError(f"the first-token sink mask needs an [{h}, {w}] sink logit map")
+        return first_token_sink_mask(sink_logits)
+    raise ValueError(f"unknown roi_sink kind {kind!r}")
+
+
+def noisy_grid_box(rng: np.random.Generator, grid_hw, box, prob: float = 0.8, lo: float = 0.1, hi: float = 0.6):
+    """Stage 2's ``add_noise_to_roi`` (training reference §2.3; upstream implements it for Qwen3-VL only): with
+    probability ``prob`` the predicted grid box is *replaced* by a random one whose height and width are
+    U(lo, hi) of the grid's and whose position is uniform; else ``box`` unchanged. Grid units, exclusive upper
+    bounds, at least one cell a side."""
+    if rng.random() >= prob:
+        return box
+    h, w = grid_hw
+    bh = min(h, max(1, int(round(rng.uniform(lo, hi) * h))))
+    bw = min(w, max(1, int(round(rng.uniform(lo, hi) * w))))
+    y0, x0 = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    return x0, y0, x0 + bw, y0 + bh
+
+
 def tight_box(mask):
     """(x0, y0, x1, y1) of all True cells, exclusive upper bounds (grid units), or None when empty.
 
@@ -179,10 +217,11 @@ def box_to_source(box, grid_hw, src_wh, min_side=28, patch=28):
     return ax, ay, bx, by
 
 
-def roi_grid_box(roi_logits, threshold):
+def roi_grid_box(roi_logits, threshold, sink=None):
     """RoI logits [h, w] -> grid box (x0, y0, x1, y1), exclusive upper bounds, or None when no cell passes.
 
-    Inference ref §2.5 steps 1-5: sigmoid, sink mask, 3x3 blur, strict `>` threshold, tight box.
+    Inference ref §2.5 steps 1-5: sigmoid, sink mask, 3x3 blur, strict `>` threshold, tight box. ``sink``: the
+    [h, w] sink mask (``backbone_sink_mask``); None = Qwen2.5-VL's top-left cells (``sink_mask``).
     """
     logits = np.asarray(roi_logits, np.float32)
     if logits.ndim != 2:
@@ -191,7 +230,8 @@ def roi_grid_box(roi_logits, threshold):
     # Numerically stable sigmoid (no overflow warning for very negative logits).
     e = np.exp(-np.abs(logits))
     prob = np.where(logits >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32)
-    return tight_box(gaussian_blur3x3(prob * sink_mask(h, w)) > np.float32(threshold))
+    sink = sink_mask(h, w) if sink is None else np.asarray(sink, np.float32)
+    return tight_box(gaussian_blur3x3(prob * sink) > np.float32(threshold))
 
 
 def roi_box(roi_logits, src_wh, threshold, min_side=28, patch=28):

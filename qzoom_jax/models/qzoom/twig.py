@@ -3,7 +3,7 @@
 The twig is T ordinary decoder layers (a stacked pytree like ``model/layers``), initialised as copies of base
 layers K..K+T-1. It reads H_K, the output of base layers 0..K-1, runs twig layers 0..T-2 as full decoder layers
 (no cache, the base pass's mask and M-RoPE tables), and of the last twig layer uses only ``input_layernorm`` +
-``q_proj`` + ``k_proj`` (with biases) + M-RoPE: the RoI logit of image token j is the head-mean of the scaled
+``q_proj`` + ``k_proj`` (with their biases, or q/k norms on Qwen3-VL) + M-RoPE: the RoI logit of image token j is the head-mean of the scaled
 dot products between the query token's query and token j's key (reference §2.2-§2.3, training §1.5-§1.6).
 Base layers >= K and the lm_head are never computed.
 """
@@ -43,6 +43,29 @@ def roi_logits(twig_params, config: ModelConfig, h_k, cos, sin, mask, query_inde
     before the first answer token in training). ``image_mask`` [B, L] bool: the image-token positions.
     Non-image positions are 0 (finite, so a loss masked with ``image_mask`` never sees inf/NaN gradients).
     """
+    q, k = _last_layer_qk(twig_params, config, h_k, cos, sin, mask, jnp.asarray(query_index, jnp.int32)[:, None],
+                          attn_impl)
+    return _head_mean(q[:, 0], k, image_mask)
+
+
+def roi_and_sink_logits(twig_params, config: ModelConfig, h_k, cos, sin, mask, query_index, sink_index,
+                        image_mask, *, attn_impl: str = "einsum"):
+    """(RoI logits, sink logits), both [B, L] float32 and 0 off the image tokens, from one run of the twig.
+
+    The sink logit of token j is Qwen3-VL Q-Zoom's data-driven sink test (model-and-inference reference §6): head
+    0's query at the sequence's first token (``sink_index`` [B]: the first valid token, the first
+    ``<|im_start|>``; upstream runs one unpadded sample, whose first token is position 0) against head 0's key
+    of token j, scaled by 1/sqrt(head_dim), from the same post-RoPE q/k the RoI map uses. A token whose
+    sigmoid is >= ``roi.SINK_PROB`` is a sink (``roi.first_token_sink_mask``)."""
+    index = jnp.stack([jnp.asarray(query_index, jnp.int32), jnp.asarray(sink_index, jnp.int32)], axis=1)
+    q, k = _last_layer_qk(twig_params, config, h_k, cos, sin, mask, index, attn_impl)
+    sink = jnp.einsum("bd,bld->bl", q[:, 1, 0], k[:, :, 0]) / np.sqrt(config.text.head_dim)
+    return _head_mean(q[:, 0], k, image_mask), jnp.where(image_mask, sink, 0.0)
+
+
+def _last_layer_qk(twig_params, config: ModelConfig, h_k, cos, sin, mask, index, attn_impl: str):
+    """Twig layers 0..T-2 over H_K, then the last layer's input norm and q/k projections (q/k norms included)
+    with RoPE: (q [B, Q, H, hd] at the tokens ``index`` [B, Q], k [B, L, KV, hd]), float32."""
     c, bb = config.text, registry.backbone(config)
     T = _depth(twig_params)
     x = h_k
@@ -51,18 +74,19 @@ def roi_logits(twig_params, config: ModelConfig, h_k, cos, sin, mask, query_inde
         x, _ = bb.run_layers(full, c, x, cos, sin, mask, dtype=h_k.dtype, attn_impl=attn_impl)
     last = jax.tree_util.tree_map(lambda a: a[T - 1], twig_params)
     x = RMSNorm(c.rms_norm_eps, x.dtype).apply({"params": last["input_layernorm"]}, x)
-    B, L, _ = x.shape
-    rows = jnp.arange(B)
-    qi = jnp.asarray(query_index, jnp.int32)
-    # Only the query token needs a query vector; keys are needed at every position (cheap: KV heads only).
-    xq = x[rows, qi][:, None]                                                   # [B, 1, D]
-    q, k = bb.project_qk(last["self_attn"], c, xq, x)                           # [B, 1, H, hd], [B, L, KV, hd]
-    q = apply_rotary(q, cos[rows, qi][:, None], sin[rows, qi][:, None])[:, 0]  # [B, H, hd]
-    k = apply_rotary(k, cos, sin)                                               # [B, L, KV, hd]
-    H, KV = q.shape[1], k.shape[2]
+    rows = jnp.arange(x.shape[0])[:, None]
+    # Only the query tokens need query vectors; keys are needed at every position (cheap: KV heads only).
+    q, k = bb.project_qk(last["self_attn"], c, x[rows, index], x)            # [B, Q, H, hd], [B, L, KV, hd]
+    q = apply_rotary(q, cos[rows, index], sin[rows, index])
+    return q.astype(jnp.float32), apply_rotary(k, cos, sin).astype(jnp.float32)
+
+
+def _head_mean(q, k, image_mask):
+    """mean_h <q_h, k_h(j)> / sqrt(hd) [B, L] for q [B, H, hd], k [B, L, KV, hd]; 0 off ``image_mask``."""
+    B, H, hd = q.shape
+    KV = k.shape[2]
     # GQA: query head h uses KV head h // (H/KV) (= repeat_kv); summing the group's queries first is exact.
-    q = q.astype(jnp.float32).reshape(B, KV, H // KV, c.head_dim).sum(axis=2)
-    s = jnp.einsum("bkd,blkd->bl", q, k.astype(jnp.float32)) / (H * np.sqrt(c.head_dim))
+    s = jnp.einsum("bkd,blkd->bl", q.reshape(B, KV, H // KV, hd).sum(axis=2), k) / (H * np.sqrt(hd))
     return jnp.where(image_mask, s, 0.0)
 
 

@@ -1,0 +1,104 @@
+"""Q-Zoom end to end on the embedded tiny Qwen3-VL: a Q-Zoom HF directory (upstream's key places and config keys),
+transformers loading it, the engine's prompt (the system turn upstream's Qwen3 evaluation inserts) and a zoomed
+answer; and the bad inputs that must name what is wrong (a checkpoint read as the other backbone, a DeepStack
+index past the vision depth)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from qzoom_jax.checkpoints import hf_checkpoint, qzoom_checkpoint
+from qzoom_jax.checkpoints.embedded import EMBEDDED_QWEN3_TINY, EMBEDDED_TINY
+from qzoom_jax.checkpoints.pretrained import load_pretrained
+from qzoom_jax.data import synthetic
+from qzoom_jax.models import registry
+from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+from qzoom_jax.models.qwen3_vl.config import Qwen3VLConfig
+from qzoom_jax.models.qzoom import gate as gate_lib
+from qzoom_jax.models.qzoom import twig as twig_lib
+from qzoom_jax.runtime.errors import CheckpointError, ConfigError
+from qzoom_jax.zoom.engine import QZoom
+
+K, T = 3, 2
+TOKENS = 32 * 32
+BUDGET = {"min_pixels": 32 * TOKENS, "max_pixels": 64 * TOKENS}
+
+
+@pytest.fixture(scope="module")
+def qzoom_dir(tmp_path_factory):
+    model = load_pretrained(EMBEDDED_QWEN3_TINY)
+    layers = model.params["model"]["layers"]
+    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_QWEN3_TINY, twig_lib.init_twig_params(layers, K, T),
+                                        gate_lib.init_gate_params(layers, K, T, jax.random.key(0)), K, True)
+    return qzoom_checkpoint.save_hf(parts, str(tmp_path_factory.mktemp("q3") / "qzoom"), dtype="float32")
+
+
+def test_qzoom_keys_sit_where_upstream_reads_them(qzoom_dir):
+    with open(os.path.join(qzoom_dir, "config.json")) as f:
+        raw = json.load(f)
+    assert (raw["enable_twig"], raw["twig_K"], raw["twig_T"], raw["enable_high_res"]) == (True, K, T, True)
+    assert not any(k.startswith(("twig", "enable", "high_res")) for k in raw["text_config"])  # top level only
+    with safe_open(os.path.join(qzoom_dir, "model.safetensors"), "np") as f:
+        keys = set(f.keys())
+    lm = "model.language_model."
+    assert {f"{lm}twig_layers.{T - 1}.self_attn.q_norm.weight", f"{lm}high_res_layers.0.self_attn.k_norm.weight",
+            f"{lm}high_res_head.weight", f"{lm}high_res_head.bias"} <= keys
+    assert not any(k.startswith(("model.twig", "model.high_res")) for k in keys)
+    # transformers' Qwen3-VL reads every base tensor from it; the branches are the only extra keys.
+    hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(qzoom_dir, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert info["unexpected_keys"] and all(k.startswith((f"{lm}twig_layers.", f"{lm}high_res_"))
+                                           for k in info["unexpected_keys"])
+
+
+def test_engine_zooms_with_the_inserted_system_prompt(qzoom_dir):
+    engine = QZoom.load(qzoom_dir, attn_impl="einsum")
+    assert registry.backbone(engine.config).roi_sink == "first_token" and engine.parts.K == K
+    s = [synthetic.make_sample(3, i) for i in range(2)]
+    prepared = engine.prepare([x.image for x in s], [x.prompt for x in s], **BUDGET)
+    text = engine.processor.decode(prepared.inputs["input_ids"][0][prepared.inputs["attention_mask"][0] != 0])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    answers = engine.run(prepared, max_new_tokens=4, roi_threshold=0.0, gate_threshold=0.0, return_map=True)
+    for a, hw in zip(answers, prepared.src_hw):
+        assert a.zoomed and a.box is not None and a.visual_tokens > hw[0] * hw[1] and a.roi_logits.shape == hw
+    direct = engine.run(prepared, max_new_tokens=4, gate_threshold=2.0)
+    assert not any(a.zoomed for a in direct)
+
+
+def test_base_logits_match_transformers():
+    ours = load_pretrained(EMBEDDED_QWEN3_TINY)
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(EMBEDDED_QWEN3_TINY, dtype=torch.float32,
+                                                                      attn_implementation="eager").eval()
+    ids = np.array([[1000, 1009] + [1012] * 4 + [1010, 5, 6, 7]], np.int64)
+    pixels = np.random.default_rng(0).standard_normal((16, 1536)).astype(np.float32)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels,
+              "image_grid_thw": np.array([[1, 4, 4]])}
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(v) for k, v in inputs.items()},
+                 mm_token_type_ids=torch.from_numpy((ids == 1012).astype(np.int64))).logits.numpy()
+    assert np.abs(ours.logits(**inputs) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_the_other_backbones_checkpoint_is_an_error_naming_it():
+    with open(os.path.join(EMBEDDED_QWEN3_TINY, "config.json")) as f:
+        q3 = json.load(f)
+    with open(os.path.join(EMBEDDED_TINY, "config.json")) as f:
+        q25 = json.load(f)
+    with pytest.raises(ConfigError, match="qwen3_vl"):
+        QwenVLConfig.from_dict(q3)
+    with pytest.raises(ConfigError, match="qwen2_5_vl"):
+        Qwen3VLConfig.from_dict(q25)
+    # Weights of one backbone read with the other's config: the first tensor that does not fit is named.
+    with pytest.raises(CheckpointError, match=r"model\.|visual\."):
+        hf_checkpoint.load_params(EMBEDDED_QWEN3_TINY, config=QwenVLConfig.from_dict(q25))
+    with pytest.raises(CheckpointError, match=r"model\.|visual\."):
+        hf_checkpoint.load_params(EMBEDDED_TINY, config=Qwen3VLConfig.from_dict(q3))
+    bad = {**q3, "vision_config": {**q3["vision_config"], "deepstack_visual_indexes": [0, 1, 4]}}
+    with pytest.raises(ConfigError, match=r"deepstack_visual_indexes \[0, 1, 4\].*0\.\.3"):
+        Qwen3VLConfig.from_dict(bad)

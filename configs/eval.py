@@ -16,7 +16,8 @@ The tiny (default) preset evaluates the procedural reading task (``source`` "rea
 image; ``--sweep`` compares Q-Zoom at 64 tokens with the baseline at 64 and at native resolution (1600 tokens).
 Real tasks read ``<data_dir>/<task>.jsonl`` with images under ``<data_dir>/<task>/`` (schema:
 qzoom_jax/evaluation/benchmarks.py); every path, budget and threshold is a field (``--config.tasks.vstar.jsonl=...``,
-``--config.tasks.ocrbench.roi_threshold=0.1``). Budgets are merged visual tokens (pixels = tokens x 28²).
+``--config.tasks.ocrbench.roi_threshold=0.1``). Budgets are merged visual tokens (pixels = tokens x 28² on
+Qwen2.5-VL, x 32² on Qwen3-VL). The qwen3vl_4b preset: the released Qwen3-VL-4B thresholds, same budgets.
 Results go to the workdir (default runs/<name>); finished samples are not redone when a run is restarted.
 The qwen2_5vl_3b preset uses the 7B values: the released scripts give one Qwen2.5-VL table (reference §4.11).
 
@@ -58,6 +59,31 @@ QWEN2_5VL_SWEEP = {
     "hrbench4k": (0.03, 0.025, 0.04, 0.02, 256, 512),
     "hrbench8k": (0.03, 0.025, 0.04, 0.02, 256, 512),
 }
+# Qwen3-VL-4B: the same tasks and budgets, its eval scripts' thresholds (§4.11), and its multi-max sweep values
+# (training reference §6.2: below 2048 max tokens roi 0.15 / 0.125 OCRBench / 0.10 V* and HR-Bench / 0.05 MME-RW,
+# gate 0.10 Doc / 0.05 HR; from 2048 on 0.10 / 0.025 everywhere; the min-token rules as Qwen2.5-VL's).
+QWEN3VL_TASKS = {
+    "docvqa": (5301, 256, 576, 0.15, 0.10),
+    "chartqa": (2500, 256, 576, 0.15, 0.10),
+    "ocrbench": (1000, 128, 576, 0.125, 0.10),
+    "infovqa": (2801, 256, 576, 0.15, 0.10),
+    "textvqa": (5000, 256, 576, 0.15, 0.10),
+    "vstar": (191, 512, 4096, 0.10, 0.025),
+    "mmerealworld_lite": (1920, 512, 4096, 0.10, 0.025),
+    "hrbench4k": (800, 512, 4096, 0.10, 0.025),
+    "hrbench8k": (800, 512, 4096, 0.10, 0.025),
+}
+QWEN3VL_SWEEP = {
+    "docvqa": (0.15, 0.10, 0.10, 0.025, 256, 256),
+    "chartqa": (0.15, 0.10, 0.10, 0.025, 256, 256),
+    "ocrbench": (0.125, 0.10, 0.10, 0.025, 128, 128),
+    "infovqa": (0.15, 0.10, 0.10, 0.025, 256, 256),
+    "textvqa": (0.15, 0.10, 0.10, 0.025, 256, 256),
+    "vstar": (0.10, 0.05, 0.10, 0.025, 256, 512),
+    "mmerealworld_lite": (0.05, 0.05, 0.10, 0.025, 256, 512),
+    "hrbench4k": (0.10, 0.05, 0.10, 0.025, 256, 512),
+    "hrbench8k": (0.10, 0.05, 0.10, 0.025, 256, 512),
+}
 QWEN2_5VL_GROUPS = {
     "doc_ocr": {"tasks": ("docvqa", "chartqa", "ocrbench", "infovqa", "textvqa"), "speedup_budget": 1024},
     "hr": {"tasks": ("vstar", "mmerealworld_lite", "hrbench4k", "hrbench8k"), "speedup_budget": 576},
@@ -79,7 +105,7 @@ TINY_TASKS = {"reading": (TINY_SAMPLES, TINY_TOKENS, TINY_TOKENS, *TINY_THRESHOL
 TINY_SWEEP = {"reading": (*TINY_THRESHOLDS, *TINY_THRESHOLDS, TINY_TOKENS, TINY_TOKENS)}
 TINY_GROUPS = {"reading": {"tasks": ("reading",), "speedup_budget": TINY_TOKENS}}
 
-PRESETS = ("tiny", "qwen2_5vl_3b", "qwen2_5vl_7b")
+PRESETS = ("tiny", "qwen2_5vl_3b", "qwen2_5vl_7b", "qwen3vl_4b")
 
 
 def _task(name, row, sweep, tiny, rules=None):
@@ -110,6 +136,7 @@ def get_config(arg=None):
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tiny = preset == "tiny"
     tasks, sweep, groups = ((TINY_TASKS, TINY_SWEEP, TINY_GROUPS) if tiny
+                            else (QWEN3VL_TASKS, QWEN3VL_SWEEP, QWEN2_5VL_GROUPS) if preset == "qwen3vl_4b"
                             else (QWEN2_5VL_TASKS, QWEN2_5VL_SWEEP, QWEN2_5VL_GROUPS))
     c = ml_collections.ConfigDict()
     c.name = "eval" if not arg else f"eval_{preset}"

@@ -1,4 +1,4 @@
-"""Label generation. Stage 1 (presets ``tiny``, ``qwen2_5vl_3b``, ``qwen2_5vl_7b``): the frozen teacher answers
+"""Label generation. Stage 1 (presets ``tiny``, ``qwen2_5vl_3b``, ``qwen2_5vl_7b``, ``qwen3vl_4b``): the frozen teacher answers
 every question on the square-padded 576-token image; the decode-step-averaged attention of the preset's
 (layer, head) sets gives the grounding and sink maps (training reference §1.2). Stage 3 (presets ``gate_<preset>``):
 the model answers every question at each budget of a token ladder (§4.1); the gate's labels are drawn from those
@@ -31,6 +31,12 @@ HEAD_TABLES = {
     "qwen2_5vl_7b": {
         "textual": {"grounding": ((22, 1), (22, 4), (23, 6), (23, 11)), "sink": ()},
         "natural": {"grounding": ((16, 1), (16, 7), (16, 17), (19, 17), (19, 20)), "sink": ((9, 4), (9, 22))},
+    },
+    # Qwen3-VL-4B: upstream's table (training reference §1.2 step 6); unmeasured here (no 4B run in this repo).
+    "qwen3vl_4b": {
+        "textual": {"grounding": ((19, 24), (19, 27), (24, 21), (24, 23)), "sink": ((24, 6), (24, 10))},
+        "natural": {"grounding": ((20, 15), (20, 21), (20, 23), (21, 8), (21, 10), (21, 11)),
+                    "sink": ((20, 1), (20, 24))},
     },
     # The embedded tiny teacher (random weights, see assets/make_tiny_checkpoint.py): heads whose averaged
     # attention, measured on 32 synthetic samples at the tiny preset's 16x16 grid, most often gives a valid label

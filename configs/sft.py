@@ -18,7 +18,7 @@ import ml_collections
 # Whole LLM (decoder, embeddings, lm_head) and the merger train; the ViT blocks stay frozen (upstream's default
 # tune_mm_llm + tune_mm_mlp).
 LLM_AND_MERGER = ("model/", "lm_head/", "visual/merger/")
-PRESETS = {"tiny": {}, "qwen2_5vl_3b": {}, "qwen2_5vl_7b": {}}
+PRESETS = {"tiny": {}, "qwen2_5vl_3b": {}, "qwen2_5vl_7b": {}, "qwen3vl_4b": {}}
 
 
 def get_config(arg=None):
@@ -26,6 +26,7 @@ def get_config(arg=None):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tiny = preset == "tiny"
+    px = 32 * 32 if preset.startswith("qwen3") else 28 * 28  # pixels per merged token (patch 16 / 14, merge 2)
     c = ml_collections.ConfigDict()
     c.name = "sft" if not arg else f"sft_{preset}"
     c.stage = "sft"
@@ -48,8 +49,8 @@ def get_config(arg=None):
         "max_len": 256 if tiny else 8192,
         "max_patches": 1024 if tiny else 16384,
         "max_images": 2 if tiny else 4,
-        "min_pixels": 16 * 28 * 28 if tiny else 256 * 28 * 28,
-        "max_pixels": 64 * 28 * 28 if tiny else 1280 * 28 * 28,
+        "min_pixels": 16 * 28 * 28 if tiny else 256 * px,
+        "max_pixels": 64 * 28 * 28 if tiny else 1280 * px,
         "worker_count": 0 if tiny else 8,
         # "upstream": upstream's training template (§5.2: no system turn, a literal "<image>"); "inference": the
         # prompt the Q-Zoom engine serves (default system turn, images, then the question).

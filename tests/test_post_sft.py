@@ -64,10 +64,11 @@ def spliced(model, jsonl, threshold):
     branches.pop("high_res_layers"), branches.pop("high_res_head")
     frozen = {**params, "model": branches}
     device = {k: v for k, v in local.items() if k not in post_sft.HOST_KEYS and k != "labels"}
-    scores = np.asarray(post_sft.roi_scores({}, frozen, twig, device, post_sft.query_index(local["labels"]),
-                                            config=model.config, K=K, attn_impl="einsum", compute_dtype="float32"))
+    scores, sink = (np.asarray(a) for a in post_sft.roi_scores(
+        {}, frozen, twig, device, post_sft.query_index(local["labels"]), config=model.config, K=K,
+        attn_impl="einsum", compute_dtype="float32"))
     rows = [post_sft.spliced_row(model.config, proc, records[int(local["source_index"][b])],
-                                 {k: v[b] for k, v in local.items()}, scores[b], threshold=threshold,
+                                 {k: v[b] for k, v in local.items()}, scores[b], sink[b], threshold=threshold,
                                  min_pixels=PIXELS, max_pixels=PIXELS) for b in range(4)]
     shape, over = post_sft.fit(rows, 512, 1024)
     assert over == 0

@@ -61,6 +61,17 @@ def head_maps(attn: np.ndarray, layers: tuple[int, ...], heads: Mapping, grid: i
     return mean(tuple(heads["grounding"])), mean(tuple(heads["sink"]))
 
 
+BRANCHES = ("twig_layers", "high_res_layers", "high_res_head")
+
+
+def base_model(model: QwenVL) -> QwenVL:
+    """The teacher without Q-Zoom branches: a Q-Zoom checkpoint (stage 2.5 labels with the stage-2 model) labels
+    as its plain base model. Our forward never runs a branch, so upstream's garbage of a twig-enabled teacher
+    (reference §8 #10) cannot happen; dropping them states it and frees their device memory."""
+    model.params = {**model.params, "model": {k: v for k, v in model.params["model"].items() if k not in BRANCHES}}
+    return model
+
+
 def capture_layers(cfg) -> tuple[int, ...]:
     pairs = [p for mode in cfg.heads.values() for kind in ("grounding", "sink") for p in mode[kind]]
     return tuple(sorted({int(layer) for layer, _ in pairs}))
@@ -116,7 +127,7 @@ def generate_labels(cfg, workdir: str) -> list[str]:
         # Each process labels its own records on its own devices: a mesh over every process's devices would make
         # the processes run one program on different inputs (and different numbers of decode steps).
         mesh = parallel.make_mesh(**cfg.mesh, devices=jax.local_devices())
-        model = load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl)
+        model = base_model(load_pretrained(path, dtype=cfg.model.dtype, mesh=mesh, attn_impl=cfg.model.attn_impl))
         processor = Processor.from_pretrained(path, resize=cfg.resize)
         return lambda idx, skipped, progress: _label_records(model, processor, source, idx, cfg, skipped, progress)
 

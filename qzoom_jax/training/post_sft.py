@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec
 
 from qzoom_jax.data import conversations, stage1, stage3
 from qzoom_jax.data.conversations import IGNORE
-from qzoom_jax.models import vlm
+from qzoom_jax.models import registry, vlm
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.runtime.buckets import bucket
@@ -76,25 +76,29 @@ def query_index(labels) -> np.ndarray:
 
 
 def roi_scores(trainable, frozen, twig, batch, query, *, config, K: int, attn_impl: str, compute_dtype):
-    """Twig RoI logits [B, L] float32 (0 off the image tokens) of a batch of ``conversations.make_example`` rows,
-    from the trunk with the current weights, queried at ``query`` [B]."""
+    """(twig RoI logits, first-token sink logits), [B, L] float32 (0 off the image tokens), of a batch of
+    ``conversations.make_example`` rows, from the trunk with the current weights, queried at ``query`` [B]; the
+    sink test (Qwen3-VL's sink mask) at each row's first valid token (``twig.roi_and_sink_logits``)."""
     dtype = vlm.as_dtype(compute_dtype)
     params = sft.merge(jax.tree_util.tree_map(lambda p: p.astype(dtype), trainable), frozen)
     layout = stage3.layout_of(batch, config)
     h, cos, sin, mask = vlm.batch_trunk(params, config, batch, layout, K, attn_impl=attn_impl,
                                         per_row_layout=True)
     twig = jax.tree_util.tree_map(lambda p: p.astype(h.dtype), twig)
-    return twig_lib.roi_logits(twig, config, h, cos, sin, mask, query, batch["input_ids"] == config.image_token_id,
-                               attn_impl=attn_impl)
+    first = jax.numpy.argmax(batch["attention_mask"] != 0, axis=1)
+    return twig_lib.roi_and_sink_logits(twig, config, h, cos, sin, mask, query, first,
+                                        batch["input_ids"] == config.image_token_id, attn_impl=attn_impl)
 
 
 # ---- host side: one row -> its spliced (or unsupervised) sequence ------------------------------------------
 
-def spliced_row(config, processor, record: Mapping, row: Mapping, scores, *, threshold: float, min_pixels: int,
-                max_pixels: int) -> dict:
+def spliced_row(config, processor, record: Mapping, row: Mapping, scores, sink, *, threshold: float,
+                min_pixels: int, max_pixels: int, noise: np.random.Generator | None = None) -> dict:
     """The unpadded stage-2 sequence of one loader row: ``ids``, ``labels``, ``positions`` [3, n], ``pixels``,
     ``grids`` and ``box`` (source pixels, None without a RoI; with one, ``plain`` is the row without it). Without
-    a RoI the row is its own sequence with every label -100."""
+    a RoI the row is its own sequence with every label -100. ``sink``: the row's first-token sink logits (the
+    sink mask of a backbone with ``roi_sink="first_token"``). ``noise``: ``add_noise_to_roi`` -- a predicted box
+    is replaced by a random one 80 % of the time (``roi.noisy_grid_box``)."""
     n = int(row["attention_mask"].sum())
     ids, labels, positions = row["input_ids"][:n], row["labels"][:n], row["positions"][:, :n]
     src_grid = tuple(int(v) for v in row["src_grid"])
@@ -106,9 +110,14 @@ def spliced_row(config, processor, record: Mapping, row: Mapping, scores, *, thr
     if not (labels != IGNORE).any():
         return plain
     s, _ = splice.source_image(config, ids)
-    grid_box = roi.roi_grid_box(np.asarray(scores[s:s + src_hw[0] * src_hw[1]]).reshape(src_hw), threshold)
+    cells = slice(s, s + src_hw[0] * src_hw[1])
+    sink_mask = roi.backbone_sink_mask(registry.backbone(config).roi_sink, *src_hw,
+                                       np.asarray(sink[cells]).reshape(src_hw))
+    grid_box = roi.roi_grid_box(np.asarray(scores[cells]).reshape(src_hw), threshold, sink_mask)
     if grid_box is None:
         return plain
+    if noise is not None:
+        grid_box = roi.noisy_grid_box(noise, src_hw, grid_box)
     ip = processor.image_processor
     try:
         image = conversations._read_images(record["images"][:1], ip.factor, record.get("uid", "?"))[0]
@@ -200,11 +209,12 @@ class RoiBatches(Iterator):
 
     def __init__(self, data_iter, source, processor, config, mesh, rules, current, frozen, twig, *, K: int,
                  attn_impl: str, compute_dtype, threshold: float, min_pixels: int, max_pixels: int, max_len: int,
-                 max_patches: int, workers: int):
+                 max_patches: int, workers: int, add_noise_to_roi: bool = False, seed: int = 0):
         self.data_iter, self.source, self.processor, self.config = data_iter, source, processor, config
         self.mesh, self.rules, self.current, self.frozen, self.twig = mesh, rules, current, frozen, twig
         self.threshold, self.min_pixels, self.max_pixels = threshold, min_pixels, max_pixels
         self.max_len, self.max_patches = max_len, max_patches
+        self.add_noise, self.seed, self._count = add_noise_to_roi, seed, 0
         self._sharding = step_lib.batch_sharding(mesh, rules)
         self._roi = jax.jit(functools.partial(roi_scores, config=config, K=K, attn_impl=attn_impl,
                                               compute_dtype=compute_dtype), out_shardings=self._sharding)
@@ -228,13 +238,17 @@ class RoiBatches(Iterator):
         query = step_lib.global_batch({"q": query_index(local["labels"])}, self.mesh, self.rules)["q"]
         scores = self._roi(self.current()["params"], self.frozen, self.twig,
                            step_lib.global_batch(device, self.mesh, self.rules), query)
-        scores = self._local(scores)
+        scores, sink = (self._local(a) for a in scores)
         t1 = time.perf_counter()
         B = len(local["input_ids"])
+        self._count += 1
+        # The random boxes of add_noise_to_roi: one stream per (seed, batch, sample), whatever thread runs it.
+        noise = lambda b: (np.random.default_rng([self.seed, self._count, int(local["source_index"][b])])
+                           if self.add_noise else None)
         rows = list(self._pool.map(lambda b: spliced_row(
             self.config, self.processor, self.source[int(local["source_index"][b])],
-            {k: v[b] for k, v in local.items()}, scores[b], threshold=self.threshold, min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels), range(B)))
+            {k: v[b] for k, v in local.items()}, scores[b], sink[b], threshold=self.threshold,
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels, noise=noise(b)), range(B)))
         shape, over = fit(rows, self.max_len, self.max_patches)
         if jax.process_count() > 1:  # every process pads its rows to the same bucket
             shape = tuple(int(v) for v in multihost_utils.process_allgather(np.asarray(shape)).max(0))

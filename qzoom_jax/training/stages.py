@@ -99,10 +99,38 @@ class Sdrpn(_Head):
         if shape != (grid, grid):  # every example would be refused, after the backbone is loaded and compiled
             raise ConfigError(f"data.grid={grid} does not match the labels: their maps are {shape[0]}x{shape[1]} "
                               f"({label_dirs[0]}); set --config.data.grid={shape[0]}")
+        n = self.cfg.data.get("roi_samples", 0)
+        if n and len(source) > n:  # upstream's roi_samples: a seed-42 shuffle, then the first n (stage 2.5)
+            source = _Subset(source, stage3.select_pool(["hard"] * len(source), 42, n))
         return source, {"label_dirs": label_dirs}
 
     def init_params(self, base_layers, K: int, T: int):
         return twig_lib.init_twig_params(base_layers, K, T)
+
+    def trainable(self, backbone):
+        """The twig beside the frozen backbone (the branches of a Q-Zoom ``model.path`` set aside): copies of
+        base layers K..K+T-1, or with ``model.twig_init`` (stage 2.5) the stage-1 twig it names."""
+        m = self.cfg.model
+        model = {k: v for k, v in backbone["model"].items()
+                 if k not in ("twig_layers", "high_res_layers", "high_res_head")}
+        init = m.get("twig_init", "")
+        if not init:
+            return self.init_params(model["layers"], m.K, m.T), {**backbone, "model": model}
+        if init == "model":
+            twig, where = backbone["model"].get("twig_layers"), f"model.path={m.path}"
+            if twig is None:
+                raise ConfigError(f"model.twig_init='model' but {where} has no twig (no model.twig_layers.*, "
+                                  "config.json enable_twig false); name the stage-1 run: --config.model.twig_init=RUN")
+            K = registry.read_config(label_parts.model_path(m.path)).qzoom.twig_K
+        else:
+            twig, meta = qzoom_checkpoint.read_run(init)
+            if meta.get("stage") != "sdrpn":
+                raise ConfigError(f"model.twig_init={init!r} is a {meta.get('stage')!r} run, not a stage-1 run")
+            where, K = f"model.twig_init={init}", meta["K"]
+        T = jax.tree_util.tree_leaves(twig)[0].shape[0]
+        if (K, T) != (m.K, m.T):
+            raise ConfigError(f"{where}: its twig has K={K}, T={T}, but model.K={m.K}, model.T={m.T}")
+        return twig, {**backbone, "model": model}
 
     def example_fn(self, processor, config):
         d = self.cfg.data
@@ -114,6 +142,19 @@ class Sdrpn(_Head):
         """The vision layout shared by every row: one square-padded image at the fixed grid."""
         side = self.cfg.data.grid * config.vision.spatial_merge_size
         return registry.backbone(config).vision_layout(np.array([[1, side, side]]), config.vision)
+
+
+class _Subset:
+    """The records ``indices`` of a random-access source, in that order."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[int(i)]]
 
 
 class Gate(_Head):
@@ -349,7 +390,8 @@ class PostSft(Sft):
         return post_sft.RoiBatches(data_iter, self.source, processor, config, mesh, rules, current, frozen,
                                    self.twig, K=self.K, attn_impl=m.attn_impl, compute_dtype=m.dtype,
                                    threshold=t.roi_threshold, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                                   max_len=d.max_len, max_patches=d.max_patches, workers=d.crop_workers)
+                                   max_len=d.max_len, max_patches=d.max_patches, workers=d.crop_workers,
+                                   add_noise_to_roi=t.get("add_noise_to_roi", False), seed=self.cfg.seed)
 
 
 def _absolute(path: str) -> str:

@@ -205,3 +205,13 @@ def test_branch_layer_below_deepstack_is_an_error(setup):
     _, ours, *_ = setup
     with pytest.raises(ValueError, match="K=2 is below the 3 DeepStack"):
         passes.check_branch_point(ours.config, 2)
+
+
+def test_add_noise_to_roi_replaces_the_box_with_a_random_one():
+    rng = np.random.default_rng(0)
+    boxes = [roi.noisy_grid_box(rng, (24, 24), (3, 4, 5, 6)) for _ in range(400)]
+    replaced = [b for b in boxes if b != (3, 4, 5, 6)]
+    assert 0.7 < len(replaced) / len(boxes) < 0.9  # 80 % of the time
+    sides = np.array([(x1 - x0, y1 - y0) for x0, y0, x1, y1 in replaced]) / 24
+    assert sides.min() >= 0.1 - 1 / 48 and sides.max() <= 0.6 + 1 / 48
+    assert all(0 <= x0 < x1 <= 24 and 0 <= y0 < y1 <= 24 for x0, y0, x1, y1 in replaced)

@@ -10,6 +10,9 @@ Benchmarks (``--only NAME`` to pick some):
             frozen, fp32 master weights + AdamW, bf16 compute, full remat, ``--sft-tokens`` tokens per device,
             ``--fsdp``-way FSDP): an ahead-of-time compile on abstract inputs (nothing allocated) and XLA's
             memory analysis; on CPU run with XLA_FLAGS=--xla_force_host_platform_device_count=8
+  post_sft  stage-2 steps (RoI pass with the current weights -> host crop + splice -> train step) with the
+            time of each part; ``--size qwen2_5vl_7b``: ahead-of-time compiles of the 7B RoI pass and train step
+            on abstract inputs over ``--fsdp`` devices (per-device memory; XLA_FLAGS host devices on CPU)
   qzoom     per-sample latency (batch 1): baseline generation at ``--large`` visual tokens vs Q-Zoom at ``--small``
             with the gate forced off and on, and the baseline in JAX vs transformers ``generate`` at both budgets
 
@@ -20,6 +23,9 @@ warm-up (JAX compile time is reported separately). The comparison needs ``transf
   python -m qzoom_jax.bench --size small --image 448 --repeats 5
   python -m qzoom_jax.bench --only qzoom --size small --large 1024 --small 256
   python -m qzoom_jax.bench --only train --size qwen2_5vl_7b --dtype bfloat16 --batch 8   # on a GPU/TPU
+  python -m qzoom_jax.bench --only post_sft --size tiny --batch 4
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m qzoom_jax.bench --only post_sft \
+      --size qwen2_5vl_7b --dtype bfloat16 --post-sft-tokens 576
   python -m qzoom_jax.bench --only qzoom --size qwen2_5vl_7b --dtype bfloat16 --large 4096 --small 576 \
       --attn-impl cudnn                                                                  # on a GPU
 """
@@ -260,22 +266,10 @@ def bench_qzoom(args):
     return out
 
 
-def bench_sft_memory(args):
-    """Compiles ``qzoom_jax.train``'s own SFT step for 7B shapes on abstract, sharded inputs and reports XLA's
-    per-device memory: arguments (state + frozen params + batch), outputs, temporaries."""
-    import jax
-    import ml_collections
-
-    from qzoom_jax.data import conversations
-    from qzoom_jax.models import registry
+def _qwen7b_config():
+    """Qwen2.5-VL-7B's config (the official token ids and vision tower), without a checkpoint."""
     from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
-    from qzoom_jax.models.vlm import init_params
-    from qzoom_jax.runtime import parallel
-    from qzoom_jax.training import sft
 
-    if jax.device_count() < args.fsdp:
-        raise SystemExit(f"sft_memory needs {args.fsdp} devices, found {jax.device_count()}: on CPU set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fsdp}")
     t, v = QWEN2_5VL_7B["text"], QWEN2_5VL_7B["vision"]
     raw = {"model_type": "qwen2_5_vl", **{k: x for k, x in t.items() if k != "mrope_section"},
            "rope_scaling": {"type": "mrope", "mrope_section": t["mrope_section"]}, "rms_norm_eps": 1e-6,
@@ -284,7 +278,25 @@ def bench_sft_memory(args):
            "vision_end_token_id": 151653,
            "vision_config": {**v, "in_chans": 3, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
                              "window_size": 112, "tokens_per_second": 2, "out_hidden_size": t["hidden_size"]}}
-    config = QwenVLConfig.from_dict(raw, source="qwen2_5vl_7b")
+    return QwenVLConfig.from_dict(raw, source="qwen2_5vl_7b")
+
+
+def bench_sft_memory(args):
+    """Compiles ``qzoom_jax.train``'s own SFT step for 7B shapes on abstract, sharded inputs and reports XLA's
+    per-device memory: arguments (state + frozen params + batch), outputs, temporaries."""
+    import jax
+    import ml_collections
+
+    from qzoom_jax.data import conversations
+    from qzoom_jax.models import registry
+    from qzoom_jax.models.vlm import init_params
+    from qzoom_jax.runtime import parallel
+    from qzoom_jax.training import sft
+
+    if jax.device_count() < args.fsdp:
+        raise SystemExit(f"sft_memory needs {args.fsdp} devices, found {jax.device_count()}: on CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={args.fsdp}")
+    config = _qwen7b_config()
     mesh = parallel.make_mesh(fsdp=args.fsdp, devices=jax.devices()[:args.fsdp])
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jax.numpy.bfloat16))
     trainable, frozen = sft.split(shapes, sft.trainable_mask(shapes, ("model/", "lm_head/")))
@@ -330,15 +342,157 @@ def bench_sft_memory(args):
                 backend=jax.default_backend())
 
 
+def _post_sft_records(n: int, seed: int) -> list[dict]:
+    """``n`` one-image conversations of the synthetic scenes (the image as its encoded file)."""
+    from qzoom_jax.data import synthetic
+
+    out = []
+    for i in range(n):
+        s = synthetic.make_sample(seed, i)
+        out.append({"uid": f"bench-{i}", "images": [synthetic.encode_png(s.image)], "conversations": [
+            {"from": "human", "value": "<image>\n" + s.prompt}, {"from": "gpt", "value": s.answer}]})
+    return out
+
+
+def bench_post_sft(args):
+    """Stage-2 steps through ``training/post_sft.py`` (RoI pass -> host crop + splice -> train step) on random
+    weights, each part timed on its own (the device is synchronised after each, which a training run does not
+    do), ``--batch`` rows per step at ``--post-sft-tokens`` visual tokens per image (min = max pixels). At
+    ``--size qwen2_5vl_7b``: an ahead-of-time compile of the RoI pass and of the train step on abstract
+    inputs over ``--fsdp`` devices (one row per device, full remat), with XLA's memory analysis."""
+    import jax
+    import ml_collections
+
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.data import conversations, pipeline
+    from qzoom_jax.data.processor import Processor
+    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+    from qzoom_jax.models.qzoom import twig as twig_lib
+    from qzoom_jax.models.vlm import as_dtype, init_params
+    from qzoom_jax.runtime import parallel
+    from qzoom_jax.training import metrics, post_sft, sft
+
+    real = args.size == "qwen2_5vl_7b"
+    config = _qwen7b_config() if real else QwenVLConfig.from_dict(_hf_config(args.size).to_dict())
+    K, T = TWIG[args.size]
+    devices = jax.devices()[:args.fsdp] if real else jax.devices()[:1]
+    mesh = parallel.make_mesh(devices=devices)
+    dtype = as_dtype(args.dtype)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(args.seed), dtype))
+    patterns = post_sft.trainable_patterns(config, ("model/layers/", "lm_head/"), "train")
+    optim = ml_collections.ConfigDict(dict(lr=1e-6, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                                           clip_norm=1.0))
+    tx = optim_lib.make_optimizer(optim, 1000)
+    loss = functools.partial(sft.loss_fn, compute_dtype=args.dtype, remat="full" if real else "none",
+                             chunk=1024, activations=step_lib.batch_sharding(mesh))
+    train_step = step_lib.make_train_step(config, tx, None, None, args.attn_impl, loss, weight="supervised_tokens")
+    roi = jax.jit(functools.partial(post_sft.roi_scores, config=config, K=K, attn_impl=args.attn_impl,
+                                    compute_dtype=args.dtype), out_shardings=step_lib.batch_sharding(mesh))
+    pixels = args.post_sft_tokens * 28 * 28
+    if real:
+        return _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K, T, args.post_sft_tokens)
+
+    params = jax.jit(lambda: init_params(config, jax.random.key(args.seed), dtype),
+                     out_shardings=param_axes.param_shardings(shapes, mesh))()
+    twig = twig_lib.init_twig_params(params["model"]["layers"], K, T)
+    trainable, frozen = sft.split(params, sft.trainable_mask(params, patterns))
+    state = step_lib.state_for(trainable, tx, mesh)
+    processor = Processor.from_pretrained(EMBEDDED_DEFAULT)
+    records = _post_sft_records(args.batch * (args.repeats + 1), args.seed)
+    source = post_sft.Indexed(records)
+    example = functools.partial(post_sft.example, processor=processor, config=config, min_pixels=pixels,
+                                max_pixels=pixels, chat_format="upstream")
+    bucket_of = functools.partial(conversations.bucket_of, processor=processor, config=config, max_len=8192,
+                                  max_patches=1 << 16, max_images=1, min_pixels=pixels, max_pixels=pixels)
+    data_iter, _ = pipeline.bucketed_loader(source, example, bucket_of, global_batch_size=args.batch,
+                                            seed=args.seed)
+    batches = post_sft.RoiBatches(data_iter, records, processor, config, mesh, parallel.DEFAULT_RULES,
+                                  lambda: state, frozen, twig, K=K, attn_impl=args.attn_impl,
+                                  compute_dtype=args.dtype, threshold=0.1, min_pixels=pixels, max_pixels=pixels,
+                                  max_len=8192, max_patches=1 << 16, workers=2)
+    compiled, times = {}, []
+    for i in range(args.repeats + 1):
+        batch = next(batches)
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        t0 = time.perf_counter()
+        if key not in compiled:
+            compiled[key] = step_lib.compile_step(train_step, state, frozen, batch, None, mesh)
+        t1 = time.perf_counter()
+        state, m = compiled[key](state, frozen, batch, None)
+        jax.block_until_ready(m["loss"])
+        split = batches.metrics(0.0)
+        times.append({"roi_s": split["time_roi_s"], "crop_s": split["time_crop_s"],
+                      "step_s": time.perf_counter() - t1, "compile_s": t1 - t0, "roi_rate": split["roi_rate"]})
+    batches.close()
+    steady = times[1:]
+    med = {k: float(np.median([t[k] for t in steady])) for k in ("roi_s", "crop_s", "step_s")}
+    total = sum(med.values())
+    flops = metrics.step_flops(next(iter(compiled.values())))
+    return dict(K=K, T=T, visual_tokens=args.post_sft_tokens, **med, total_s=total,
+                samples_per_s=args.batch / total, roi_rate=float(np.mean([t["roi_rate"] for t in steady])),
+                share={k: v / total for k, v in med.items()}, compiled_shapes=len(compiled),
+                first_roi_s=times[0]["roi_s"], first_compile_s=times[0]["compile_s"],
+                mfu=metrics.mfu(flops, med["step_s"], mesh.size, metrics.peak_flops_per_device(devices[0])),
+                device=devices[0].device_kind)
+
+
+def _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K: int, T: int, tokens: int):
+    """AOT compiles of the 7B RoI pass and train step on abstract sharded inputs: memory and FLOPs."""
+    import jax
+
+    from qzoom_jax.data import conversations
+    from qzoom_jax.models.qzoom import twig as twig_lib
+    from qzoom_jax.training import post_sft, sft
+
+    sds = lambda tree, shardings, dtype=None: jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, shardings)
+    trainable, frozen = sft.split(shapes, sft.trainable_mask(shapes, patterns))
+    master = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), trainable)
+    shard = step_lib.state_shardings(master, tx, mesh)
+    state = {"params": sds(master, shard["params"]), "opt_state": sds(jax.eval_shape(tx.init, master),
+                                                                       shard["opt_state"]),
+             "step": jax.ShapeDtypeStruct((), np.int32, sharding=shard["step"])}
+    frozen = sds(frozen, param_axes.param_shardings(frozen, mesh))
+    twig = jax.eval_shape(lambda layers: twig_lib.init_twig_params(layers, K, T), shapes["model"]["layers"])
+    twig = sds(twig, param_axes.param_shardings(twig, mesh))
+    side = 2 * int(np.sqrt(tokens))  # a square image of `tokens` merged tokens, and a crop of the same budget
+    B, sharding = mesh.size, step_lib.batch_sharding(mesh)
+
+    def batch_of(grids, L: int):
+        P = int(sum(np.prod(g) for g in grids)) + (post_sft.MAX_IMAGES - len(grids)) * 4
+        P = -(-P // 64) * 64
+        layout = conversations._padded_layout(config, np.asarray(grids), P, len(grids), "bench")
+        row = {"input_ids": ((L,), np.int32), "attention_mask": ((L,), np.int32), "labels": ((L,), np.int32),
+               "positions": ((3, L), np.float32), "pixel_values": ((P, config.vision.patch_dim), np.float32),
+               **{f"layout_{k}": (a.shape, a.dtype) for k, a in layout._asdict().items()}}
+        return {k: jax.ShapeDtypeStruct((B, *shape), dtype, sharding=sharding) for k, (shape, dtype) in row.items()}
+
+    grid = [1, side, side]
+    loader = {k: v for k, v in batch_of([grid], tokens + 128).items() if k != "labels"}
+    query = jax.ShapeDtypeStruct((B,), np.int32, sharding=sharding)
+    out, t0 = {}, time.perf_counter()
+    for name, fn, fn_args in (("roi_pass", roi, (state["params"], frozen, twig, loader, query)),
+                              ("train_step", jax.jit(train_step, donate_argnums=0),
+                               (state, frozen, batch_of([grid, grid], 2 * tokens + 130), None))):
+        compiled = fn.lower(*fn_args).compile()
+        mem = compiled.memory_analysis()  # (no FLOPs: XLA's cost analysis counts a scanned layer stack once)
+        out[name] = {"per_device_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 30,
+                     "temp_gib": mem.temp_size_in_bytes / 2 ** 30}
+    return dict(K=K, T=T, visual_tokens=tokens, devices=mesh.size, rows=B, abstract=True,
+                jax_compile_s=time.perf_counter() - t0, **out)
+
+
 BENCHES = {"forward": bench_forward, "generate": bench_generate, "train": bench_train, "qzoom": bench_qzoom,
-           "sft_memory": bench_sft_memory}
+           "sft_memory": bench_sft_memory, "post_sft": bench_post_sft}
 
 
 def main(argv=None):
     p = cli.ArgumentParser(prog="python -m qzoom_jax.bench", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    # sft_memory needs --fsdp devices (host devices on CPU), so it runs only when asked for.
-    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(set(BENCHES) - {"sft_memory"}))
+    # sft_memory and post_sft (--fsdp devices at 7B) run only when asked for.
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES),
+                   default=sorted(set(BENCHES) - {"sft_memory", "post_sft"}))
     p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b"]), default="small")
     p.add_argument("--image", type=int, default=448, help="square image side in px (multiple of 28)")
     p.add_argument("--text", type=int, default=32, help="text tokens after the image")
@@ -352,6 +506,8 @@ def main(argv=None):
     p.add_argument("--sft-tokens", type=int, default=8192, help="sft_memory: tokens per device")
     p.add_argument("--fsdp", type=int, default=8, help="sft_memory: FSDP devices")
     p.add_argument("--no-pin", action="store_true", help="sft_memory: no batch sharding pinned on activations")
+    p.add_argument("--post-sft-tokens", type=int, default=64,
+                   help="post_sft: visual tokens of each image and of its crop (stage 2 trains at 576)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also append the JSON lines to this file")
@@ -380,6 +536,19 @@ def main(argv=None):
         row = {"bench": "sft_memory", **header, **bench_sft_memory(args)}
         print(f"sft_memory {row['per_device_gib']:.2f} GiB per device (arguments {row['argument_gib']:.2f}, temporaries "
               f"{row['temp_gib']:.2f}) at {row['tokens_per_device']} tokens/device, {row['devices']}-way FSDP")
+        rows.append(row)
+    if "post_sft" in args.only:
+        row = {"bench": "post_sft", **header, "dtype": args.dtype, **bench_post_sft(args)}
+        if row.get("abstract"):
+            for part in ("roi_pass", "train_step"):
+                r = row[part]
+                print(f"post_sft {part}: {r['per_device_gib']:.2f} GiB per device (temporaries {r['temp_gib']:.2f}), "
+                      f"{row['devices']} devices, one row each (AOT, abstract inputs)")
+        else:
+            mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            print(f"post_sft {row['total_s']:.3f} s/step = RoI pass {row['roi_s']:.3f} + host crop "
+                  f"{row['crop_s']:.3f} + train step {row['step_s']:.3f}; {row['samples_per_s']:.2f} samples/s; "
+                  f"RoI rate {row['roi_rate']:.2f}; train-step MFU {mfu}")
         rows.append(row)
     if "qzoom" in args.only:
         row = {"bench": "qzoom", **header, "dtype": args.dtype, **bench_qzoom(args)}

@@ -44,7 +44,7 @@ def test_decoder_prefill_left_padded(impl):
     check(impl, q, k, v, causal_mask(LEFT_PADDED, 32), LEFT_PADDED == 1)
 
 
-@pytest.mark.parametrize("impl", ("splash", "cudnn"))
+@pytest.mark.parametrize("impl", ("pallas_gpu", "cudnn"))
 def test_decoder_prefill_into_longer_cache(impl):
     # Generation prefills an L-token prompt into a cache of L + new slots; the empty tail is invisible.
     q, k, v = qkv(3, 32, 40)
@@ -106,3 +106,31 @@ def test_platform_errors():
     q, k, v = qkv(1, 8, 8)
     with pytest.raises(ValueError, match="only available with impl='einsum'"):
         attn_lib.attention(q, k, v, causal_mask(np.ones((1, 8)), 8), impl="xla", return_probs=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
+    from qzoom_jax.models.vlm import QwenVL, init_params
+    from tests.hf_reference import hf_config
+
+    config = QwenVLConfig.from_dict(hf_config("gqa2_win112", text_layers=1).to_dict())
+    params = jax.jit(lambda k: jax.tree.map(lambda p: p * 4 if p.ndim > 1 else p, init_params(config, k)))(
+        jax.random.key(0))
+    return config, params, QwenVL
+
+
+def test_model_with_splash_matches_einsum(tiny_model):
+    # The whole model: two images of different sizes (window + full-attention blocks, frames packed in a row),
+    # a left-padded decoder batch; logits at the real tokens.
+    from tests.hf_reference import batch, prompt_ids, random_pixels
+
+    config, params, QwenVL = tiny_model
+    rng = np.random.default_rng(0)
+    grids = [(1, 22, 30), (1, 10, 40)]
+    inputs = batch([prompt_ids(rng, 5, [22 * 30 // 4]), prompt_ids(rng, 11, [10 * 40 // 4])])
+    inputs.update(pixel_values=random_pixels(rng, grids), image_grid_thw=np.array(grids))
+    ref_model, model = QwenVL(config, params, "einsum"), QwenVL(config, params, "splash")
+    real = inputs["attention_mask"].astype(bool)
+    ref, out = ref_model.logits(**inputs), model.logits(**inputs)
+    np.testing.assert_allclose(out[real], ref[real], rtol=1e-4, atol=1e-4 * np.abs(ref[real]).max())

@@ -67,7 +67,8 @@ def spliced(model, jsonl, threshold):
     scores, sink = (np.asarray(a) for a in post_sft.roi_scores(
         {}, frozen, twig, device, post_sft.query_index(local["labels"]), config=model.config, K=K,
         attn_impl="einsum", compute_dtype="float32"))
-    rows = [post_sft.spliced_row(model.config, proc, records[int(local["source_index"][b])],
+    image = lambda b: lambda: post_sft.read_image(proc, records[int(local["source_index"][b])])
+    rows = [post_sft.spliced_row(model.config, proc, image(b),
                                  {k: v[b] for k, v in local.items()}, scores[b], sink[b], threshold=threshold,
                                  min_pixels=PIXELS, max_pixels=PIXELS) for b in range(4)]
     shape, over = post_sft.fit(rows, 512, 1024)

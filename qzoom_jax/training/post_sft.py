@@ -20,7 +20,8 @@ The step is three parts, timed in the metrics (``time_roi_s``, ``time_crop_s``, 
 * the RoI pass: one batched, jitted call over the loader's batch (one compilation per shape bucket), dispatched
   as soon as the previous train step is (it runs after it on the device, with its result weights);
 * the host crop: boxes, crops, re-encoding, splice positions, padding, over a thread pool (PIL and NumPy release
-  the GIL), while the loader's worker threads build the next batch's examples;
+  the GIL); the source images are decoded on it while the device runs the RoI pass, and the loader's threads
+  build the next batch's examples meanwhile;
 * the train step (``step.make_train_step`` over ``sft.loss_fn``), one compilation per spliced shape bucket.
 
 The crop of a batch needs that batch's map, which needs the weights of the step before: with the current
@@ -33,7 +34,8 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -92,11 +94,18 @@ def roi_scores(trainable, frozen, twig, batch, query, *, config, K: int, attn_im
 
 # ---- host side: one row -> its spliced (or unsupervised) sequence ------------------------------------------
 
-def spliced_row(config, processor, record: Mapping, row: Mapping, scores, sink, *, threshold: float,
+def read_image(processor, record: Mapping):
+    """The decoded source image of a record, as ``conversations.make_example`` decodes it."""
+    return conversations._read_images(record["images"][:1], processor.image_processor.factor,
+                                      record.get("uid", "?"))[0]
+
+
+def spliced_row(config, processor, image: Callable[[], Any], row: Mapping, scores, sink, *, threshold: float,
                 min_pixels: int, max_pixels: int, noise: np.random.Generator | None = None) -> dict:
     """The unpadded stage-2 sequence of one loader row: ``ids``, ``labels``, ``positions`` [3, n], ``pixels``,
     ``grids`` and ``box`` (source pixels, None without a RoI; with one, ``plain`` is the row without it). Without
-    a RoI the row is its own sequence with every label -100. ``sink``: the row's first-token sink logits (the
+    a RoI the row is its own sequence with every label -100. ``image()``: the row's decoded source image (it may
+    raise ``SkipSample``: the row gets no RoI). ``sink``: the row's first-token sink logits (the
     sink mask of a backbone with ``roi_sink="first_token"``). ``noise``: ``add_noise_to_roi`` -- a predicted box
     is replaced by a random one 80 % of the time (``roi.noisy_grid_box``)."""
     n = int(row["attention_mask"].sum())
@@ -120,9 +129,9 @@ def spliced_row(config, processor, record: Mapping, row: Mapping, scores, sink, 
         grid_box = roi.noisy_grid_box(noise, src_hw, grid_box)
     ip = processor.image_processor
     try:
-        image = conversations._read_images(record["images"][:1], ip.factor, record.get("uid", "?"))[0]
-        box = roi.box_to_source(grid_box, src_hw, image.size, patch=ip.factor)
-        patches, grid = ip.preprocess_one(image.crop(box), min_pixels, max_pixels)  # the source's budget (§2.3)
+        source = image()
+        box = roi.box_to_source(grid_box, src_hw, source.size, patch=ip.factor)
+        patches, grid = ip.preprocess_one(source.crop(box), min_pixels, max_pixels)  # the source's budget (§2.3)
     except (stage1.SkipSample, ValueError):  # image gone since the example was made, or a crop under 28 px
         return plain
     sp = splice.splice_roi(config, ids, src_hw, (grid[1] // m, grid[2] // m), grid_box, reuse_src_pos=True)
@@ -234,6 +243,11 @@ class RoiBatches(Iterator):
     def __next__(self) -> dict:
         local = next(self.data_iter)
         t0 = time.perf_counter()
+        # The source images are decoded on the thread pool while the device runs the RoI pass (only the box
+        # depends on it); rows without supervised labels get no RoI and need none.
+        supervised = (local["labels"] != IGNORE).any(1)
+        decoded = [self._pool.submit(read_image, self.processor, self.source[int(i)]) if keep else None
+                   for i, keep in zip(local["source_index"], supervised)]
         device = {k: v for k, v in local.items() if k not in HOST_KEYS and k != "labels"}
         query = step_lib.global_batch({"q": query_index(local["labels"])}, self.mesh, self.rules)["q"]
         scores = self._roi(self.current()["params"], self.frozen, self.twig,
@@ -246,7 +260,7 @@ class RoiBatches(Iterator):
         noise = lambda b: (np.random.default_rng([self.seed, self._count, int(local["source_index"][b])])
                            if self.add_noise else None)
         rows = list(self._pool.map(lambda b: spliced_row(
-            self.config, self.processor, self.source[int(local["source_index"][b])],
+            self.config, self.processor, decoded[b].result if decoded[b] else None,
             {k: v[b] for k, v in local.items()}, scores[b], sink[b], threshold=self.threshold,
             min_pixels=self.min_pixels, max_pixels=self.max_pixels, noise=noise(b)), range(B)))
         shape, over = fit(rows, self.max_len, self.max_patches)
@@ -258,7 +272,7 @@ class RoiBatches(Iterator):
         s["roi"] += t1 - t0
         s["crop"] += t2 - t1
         s["batches"] += 1
-        s["rows"] += int((local["labels"] != IGNORE).any(1).sum())
+        s["rows"] += int(supervised.sum())
         s["roi_rows"] += sum(r["box"] is not None for r in rows)
         s["over"] += over
         return step_lib.global_batch(batch, self.mesh, self.rules)

@@ -346,6 +346,7 @@ class PostSft(Sft):
                 raise ConfigError(f"model.twig_run={m.twig_run!r} is a {meta.get('stage')!r} run, not a stage-1 "
                                   f"('sdrpn') run")
             self.K, self.T = meta["K"], meta["T"]
+            _twig_backbone(m.twig_run, path)  # the same decoder, checked before anything is loaded
         elif qz.enable_twig:
             self.K, self.T = qz.twig_K, qz.twig_T
         else:

@@ -145,11 +145,14 @@ class _BatchValidIterator(grain.DatasetIterator):
         return f"BatchValidIterator(batch_size={self._batch_size})"
 
 
-def _no_usable_sample(reasons: collections.Counter, shown: int = 5) -> str:
+def _no_usable_sample(reasons: collections.Counter) -> str:
+    return f"every sample of an epoch was skipped ({reasons.total()} in a row): " + _reasons(reasons)
+
+
+def _reasons(reasons: collections.Counter, shown: int = 5) -> str:
     top = reasons.most_common(shown)
     more = len(reasons) - len(top)
-    return (f"every sample of an epoch was skipped ({reasons.total()} in a row): "
-            + "; ".join(f"{n} x {reason}" for reason, n in top) + (f"; {more} other reasons" if more else ""))
+    return "; ".join(f"{n} x {reason}" for reason, n in top) + (f"; {more} other reasons" if more else "")
 
 
 class _BatchValidDataset(grain.IterDataset):
@@ -345,7 +348,7 @@ def bucketed_loader(source: Sequence, example_fn: Callable[[Any, Any], Mapping[s
     if plan.per_epoch == 0:
         raise RunError(f"no bucket holds a full batch of {global_batch_size} usable records "
                        f"({len(source) - sum(reasons.values())} usable of {len(source)})"
-                       + (": " + _no_usable_sample(reasons) if reasons else ""))
+                       + ("; skipped: " + _reasons(reasons) if reasons else ""))
     ds = grain.MapDataset.source(plan).map(_MakeBatch(source, example_fn, process_index, process_count))
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
     it_ds = _in_workers(ds.to_iter_dataset(read), worker_count, prefetch)

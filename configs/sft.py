@@ -55,6 +55,10 @@ def get_config(arg=None):
         # "upstream": upstream's training template (§5.2: no system turn, a literal "<image>"); "inference": the
         # prompt the Q-Zoom engine serves (default system turn, images, then the question).
         "chat_format": "upstream",
+        # packing: several samples per row (data/packing.py) up to max_len tokens and max_patches patch rows, at
+        # most pack_images images a row; each sample keeps its own positions, attention and loss.
+        "packing": False,
+        "pack_images": 8 if tiny else 16,
     }
     c.train = {
         "trainable": LLM_AND_MERGER,

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from qzoom_jax.data.packing import Packing
 from qzoom_jax.data.stage1 import SkipSample
 from qzoom_jax.runtime.errors import RunError
 
@@ -331,7 +332,9 @@ def bucketed_loader(source: Sequence, example_fn: Callable[[Any, Any], Mapping[s
     for every record once, up front; SkipSample there drops the record for the whole run (counted, logged).
     ``example_fn(record, bucket)``: the example padded to the bucket's shapes. Returns (iterator, plan): the
     iterator yields this process's rows of each batch (``.skipped`` counts skips, its state resumes exactly);
-    ``plan.buckets`` lists the buckets that occur, which bounds the step functions a run compiles."""
+    ``plan.buckets`` lists the buckets that occur, which bounds the step functions a run compiles. When
+    ``bucket_of`` is a ``packing.Packing`` it gives each record's sizes; the records are then grouped into packed
+    rows first (``Packing.group``), and batches are made of packs (``example_fn(pack, bucket)``)."""
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                          f"process_count={process_count}")
@@ -344,6 +347,8 @@ def bucketed_loader(source: Sequence, example_fn: Callable[[Any, Any], Mapping[s
             reasons[str(e)] += 1
             level = logging.WARNING if sum(reasons.values()) <= _MAX_SKIP_WARNINGS else logging.DEBUG
             log.log(level, "skipped record %d for the run: %s", i, e)
+    if isinstance(bucket_of, Packing):
+        source, keys = bucket_of.group(source, keys)
     plan = _BucketPlan(keys, global_batch_size, seed, num_epochs)
     if plan.per_epoch == 0:
         raise RunError(f"no bucket holds a full batch of {global_batch_size} usable records "

@@ -85,7 +85,10 @@ def hidden_states(params, config, batch, *, attn_impl: str, remat: str = "none",
     row with its own images and vision layout (encoded on its own, so a batch-sharded input stays local).
     ``activations``: a sharding for the [B, L, D] residual stream (batch-sharded), pinned where the decoder
     stack starts, so the scan carry -- and everything remat keeps -- is split over the batch devices, not
-    replicated next to the FSDP-sharded weights."""
+    replicated next to the FSDP-sharded weights. Packed rows (``data/packing.py``) carry ``segment_ids``: the
+    decoder's mask then keeps every sample to itself."""
+    if "segment_ids" in batch:
+        batch = {**batch, "attention_mask": batch["segment_ids"]}
     layout = stage3.layout_of(batch, config)
     n_layers = config.text.num_hidden_layers
     if remat == "none":

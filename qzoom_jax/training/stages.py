@@ -27,7 +27,7 @@ from qzoom_jax.training import step as step_lib
 from qzoom_jax.labelling import teacher
 from qzoom_jax.training.checkpoint import TrainCheckpointer
 from qzoom_jax.checkpoints import qzoom_checkpoint
-from qzoom_jax.data import conversations, stage1, stage3, tfds_datasets, tfds_sft, tfds_stage3
+from qzoom_jax.data import conversations, packing, stage1, stage3, tfds_datasets, tfds_sft, tfds_stage3
 from qzoom_jax.labelling import parts as label_parts
 from qzoom_jax.models import param_axes, vlm
 from qzoom_jax.models.qzoom import gate as gate_lib
@@ -303,16 +303,25 @@ class Sft:
 
     def bucket_of(self, processor, config):
         """record -> (padded tokens, padded patch rows): each batch is made of one bucket, so a run compiles one
-        step per bucket that occurs (``pipeline.bucketed_loader``), at most ``data.max_len`` x ``data.max_patches``."""
+        step per bucket that occurs (``pipeline.bucketed_loader``), at most ``data.max_len`` x ``data.max_patches``.
+        With ``data.packing``: a ``packing.Packing`` (record -> sizes), and rows hold several samples, at most
+        ``data.pack_images`` images."""
         d = self.cfg.data
-        return functools.partial(conversations.bucket_of, processor=processor, config=config, max_len=d.max_len,
-                                 max_patches=d.max_patches, max_images=d.max_images, min_pixels=d.min_pixels,
-                                 max_pixels=d.max_pixels, chat_format=d.chat_format)
+        kwargs = dict(processor=processor, config=config, max_len=d.max_len, max_patches=d.max_patches,
+                      max_images=d.max_images, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                      chat_format=d.chat_format)
+        if d.get("packing", False):
+            return packing.Packing(functools.partial(packing.sizes_of, **kwargs), d.max_len, d.max_patches,
+                                   d.pack_images)
+        return functools.partial(conversations.bucket_of, **kwargs)
 
     def example_fn(self, processor, config):
         d = self.cfg.data
-        return functools.partial(_sft_example, processor=processor, config=config, max_images=d.max_images,
-                                 min_pixels=d.min_pixels, max_pixels=d.max_pixels, chat_format=d.chat_format)
+        kwargs = dict(processor=processor, config=config, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                      chat_format=d.chat_format)
+        if d.get("packing", False):
+            return functools.partial(packing.make_packed_example, max_images=d.pack_images, **kwargs)
+        return functools.partial(_sft_example, max_images=d.max_images, **kwargs)
 
     def step_layout(self, config) -> None:
         """None: every row carries its own vision layout."""

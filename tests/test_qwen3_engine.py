@@ -102,3 +102,35 @@ def test_the_other_backbones_checkpoint_is_an_error_naming_it():
     bad = {**q3, "vision_config": {**q3["vision_config"], "deepstack_visual_indexes": [0, 1, 4]}}
     with pytest.raises(ConfigError, match=r"deepstack_visual_indexes \[0, 1, 4\].*0\.\.3"):
         Qwen3VLConfig.from_dict(bad)
+
+
+def test_turns_on_qwen3s_template_have_no_default_system_turn():
+    """Qwen3-VL's template writes no default system turn: upstream's training text starts at the user turn (the
+    cut of ``conversations._turn_text`` once assumed a system turn before it), and the inference format adds the
+    system prompt upstream's Qwen3 evaluation inserts; assistant labels are its answer after the 3-token header."""
+    from qzoom_jax.data import conversations
+    from qzoom_jax.data.processor import Processor
+
+    processor = Processor.from_pretrained(EMBEDDED_QWEN3_TINY)
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"},
+             {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "a dog"}]
+    for chat_format, head in (("upstream", "<|im_start|>user\n"),
+                              ("inference", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")):
+        msgs = conversations.messages(turns, 1, chat_format=chat_format)
+        ids, labels = conversations.tokens_and_labels(msgs, processor, system=chat_format == "inference")
+        text = processor.decode(ids)
+        assert text.startswith(head) and text.count("<|im_start|>") == 4 + (chat_format == "inference")
+        assert processor.decode(labels[labels != -100]) == "a cat<|im_end|>\na dog<|im_end|>\n"
+
+
+def test_fixed_shape_training_rows_on_qwen3():
+    """Stage 3 / SFT / stage 2 stack rows of different image sizes: Backbone.fixed_layout gives Qwen3-VL's full
+    attention frame tables equal shapes (Qwen2.5-VL's window tables have their own minima)."""
+    from qzoom_jax.data import conversations
+
+    config = registry.read_config(EMBEDDED_QWEN3_TINY)
+    grids = [(1, 8, 8), (1, 4, 24), (1, 14, 6)]
+    one = [registry.backbone(config).fixed_layout(np.array([g]), config.vision, 256) for g in grids]
+    two = [conversations._padded_layout(config, [g], 512, 2, "u") for g in grids]  # + the filler image
+    for layouts in (one, two):
+        assert len({tuple(a.shape for a in lay) for lay in layouts}) == 1

@@ -34,7 +34,8 @@ from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import SYSTEM_PROMPT
 from qzoom_jax.data.tokenizer import IM_START, ChatText
 from qzoom_jax.models import registry
-from qzoom_jax.runtime.buckets import bucket, pow2
+from qzoom_jax.models.qwen2_5_vl import backbone as qwen2_5_vl_backbone
+from qzoom_jax.runtime.buckets import bucket
 from qzoom_jax.runtime.errors import DataError
 
 IGNORE = -100
@@ -152,10 +153,8 @@ def expand_images(ids, labels, image_token_id: int, counts) -> tuple[np.ndarray,
 # ---- examples ------------------------------------------------------------------------------------------
 
 def layout_minima(vision, n_patches: int, max_images: int) -> dict[str, int]:
-    """Table minima that give every row's layout the same shapes: stage 3's for one image, plus a window per
-    extra image (each image starts its own windows)."""
-    minima = stage3.layout_minima(vision, n_patches)
-    return {**minima, "min_window_rows": pow2(minima["min_window_rows"] + max_images)}
+    """Qwen2.5-VL's table minima of a ``_padded_layout`` row (``bench.py`` builds such layouts itself)."""
+    return qwen2_5_vl_backbone.layout_minima(vision, n_patches, max_images)
 
 
 def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
@@ -166,12 +165,10 @@ def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
     used = int(np.prod(all_grids, -1).sum())
     if used > n_patches:
         raise stage1.SkipSample(f"{uid}: {used} patches (fillers included), more than n_patches={n_patches}")
-    minima = layout_minima(config.vision, n_patches, max_images)
-    layout = registry.backbone(config).vision_layout(all_grids, config.vision, pad_to=n_patches, **minima)
-    if layout.window_table.shape[0] != minima["min_window_rows"]:
-        raise stage1.SkipSample(f"{uid}: image grids {np.asarray(grids).tolist()} span more than "
-                                f"{minima['min_window_rows']} attention windows")
-    return layout
+    try:  # each image starts its own windows (Qwen2.5-VL): a window row per image on top
+        return registry.backbone(config).fixed_layout(all_grids, config.vision, n_patches, extra_windows=max_images)
+    except ValueError as e:
+        raise stage1.SkipSample(f"{uid}: {e}") from None
 
 
 def _read_images(paths, factor: int, uid: str):

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from qzoom_jax.runtime.buckets import bucket, pow2
+from qzoom_jax.runtime.buckets import bucket
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.data import stage1
 from qzoom_jax.data.processor import Processor, PromptTooLongError
@@ -186,13 +186,6 @@ def max_patches(max_budget: int, merge_unit: int) -> int:
     return bucket(merge_unit * -(-3 * max_budget // 2), 64)
 
 
-def layout_minima(cfg, n_patches: int) -> dict[str, int]:
-    """Minimum table sizes that give every single-image layout padded to ``n_patches`` the same shapes; the
-    window rows allow twice the windows a compact grid needs (elongated grids straddle more windows)."""
-    win_slots = (cfg.window_size // cfg.patch_size) ** 2
-    return {"min_window_rows": pow2(2 * -(-n_patches // win_slots)), "min_frame_slots": n_patches}
-
-
 def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVLConfig, *, seed: int,
                  max_len: int, n_patches: int, high: int = HIGH) -> dict[str, np.ndarray]:
     """One stage-3 training example with fixed shapes, for the fetch ``(record["epoch"], record["index"])``.
@@ -229,11 +222,10 @@ def make_example(record: Mapping[str, Any], processor: Processor, config: QwenVL
         raise stage1.SkipSample(f"{uid}: prompt is {n} tokens at budget {budget}, longer than max_len={max_len}")
     if patches > n_patches:
         raise stage1.SkipSample(f"{uid}: {patches} patches at budget {budget}, more than n_patches={n_patches}")
-    minima = layout_minima(config.vision, n_patches)
-    layout = registry.backbone(config).vision_layout(out["image_grid_thw"], config.vision, pad_to=n_patches, **minima)
-    if layout.window_table.shape[0] != minima["min_window_rows"]:
-        raise stage1.SkipSample(f"{uid}: image grid {out['image_grid_thw'][0].tolist()} spans more than "
-                                f"{minima['min_window_rows']} attention windows")
+    try:
+        layout = registry.backbone(config).fixed_layout(out["image_grid_thw"], config.vision, n_patches)
+    except ValueError as e:
+        raise stage1.SkipSample(f"{uid}: {e}") from None
 
     input_ids, attention_mask, positions = stage1.padded(config, out["input_ids"][0], max_len,
                                                               out["image_grid_thw"])

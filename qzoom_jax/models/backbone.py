@@ -43,6 +43,10 @@ class Backbone:
     # NamedTuple of arrays of type layout_type (training batches stack one per row)
     vision_layout: Callable[..., Any]
     layout_type: type
+    # host: (image_grid_thw [n, 3], vision config, n_patches, extra_windows=0) -> the layout padded to n_patches
+    # whose tables have the same shapes for any such images (fixed-shape training rows stack them); ValueError
+    # saying what does not fit. extra_windows: Qwen2.5-VL's window rows added per extra image (ignored without)
+    fixed_layout: Callable[..., Any]
     # (visual params, vision config, pixel_values [P, patch_dim], layout, *, attn_impl) -> features [N, D];
     # with ``deepstack``: (features [N, D], deepstack [k, N, D])
     encode_images: Callable[..., Any]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from qzoom_jax.models import decoder
 from qzoom_jax.models.backbone import Backbone
 from qzoom_jax.models.qwen2_5_vl import vision
@@ -12,6 +14,7 @@ from qzoom_jax.models.qwen2_5_vl.checkpoint_keys import checkpoint_table
 from qzoom_jax.models.qwen2_5_vl.config import MODEL_TYPE, QwenVLConfig
 from qzoom_jax.models.qwen2_5_vl.positions import rope_index
 from qzoom_jax.models.rope import mrope_tables
+from qzoom_jax.runtime.buckets import pow2
 
 # Logical axes of the vision tower, by (tower, module, param name), without the leading layer axis; the decoder's
 # come from models/decoder.py.
@@ -39,6 +42,23 @@ PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
 }
 
 
+def layout_minima(cfg, n_patches: int, extra_windows: int = 0) -> dict[str, int]:
+    """Table minima that give every layout padded to ``n_patches`` the same shapes: twice the windows a compact
+    grid needs (elongated grids straddle more windows), plus ``extra_windows`` (each extra image starts its own)."""
+    win_slots = (cfg.window_size // cfg.patch_size) ** 2
+    return {"min_window_rows": pow2(pow2(2 * -(-n_patches // win_slots)) + extra_windows),
+            "min_frame_slots": n_patches}
+
+
+def fixed_layout(grid_thw, cfg, n_patches: int, extra_windows: int = 0):
+    minima = layout_minima(cfg, n_patches, extra_windows)
+    layout = vision.vision_layout(grid_thw, cfg, pad_to=n_patches, **minima)
+    if layout.window_table.shape[0] != minima["min_window_rows"]:
+        raise ValueError(f"image grids {np.asarray(grid_thw).tolist()} span more than {minima['min_window_rows']} "
+                         "attention windows")
+    return layout
+
+
 def rope_tables(config: QwenVLConfig, positions):
     t = config.text
     return mrope_tables(positions, t.head_dim, t.rope_theta, t.mrope_section)
@@ -52,6 +72,7 @@ BACKBONE = Backbone(
     param_axes=PARAM_AXES,
     vision_layout=vision.vision_layout,
     layout_type=vision.VisionLayout,
+    fixed_layout=fixed_layout,
     encode_images=vision.encode_images,
     positions=rope_index,
     rope_tables=rope_tables,

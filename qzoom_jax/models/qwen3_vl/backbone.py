@@ -45,6 +45,9 @@ BACKBONE = Backbone(
     param_axes=PARAM_AXES,
     vision_layout=vision.vision_layout,
     layout_type=vision.VisionLayout,
+    # Full attention per frame: the frame table has one row per image and n_patches slots whatever the grids.
+    fixed_layout=lambda grid_thw, cfg, n_patches, extra_windows=0: vision.vision_layout(
+        grid_thw, cfg, pad_to=n_patches, min_frame_slots=n_patches),
     encode_images=vision.encode_images,
     positions=rope_index,
     rope_tables=rope_tables,

@@ -45,7 +45,7 @@ BACKBONE = Backbone(
     param_axes=PARAM_AXES,
     vision_layout=vision.vision_layout,
     layout_type=vision.VisionLayout,
-    # Full attention per frame: the frame table has one row per image and n_patches slots whatever the grids.
+    # Full attention per frame: with n_patches slots the frame table holds any frame, whatever the grids.
     fixed_layout=lambda grid_thw, cfg, n_patches, extra_windows=0: vision.vision_layout(
         grid_thw, cfg, pad_to=n_patches, min_frame_slots=n_patches),
     encode_images=vision.encode_images,

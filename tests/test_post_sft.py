@@ -2,6 +2,7 @@
 label realignment and masking, the no-RoI guard, the trainable set, sharded == single device, resume."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -55,8 +56,10 @@ def loader_batch(jsonl, model, n=4):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, records, proc
 
 
-def spliced(model, jsonl, threshold):
-    """The stage-2 batch of 4 rows: the RoI pass with the checkpoint's weights, then the host crop + splice."""
+@pytest.fixture(scope="module")
+def roi_pass(model, jsonl):
+    """(loader rows, records, processor, frozen backbone, RoI and sink logits) of 4 rows: the RoI pass with the
+    checkpoint's weights."""
     local, records, proc = loader_batch(jsonl, model)
     params = dict(model.params)
     branches = dict(params["model"])
@@ -64,9 +67,15 @@ def spliced(model, jsonl, threshold):
     branches.pop("high_res_layers"), branches.pop("high_res_head")
     frozen = {**params, "model": branches}
     device = {k: v for k, v in local.items() if k not in post_sft.HOST_KEYS and k != "labels"}
-    scores, sink = (np.asarray(a) for a in post_sft.roi_scores(
-        {}, frozen, twig, device, post_sft.query_index(local["labels"]), config=model.config, K=K,
-        attn_impl="einsum", compute_dtype="float32"))
+    roi = jax.jit(functools.partial(post_sft.roi_scores, config=model.config, K=K, attn_impl="einsum",
+                                    compute_dtype="float32"))
+    scores = roi({}, frozen, twig, device, post_sft.query_index(local["labels"]))
+    return local, records, proc, frozen, tuple(np.asarray(a) for a in scores)
+
+
+def spliced(model, roi_pass, threshold):
+    """The stage-2 batch of those 4 rows: the host crop + splice at ``threshold``."""
+    local, records, proc, frozen, (scores, sink) = roi_pass
     image = lambda b: lambda: post_sft.read_image(proc, records[int(local["source_index"][b])])
     rows = [post_sft.spliced_row(model.config, proc, image(b),
                                  {k: v[b] for k, v in local.items()}, scores[b], sink[b], threshold=threshold,
@@ -85,13 +94,13 @@ def test_query_is_the_last_prompt_token():
     np.testing.assert_array_equal(post_sft.query_index(labels), [4, 1, 0])
 
 
-def test_spliced_forward_equals_transformers_and_labels_are_realigned(model, jsonl):
-    local, rows, batch, frozen, proc = spliced(model, jsonl, threshold=0.1)
+def test_spliced_forward_equals_transformers_and_labels_are_realigned(model, roi_pass):
+    local, rows, batch, frozen, proc = spliced(model, roi_pass, threshold=0.1)
     with_roi = [b for b, r in enumerate(rows) if r["box"] is not None]
     assert with_roi, "the tiny twig gave no RoI at 0.1: the test needs one"
     cfg = model.config
-    h = sft.hidden_states(frozen, cfg, batch, attn_impl="einsum")
-    ours = np.asarray(vlm.lm_logits(frozen, cfg, h), np.float32)
+    forward = jax.jit(lambda p, b: vlm.lm_logits(p, cfg, sft.hidden_states(p, cfg, b, attn_impl="einsum")))
+    ours = np.asarray(forward(frozen, batch), np.float32)
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         EMBEDDED_QZOOM, dtype=torch.float32, attn_implementation="eager").eval()
     for b in with_roi:
@@ -118,12 +127,14 @@ def test_spliced_forward_equals_transformers_and_labels_are_realigned(model, jso
         assert r["positions"][1:, np.flatnonzero(r["ids"] == cfg.image_token_id)[-1]].dtype == np.float32
 
 
-def test_a_batch_without_roi_has_loss_zero_and_no_gradient(model, jsonl):
-    _, rows, batch, frozen, _ = spliced(model, jsonl, threshold=1.0)  # no blurred probability exceeds 1
+def test_a_batch_without_roi_has_loss_zero_and_no_gradient(model, roi_pass):
+    _, rows, batch, frozen, _ = spliced(model, roi_pass, threshold=1.0)  # no blurred probability exceeds 1
     assert all(r["box"] is None for r in rows) and (batch["labels"] == -100).all()
     trainable, rest = sft.split(frozen, sft.trainable_mask(frozen, ("model/layers/", "lm_head/")))
-    (loss, metrics), grads = jax.value_and_grad(sft.loss_fn, has_aux=True)(
-        trainable, rest, model.config, batch, None, attn_impl="einsum", compute_dtype="float32")
+    loss_fn = functools.partial(sft.loss_fn, config=model.config, layout=None, attn_impl="xla",
+                                compute_dtype="float32")
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda t, r, b: loss_fn(t, r, batch=b), has_aux=True))(
+        trainable, rest, batch)
     assert float(loss) == 0.0 and float(metrics["supervised_tokens"]) == 0
     assert all(not np.asarray(g).any() for g in jax.tree_util.tree_leaves(grads))
 
@@ -179,12 +190,22 @@ def test_only_decoder_layers_and_lm_head_train(sharded_run):
     assert info["stage"] == "sft" and info["K"] == K and info["post_sft"]["twig"] == EMBEDDED_QZOOM
 
 
-def test_sharded_matches_single_device(jsonl, sharded_run, tmp_path):
-    workdir, state = sharded_run
+def single_config(jsonl):
+    """One device, the batch in 2 accumulated micro-batches."""
     cfg = post_sft_config(jsonl, data=1, fsdp=1, tensor=1)
     cfg.train.accum_steps = 2
-    single = train.main(cfg, str(tmp_path), devices=jax.devices()[:1])
-    np.testing.assert_allclose([v for _, v in _metrics(workdir)], [v for _, v in _metrics(str(tmp_path))],
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def single_run(jsonl, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("post_sft_single"))
+    return workdir, train.main(single_config(jsonl), workdir, devices=jax.devices()[:1])
+
+
+def test_sharded_matches_single_device(sharded_run, single_run):
+    (workdir, state), (single_dir, single) = sharded_run, single_run
+    np.testing.assert_allclose([v for _, v in _metrics(workdir)], [v for _, v in _metrics(single_dir)],
                                rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(single["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-4)  # see test_sft
@@ -194,8 +215,8 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_matches_uninterrupted(jsonl, sharded_run, tmp_path, monkeypatch):
-    workdir, state = sharded_run
+def test_resume_matches_uninterrupted(jsonl, single_run, tmp_path, monkeypatch):
+    workdir, state = single_run
     save = TrainCheckpointer.save
 
     def save_then_stop(self, step, *args, **kwargs):
@@ -205,12 +226,12 @@ def test_resume_matches_uninterrupted(jsonl, sharded_run, tmp_path, monkeypatch)
             raise _Stop
         return saved
 
-    cfg = post_sft_config(jsonl, data=2, fsdp=2, tensor=2)
+    cfg = single_config(jsonl)
     with monkeypatch.context() as m:
         m.setattr(TrainCheckpointer, "save", save_then_stop)
         with pytest.raises(_Stop):
-            train.main(cfg, str(tmp_path))
-    resumed = train.main(cfg, str(tmp_path))
+            train.main(cfg, str(tmp_path), devices=jax.devices()[:1])
+    resumed = train.main(cfg, str(tmp_path), devices=jax.devices()[:1])
     np.testing.assert_array_equal(_metrics(str(tmp_path)), _metrics(workdir))
     for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

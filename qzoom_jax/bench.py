@@ -5,7 +5,8 @@ Benchmarks (``--only NAME`` to pick some):
   generate  greedy generation of ``--new-tokens`` tokens with a KV cache: JAX vs transformers
   train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
             of our jitted step (JAX only: the upstream trainer is a DeepSpeed/GPU program), backbone in
-            ``--dtype``; ``--size qwen2_5vl_7b`` builds a 7B-shaped random-weight model (K=18, T=3)
+            ``--dtype``; ``--size qwen2_5vl_7b`` / ``qwen3vl_4b`` build 7B / 4B-shaped random-weight models (K=18 /
+            24, T=3; forward, generate and qzoom run on them too, against transformers' Qwen3-VL for the 4B)
   sft_memory  per-device memory of one full-model SFT step at Qwen2.5-VL-7B shapes (whole LLM trainable, vision
             frozen, fp32 master weights + AdamW, bf16 compute, full remat, ``--sft-tokens`` tokens per device,
             ``--fsdp``-way FSDP): an ahead-of-time compile on abstract inputs (nothing allocated) and XLA's
@@ -62,7 +63,11 @@ QWEN2_5VL_7B = dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_
                               num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24]),
                     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                 fullatt_block_indexes=[7, 15, 23, 31]))
-TWIG = {"tiny": (3, 3), "small": (4, 2), "qwen2_5vl_7b": (18, 3)}  # (K, T) of the train benchmark
+QWEN3VL_4B = dict(text=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]),
+                  vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                              num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]))
+TWIG = {"tiny": (3, 3), "small": (4, 2), "qwen2_5vl_7b": (18, 3), "qwen3vl_4b": (24, 3)}  # (K, T) of the benches
 # The embedded tokenizer's special-token ids, so its processor can feed every benchmark model.
 SPECIAL = {k: v for k, v in tiny_special_token_ids().items() if k != "vocab_size"}
 
@@ -70,8 +75,15 @@ SPECIAL = {k: v for k, v in tiny_special_token_ids().items() if k != "vocab_size
 def _hf_config(size: str):
     import transformers
 
-    spec = {**SIZES, "qwen2_5vl_7b": QWEN2_5VL_7B}[size]
+    spec = {**SIZES, "qwen2_5vl_7b": QWEN2_5VL_7B, "qwen3vl_4b": QWEN3VL_4B}[size]
     t = dict(spec["text"])
+    if size == "qwen3vl_4b":  # tied embeddings, interleaved M-RoPE (Qwen3-VL-4B-Instruct's config)
+        rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": t.pop("mrope_section"),
+                "mrope_interleaved": True}
+        ids = {k: SPECIAL[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return transformers.Qwen3VLConfig(text_config=dict(rope_parameters=rope, tie_word_embeddings=True, **t, **ids),
+                                          vision_config=dict(out_hidden_size=t["hidden_size"], **spec["vision"]),
+                                          tie_word_embeddings=True, **SPECIAL)
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": t.pop("mrope_section")}
     return transformers.Qwen2_5_VLConfig(
         text_config=dict(rope_parameters=rope, **t, **{k: SPECIAL[k] for k in ("bos_token_id", "eos_token_id",
@@ -84,14 +96,16 @@ def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "eins
     import torch
     import transformers
 
-    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
     from qzoom_jax.checkpoints.hf_checkpoint import params_from_state_dict
+    from qzoom_jax.models import registry
     from qzoom_jax.models.vlm import QwenVL, as_dtype
 
     torch.manual_seed(seed)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(size)).eval()
+    model_class = (transformers.Qwen3VLForConditionalGeneration if size == "qwen3vl_4b"
+                   else transformers.Qwen2_5_VLForConditionalGeneration)
+    hf = model_class(_hf_config(size)).eval()
     hf.set_attn_implementation("eager")
-    config = QwenVLConfig.from_dict(hf.config.to_dict())
+    config = registry.config_from_dict(hf.config.to_dict())
     ours = QwenVL(config, params_from_state_dict(hf.state_dict(), config, as_dtype(dtype)), attn_impl)
     hf = hf.to(getattr(torch, dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
     return hf, ours
@@ -163,12 +177,11 @@ def bench_train(args):
 
     from qzoom_jax.training import metrics
     from qzoom_jax.runtime import parallel
-    from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
-    from qzoom_jax.models.qwen2_5_vl import vision
-    from qzoom_jax.models.qwen2_5_vl.positions import rope_index
+    from qzoom_jax.models import registry
     from qzoom_jax.models.vlm import as_dtype, init_params
 
-    config = QwenVLConfig.from_dict(_hf_config(args.size).to_dict())
+    config = registry.config_from_dict(_hf_config(args.size).to_dict())
+    bb = registry.backbone(config)
     K, T = TWIG[args.size]
     mesh = parallel.make_mesh()
     dtype = as_dtype(args.dtype)
@@ -185,12 +198,12 @@ def bench_train(args):
     row = ([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
            + [int(x) for x in rng.integers(0, 900, args.text)])
     ids = np.array([row] * args.batch, np.int32)
-    positions, _ = rope_index(config, ids, np.ones_like(ids), np.array([[1, side, side]] * args.batch))
+    positions, _ = bb.positions(config, ids, np.ones_like(ids), np.array([[1, side, side]] * args.batch))
     batch = step_lib.global_batch(dict(
         input_ids=ids, attention_mask=np.ones_like(ids), positions=positions.transpose(1, 0, 2),
         pixel_values=rng.standard_normal((args.batch, side * side, config.vision.patch_dim)).astype(np.float32),
         labels=rng.choice(np.array([-100, 0, 1], np.int32), (args.batch, n_img))), mesh)
-    layout = vision.vision_layout(np.array([[1, side, side]]), config.vision)
+    layout = bb.vision_layout(np.array([[1, side, side]]), config.vision)
     t0 = time.perf_counter()
     compiled = step_lib.compile_step(step_lib.make_train_step(config, tx, K, 0.5, args.attn_impl), state, backbone, batch,
                                   layout, mesh)
@@ -222,7 +235,7 @@ def bench_qzoom(args):
     from qzoom_jax.data import synthetic
     from qzoom_jax.data.processor import Processor
     from qzoom_jax.models.qzoom import gate, twig
-    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT, EMBEDDED_QWEN3_TINY
     from qzoom_jax.models.vlm import QwenVL
     from qzoom_jax.zoom.engine import QZoom
 
@@ -231,11 +244,13 @@ def bench_qzoom(args):
     model = QwenVL(dataclasses.replace(ours.config, eos_token_id=-1), ours.params, ours.attn_impl)
     K, T = TWIG[args.size]
     layers = model.params["model"]["layers"]
-    parts = qzoom_checkpoint.QZoomParts(model, EMBEDDED_DEFAULT, twig.init_twig_params(layers, K, T),
+    files = EMBEDDED_QWEN3_TINY if args.size == "qwen3vl_4b" else EMBEDDED_DEFAULT  # tokenizer + processor
+    parts = qzoom_checkpoint.QZoomParts(model, files, twig.init_twig_params(layers, K, T),
                                         gate.init_gate_params(layers, K, T, jax.random.key(args.seed)), K, True)
-    engine = QZoom(parts, Processor.from_pretrained(EMBEDDED_DEFAULT))
+    engine = QZoom(parts, Processor.from_pretrained(files))
+    f = engine.processor.image_processor.factor
     sample = synthetic.make_sample(args.seed, 0)
-    budget = lambda tokens: {"min_pixels": tokens * 28 * 28, "max_pixels": tokens * 28 * 28}
+    budget = lambda tokens: {"min_pixels": tokens * f * f, "max_pixels": tokens * f * f}
     large = engine.prepare([sample.image], [sample.prompt], **budget(args.large))
     small = engine.prepare([sample.image], [sample.prompt], **budget(args.small))
     run = lambda prepared, **kw: engine.run(prepared, max_new_tokens=n, roi_threshold=0.0, **kw)[0]
@@ -493,7 +508,7 @@ def main(argv=None):
     # sft_memory and post_sft (--fsdp devices at 7B) run only when asked for.
     p.add_argument("--only", nargs="*", choices=sorted(BENCHES),
                    default=sorted(set(BENCHES) - {"sft_memory", "post_sft"}))
-    p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b"]), default="small")
+    p.add_argument("--size", choices=sorted([*SIZES, "qwen2_5vl_7b", "qwen3vl_4b"]), default="small")
     p.add_argument("--image", type=int, default=448, help="square image side in px (multiple of 28)")
     p.add_argument("--text", type=int, default=32, help="text tokens after the image")
     p.add_argument("--batch", type=int, default=1)

@@ -63,7 +63,10 @@ def get_config(arg=None):
     c.train = {
         "trainable": LLM_AND_MERGER,
         "master_dtype": "float32",
-        "remat": "none" if tiny else "full",  # decoder layers: "none" | "full" (recompute in backward)
+        # remat policies of the decoder layers / the vision blocks: "none" | "full" (recompute all in the backward
+        # pass) | "dots" (keep the weight matmuls' outputs) | "offload" (those, in host memory)
+        "remat": "none" if tiny else "full",
+        "vision_remat": "none",
         "loss_chunk": 1024,  # lm_head + cross-entropy this many positions at a time
         "global_batch_size": 8 if tiny else 128,
         "accum_steps": 1 if tiny else 4,

@@ -125,11 +125,12 @@ def init_model(config, rng, dtype=jnp.float32, *, init_vision):
 
 
 def run_layers(layer_params, cfg: TextConfig, x, cos, sin, mask, cache: KVCache | None = None,
-               cache_index=0, *, dtype=jnp.float32, attn_impl: str = "einsum", remat: bool = False):
+               cache_index=0, *, dtype=jnp.float32, attn_impl: str = "einsum", remat: str = "none"):
     """Run a stack of decoder layers (any slice of the model's stack) over ``x`` [B, L, D].
 
-    ``mask`` is boolean [B, 1, L, S] (S = L without a cache, the cache length with one). With ``cache``, this
-    step's keys/values are written at ``cache_index`` and the updated cache is returned.
+    ``mask`` is a ``cache.causal_mask`` (segment ids; S = L without a cache, the cache length with one). With
+    ``cache``, this step's keys/values are written at ``cache_index`` and the updated cache is returned.
+    ``remat``: a ``layers.REMAT`` policy for each layer.
     """
     layer = DecoderLayer(cfg, dtype, attn_impl)
 

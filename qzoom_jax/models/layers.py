@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from qzoom_jax.runtime.errors import ConfigError
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -86,13 +88,37 @@ def apply_rotary(x, cos, sin):
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def scan_layers(apply_layer, stacked_params, carry, xs=None, *, remat: bool = False):
+# Named rematerialisation policies for a stack's block (``jax.checkpoint``): what the backward pass keeps of each
+# block's forward. "none": everything (no checkpoint); "full": only the block's input, all else recomputed;
+# "dots": the outputs of the weight matmuls (dots without batch dimensions: projections and MLP, not attention
+# logits), recomputing the cheap elementwise work; "offload": the same matmul outputs, moved to host memory
+# (pinned_host) and brought back for the backward pass -- device memory of "full", recompute of "dots".
+REMAT = ("none", "full", "dots", "offload")
+
+
+def remat_policy(name: str):
+    """``jax.checkpoint``'s policy for a name in ``REMAT`` ("none" -> None: do not checkpoint)."""
+    if name not in REMAT:
+        raise ConfigError(f"remat policy {name!r}; choose one of {REMAT}")
+    cp = jax.checkpoint_policies
+    return {"none": None, "full": cp.nothing_saveable, "dots": cp.dots_with_no_batch_dims_saveable,
+            "offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host")}[name]
+
+
+def checkpointed(fn, remat: str):
+    """``fn`` under the named remat policy (``fn`` itself for "none")."""
+    policy = remat_policy(remat)
+    return fn if policy is None else jax.checkpoint(fn, policy=policy)
+
+
+def scan_layers(apply_layer, stacked_params, carry, xs=None, *, remat: str = "none"):
     """Run a stack of identical blocks whose params have a leading layer axis with ``jax.lax.scan``.
 
     ``apply_layer(params, carry, x) -> (carry, y)`` applies one block; ``xs`` are per-layer inputs (a KV cache
-    slice, a per-layer flag ...). The stack can be cut at any layer by slicing ``stacked_params``.
+    slice, a per-layer flag ...). The stack can be cut at any layer by slicing ``stacked_params``. ``remat``: a
+    policy of ``REMAT`` for each block.
     """
-    body = jax.checkpoint(apply_layer) if remat else apply_layer
+    body = checkpointed(apply_layer, remat)
 
     def step(c, p_x):
         p, x = p_x

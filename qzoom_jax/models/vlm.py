@@ -65,11 +65,13 @@ def _at_image_tokens(config: ModelConfig, input_ids, image_features, x):
     return spliced.reshape(x.shape)
 
 
-def encode(params, config: ModelConfig, pixel_values, layout, *, attn_impl: str = "einsum"):
-    """The vision tower: (features [N, D], DeepStack features [k, N, D] or None for a backbone without)."""
+def encode(params, config: ModelConfig, pixel_values, layout, *, attn_impl: str = "einsum", remat: str = "none"):
+    """The vision tower: (features [N, D], DeepStack features [k, N, D] or None for a backbone without);
+    ``remat``: a ``layers.REMAT`` policy for its blocks."""
     bb = registry.backbone(config)
     dtype = params["model"]["embed_tokens"]["embedding"].dtype
-    out = bb.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout, attn_impl=attn_impl)
+    out = bb.encode_images(params["visual"], config.vision, pixel_values.astype(dtype), layout, attn_impl=attn_impl,
+                           remat=remat)
     return out if bb.deepstack else (out, None)
 
 

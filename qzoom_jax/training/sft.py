@@ -22,9 +22,10 @@ from qzoom_jax.data import stage3
 from qzoom_jax.data.conversations import IGNORE
 from qzoom_jax.models import registry, vlm
 from qzoom_jax.models.cache import causal_mask
+from qzoom_jax.models.layers import REMAT as REMAT_POLICIES
 from qzoom_jax.runtime.errors import ConfigError
 
-REMAT = ("none", "full")  # decoder layers: keep every activation / recompute each layer in the backward pass
+REMAT = REMAT_POLICIES  # named policies for the decoder layers and the vision blocks (models/layers.py)
 
 
 # ---- trainable / frozen --------------------------------------------------------------------------------
@@ -80,21 +81,23 @@ def merge(a: dict, b: dict) -> dict:
 
 # ---- forward and loss ----------------------------------------------------------------------------------
 
-def hidden_states(params, config, batch, *, attn_impl: str, remat: str = "none", activations=None):
+def hidden_states(params, config, batch, *, attn_impl: str, remat: str = "none", vision_remat: str = "none",
+                  activations=None):
     """Decoder output [B, L, D] (before the final norm) of a batch of ``conversations.make_example`` rows, each
     row with its own images and vision layout (encoded on its own, so a batch-sharded input stays local).
     ``activations``: a sharding for the [B, L, D] residual stream (batch-sharded), pinned where the decoder
     stack starts, so the scan carry -- and everything remat keeps -- is split over the batch devices, not
     replicated next to the FSDP-sharded weights. Packed rows (``data/packing.py``) carry ``segment_ids``: the
-    decoder's mask then keeps every sample to itself."""
+    decoder's mask then keeps every sample to itself. ``remat`` / ``vision_remat``: ``REMAT`` policies of the
+    decoder layers / the vision blocks."""
     if "segment_ids" in batch:
         batch = {**batch, "attention_mask": batch["segment_ids"]}
     layout = stage3.layout_of(batch, config)
     n_layers = config.text.num_hidden_layers
-    if remat == "none":
+    if remat == vision_remat == "none":
         return vlm.batch_trunk(params, config, batch, layout, n_layers, attn_impl=attn_impl, per_row_layout=True)[0]
     bb = registry.backbone(config)
-    one = lambda pv, lay: vlm.encode(params, config, pv, lay, attn_impl=attn_impl)[0]
+    one = lambda pv, lay: vlm.encode(params, config, pv, lay, attn_impl=attn_impl, remat=vision_remat)[0]
     feats = jax.vmap(one)(batch["pixel_values"], layout)
     x = vlm.embed(params, config, batch["input_ids"], feats)
     if activations is not None:
@@ -102,7 +105,7 @@ def hidden_states(params, config, batch, *, attn_impl: str, remat: str = "none",
     cos, sin = bb.rope_tables(config, jnp.transpose(batch["positions"], (1, 0, 2)))
     mask = causal_mask(batch["attention_mask"], x.shape[1])
     h, _ = bb.run_layers(params["model"]["layers"], config.text, x, cos, sin, mask, None, 0, dtype=x.dtype,
-                         attn_impl=attn_impl, remat=True)
+                         attn_impl=attn_impl, remat=remat)
     return h
 
 
@@ -131,7 +134,8 @@ def token_nll(params, config, h, targets, chunk: int):
 
 
 def loss_fn(trainable, frozen, config, batch, layout, K=None, *, threshold=None, attn_impl: str,
-            compute_dtype="bfloat16", remat: str = "none", chunk: int = 1024, activations=None):
+            compute_dtype="bfloat16", remat: str = "none", vision_remat: str = "none", chunk: int = 1024,
+            activations=None):
     """Mean NLL over the batch's supervised tokens (0, not NaN, when there are none) and token accuracy. The
     stage objective's signature (``layout``, ``K``, ``threshold`` unused: rows carry their own layouts)."""
     del layout, K, threshold
@@ -140,7 +144,8 @@ def loss_fn(trainable, frozen, config, batch, layout, K=None, *, threshold=None,
     # constants, already in the dtype they were loaded in.
     trainable = jax.tree_util.tree_map(lambda p: p.astype(dtype), trainable)
     params = merge(trainable, jax.lax.stop_gradient(frozen))
-    h = hidden_states(params, config, batch, attn_impl=attn_impl, remat=remat, activations=activations)
+    h = hidden_states(params, config, batch, attn_impl=attn_impl, remat=remat, vision_remat=vision_remat,
+                      activations=activations)
     if activations is not None:
         h = jax.lax.with_sharding_constraint(h, activations)
     labels = batch["labels"]

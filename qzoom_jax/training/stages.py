@@ -29,7 +29,7 @@ from qzoom_jax.training.checkpoint import TrainCheckpointer
 from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.data import conversations, packing, stage1, stage3, tfds_datasets, tfds_sft, tfds_stage3
 from qzoom_jax.labelling import parts as label_parts
-from qzoom_jax.models import param_axes, vlm
+from qzoom_jax.models import attention, param_axes, vlm
 from qzoom_jax.models.qzoom import gate as gate_lib
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.models import registry
@@ -262,9 +262,12 @@ class Sft:
         self.cfg = cfg
         t, m = cfg.train, cfg.model
         self.master_dtype = t.master_dtype
-        if t.remat not in sft.REMAT:
-            raise ConfigError(f"train.remat={t.remat!r}; choose one of {sft.REMAT}")
+        vision_remat = t.get("vision_remat", "none")
+        for key, value in (("remat", t.remat), ("vision_remat", vision_remat)):
+            if value not in sft.REMAT:
+                raise ConfigError(f"train.{key}={value!r}; choose one of {sft.REMAT}")
         vlm.as_dtype(t.master_dtype), vlm.as_dtype(m.dtype)  # unknown names fail here, not after loading
+        attention.resolve(m.attn_impl)  # a kernel this platform cannot run, too
         if cfg.data.chat_format not in stage1.CHAT_FORMATS:
             raise ConfigError(f"data.chat_format={cfg.data.chat_format!r}; choose one of {stage1.CHAT_FORMATS}")
         if t.global_batch_size % t.accum_steps:
@@ -272,11 +275,13 @@ class Sft:
                               f"train.accum_steps={t.accum_steps} micro-batches")
         # The patterns are checked on the param shapes now, before any data or weights are read.
         config = self.config = registry.read_config(label_parts.model_path(m.path))
-        if t.remat != "none" and registry.backbone(config).deepstack:
-            raise ConfigError(f"train.remat={t.remat!r} is not supported on {config.model_type} (DeepStack)")
+        if (t.remat, vision_remat) != ("none", "none") and registry.backbone(config).deepstack:
+            raise ConfigError(f"train.remat={t.remat!r} / train.vision_remat={vision_remat!r} are not supported on "
+                              f"{config.model_type} (DeepStack)")
         shapes = jax.eval_shape(lambda: vlm.init_params(config, jax.random.key(0)))
         sft.trainable_mask(shapes, self.patterns(config))
-        self.loss_fn = functools.partial(sft.loss_fn, compute_dtype=m.dtype, remat=t.remat, chunk=t.loss_chunk)
+        self.loss_fn = functools.partial(sft.loss_fn, compute_dtype=m.dtype, remat=t.remat, vision_remat=vision_remat,
+                                         chunk=t.loss_chunk)
 
     def training_source(self, workdir: str):
         """Records of prepared conversation datasets (``data.tfds_dirs``, ``data.tfds_sft``) or of the JSONL."""

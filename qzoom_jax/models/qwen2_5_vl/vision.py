@@ -281,13 +281,15 @@ def init_vision_params(cfg: VisionConfig, rng, dtype=jnp.float32) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout, *, attn_impl: str = "einsum"):
+def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout, *, attn_impl: str = "einsum",
+                  remat: str = "none"):
     """Vision features [M, out_hidden_size]: merged-grid raster order per image, images concatenated, then
     ``M - sum(layout.merged_valid)`` padding rows (garbage; drop them with ``merged_valid``).
 
     ``params`` is the ``"visual"`` subtree; compute runs in its dtype (norms, RoPE and softmax in float32).
     ``pixel_values`` [n, patch_dim] in HF processor order; rows beyond the real patches are ignored, and fewer
-    rows than the layout are zero-padded here (pass them pre-padded to keep jit shapes fixed).
+    rows than the layout are zero-padded here (pass them pre-padded to keep jit shapes fixed). ``remat``: a
+    ``layers.REMAT`` policy for each block (training).
     """
     dtype = params["patch_embed"]["proj"]["kernel"].dtype
     n = layout.patch_index.shape[0]
@@ -308,6 +310,6 @@ def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout,
     def layer(p, h, full):
         return block.apply({"params": p}, h, cos, sin, full, segments), None
 
-    x, _ = layers.scan_layers(layer, params["blocks"], x, jnp.asarray(is_full))
+    x, _ = layers.scan_layers(layer, params["blocks"], x, jnp.asarray(is_full), remat=remat)
     merged = PatchMerger(cfg, dtype).apply({"params": params["merger"]}, x)
     return merged[layout.merge_inverse]

@@ -198,7 +198,8 @@ def init_vision_params(cfg: VisionConfig, rng, dtype=jnp.float32) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout, *, attn_impl: str = "einsum"):
+def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout, *, attn_impl: str = "einsum",
+                  remat: str = "none"):
     """(features [M, out_hidden_size], deepstack [k, M, out_hidden_size] or None when k = 0): the merged grid in raster order per
     image, images concatenated, then ``M - sum(layout.merged_valid)`` padding rows (garbage); ``deepstack[j]`` is
     the output of block ``deepstack_visual_indexes[j]`` through DeepStack merger j, in the same row order.
@@ -224,7 +225,8 @@ def encode_images(params, cfg: VisionConfig, pixel_values, layout: VisionLayout,
     captured, start = [], 0
     for stop in [i + 1 for i in cfg.deepstack_visual_indexes] + [cfg.depth]:
         if stop > start:
-            x, _ = layers.scan_layers(layer, jax.tree_util.tree_map(lambda a: a[start:stop], params["blocks"]), x)
+            x, _ = layers.scan_layers(layer, jax.tree_util.tree_map(lambda a: a[start:stop], params["blocks"]), x,
+                                      remat=remat)
         captured.append(x)
         start = stop
     merged = PatchMerger(cfg, False, dtype).apply({"params": params["merger"]}, x)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qzoom_jax.data import stage1, stage3
+from qzoom_jax.data import stage1
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.prompts import SYSTEM_PROMPT
 from qzoom_jax.data.tokenizer import IM_START, ChatText

@@ -61,11 +61,14 @@ def get_config(arg=None):
         "pack_images": 8 if tiny else 16,
     }
     c.train = {
-        "trainable": LLM_AND_MERGER,
+        # Qwen3-VL-4B ties lm_head to the embedding (no lm_head leaf): model/ trains it
+        "trainable": tuple(p for p in LLM_AND_MERGER if p != "lm_head/") if preset.startswith("qwen3")
+        else LLM_AND_MERGER,
         "master_dtype": "float32",
         # remat policies of the decoder layers / the vision blocks: "none" | "full" (recompute all in the backward
         # pass) | "dots" (keep the weight matmuls' outputs) | "offload" (those, in host memory)
-        "remat": "none" if tiny else "full",
+        # (the SFT trainer's remat does not run DeepStack yet: none on Qwen3-VL, else a ConfigError)
+        "remat": "none" if tiny or preset.startswith("qwen3") else "full",
         "vision_remat": "none",
         "loss_chunk": 1024,  # lm_head + cross-entropy this many positions at a time
         "global_batch_size": 8 if tiny else 128,

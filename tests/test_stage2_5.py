@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qzoom_jax.assets.repo_configs import repo_config
-from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM, EMBEDDED_TINY
+from qzoom_jax.checkpoints.embedded import EMBEDDED_QWEN3_TINY, EMBEDDED_QZOOM, EMBEDDED_TINY
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.data import stage3, tfds_datasets
 from qzoom_jax.labelling import teacher
@@ -35,6 +35,9 @@ def test_qwen3vl_4b_presets():
     assert (ev.vstar.roi_threshold, ev.vstar.gate_threshold, ev.vstar.min_tokens, ev.vstar.max_tokens) == \
         (0.10, 0.025, 512, 4096)
     assert repo_config("labels", "post_sft_qwen3vl_4b").stage == "post_sft"
+    sft_cfg = repo_config("sft", "qwen3vl_4b")
+    sft_cfg.model.path = EMBEDDED_QWEN3_TINY  # the preset's settings pass the SFT stage's checks on a Qwen3-VL
+    stages.get(sft_cfg)
 
 
 def _stage(path, twig_init, **data):

@@ -12,6 +12,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from qzoom_jax.models import registry
+from qzoom_jax.models.qmop import projector as qmop_projector
 from qzoom_jax.runtime.parallel import DEFAULT_RULES, logical_to_spec
 
 # Logical axes of every parameter, by (tower, module, param name), *without* the leading layer axis of stacked
@@ -22,7 +23,8 @@ _QZOOM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {
     ("text", "high_res_head", "kernel"): ("embed", None),  # the Q-Zoom gate's Linear(d -> 1)
     ("text", "high_res_head", "bias"): (None,),
 }
-PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {**registry.param_axes(), **_QZOOM_AXES}
+PARAM_AXES: dict[tuple[str, str, str], tuple[str | None, ...]] = {**registry.param_axes(), **_QZOOM_AXES,
+                                                                 **qmop_projector.PARAM_AXES}  # QMoP projector
 
 
 def _leaf_key(path: tuple[str, ...]) -> tuple[str, str, str]:

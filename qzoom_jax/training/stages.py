@@ -22,7 +22,7 @@ from etils import epath
 from qzoom_jax.runtime import distributed, parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.labelling import gate_labels
-from qzoom_jax.training import gate_objective, post_sft, sdrpn, sft
+from qzoom_jax.training import gate_objective, post_sft, qmop_stage, sdrpn, sft
 from qzoom_jax.training import step as step_lib
 from qzoom_jax.labelling import teacher
 from qzoom_jax.training.checkpoint import TrainCheckpointer
@@ -413,7 +413,7 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft, PostSft)}
+STAGES = {stage.name: stage for stage in (Sdrpn, Gate, Sft, PostSft, qmop_stage.Qmop)}
 
 
 def get(cfg):

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
 import transformers
 from safetensors import safe_open
 
@@ -54,6 +55,15 @@ def test_qzoom_keys_sit_where_upstream_reads_them(qzoom_dir):
     assert not info["missing_keys"]
     assert info["unexpected_keys"] and all(k.startswith((f"{lm}twig_layers.", f"{lm}high_res_"))
                                            for k in info["unexpected_keys"])
+    ids = np.array([[1000, 1009] + [1012] * 4 + [1010, 5, 6, 7]], np.int64)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "image_grid_thw": np.array([[1, 4, 4]]),
+              "pixel_values": np.random.default_rng(0).standard_normal((16, 1536)).astype(np.float32)}
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = hf.float().eval()(**{k: torch.from_numpy(v) for k, v in inputs.items()},
+                                mm_token_type_ids=torch.from_numpy((ids == 1012).astype(np.int64))).logits.numpy()
+    ours = load_pretrained(qzoom_dir).logits(**inputs)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_engine_zooms_with_the_inserted_system_prompt(qzoom_dir):

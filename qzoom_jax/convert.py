@@ -6,7 +6,9 @@
     python -m qzoom_jax.convert --from-hf /ckpt/Qwen2.5-VL-7B-Instruct --out /ckpt/qwen7b_jax    # HF -> ours
 
 ``--from-run``: the run's checkpoint meta names the backbone; a stage-3 run also names its stage-1 run, whose
-twig goes along (``--twig RUN`` gives or replaces it). The result is one Hugging Face directory: safetensors in
+twig goes along (``--twig RUN`` gives or replaces it), also when that twig was trained on the base model of this
+gate's stage-2 backbone. An SFT run (``configs/sft.py``, stage 2 ``configs/post_sft.py``) exports the backbone
+with its trained leaves (no branch). The result is one Hugging Face directory: safetensors in
 the official transformers-4.x key layout (``visual.*``, ``model.layers.*``, ``lm_head``; none for tied
 embeddings), sharded with ``model.safetensors.index.json``, in ``--dtype``; the Q-Zoom branches under upstream's
 names (``model.twig_layers.{i}.*``, ``model.high_res_layers.{i}.*``, ``model.high_res_head.*``) with the config
@@ -29,7 +31,7 @@ import argparse
 import os
 import re
 
-from qzoom_jax.checkpoints import atomic, hf_export, orbax_params, qzoom_checkpoint
+from qzoom_jax.checkpoints import atomic, hf_export, orbax_params, qzoom_checkpoint, sft_run
 from qzoom_jax.runtime import cli, parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.checkpoints.pretrained import load_pretrained
@@ -52,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m qzoom_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-run", metavar="RUN_DIR", help="a training run directory (stage 1 or 3)")
+    source.add_argument("--from-run", metavar="RUN_DIR", help="a training run directory (stage 1, 2, 3 or SFT)")
     source.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face Qwen2.5-VL (or Q-Zoom) directory")
     p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--twig", metavar="RUN_DIR", help="--from-run: the stage-1 run whose twig to export")
@@ -87,7 +89,15 @@ def _convert(args: argparse.Namespace) -> str:
     out = os.path.abspath(args.out)
     _check_out(out, (args.from_run, args.from_hf, args.twig))  # before the minutes a large backbone takes
     mesh = parallel.make_mesh()  # the backbone is spread over every device, whatever its size
-    if args.from_run:
+    run = args.from_run and qzoom_checkpoint.is_run_dir(args.from_run)
+    meta = qzoom_checkpoint.run_meta(args.from_run) if run else {}
+    if meta.get("stage") == "sft":  # an SFT run (stage 2 included): the backbone with the trained leaves
+        if args.twig:
+            raise ConfigError(f"--twig: {args.from_run} is an SFT run, whose export holds no branch")
+        _check_out(out, (meta["backbone"],))
+        sft_run.export(args.from_run, out, dtype=args.dtype)
+        print(f"wrote {out}: the fine-tuned model of {args.from_run}")
+    elif args.from_run:
         parts = qzoom_checkpoint.load(args.from_run, twig_run=args.twig, dtype=args.dtype, mesh=mesh)
         _check_out(out, (parts.backbone_path,))  # named by the run's meta
         with atomic.replacing(out) as tmp:

@@ -40,13 +40,18 @@ MODELS = {"base": "stage 1 + gate", "stage2": "stage 1 + stage 2 + gate"}
 def main(cfg, workdir: str) -> dict:
     """Run every step not done yet; returns each step's result. The workdir is locked for the run."""
     with workdir_lib.lock(workdir):
-        if cfg.compilation_cache and not jax.config.jax_compilation_cache_dir:
+        cache = cfg.compilation_cache and not jax.config.jax_compilation_cache_dir
+        if cache:
             # The steps compile many of the same programs (two gate runs, two evaluations of one architecture;
             # a resumed step): JAX's persistent cache in the run directory compiles each once.
             jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
-        p = _Pipeline(cfg, workdir)
-        for name in STEPS:
-            p.step(name)
+        try:
+            p = _Pipeline(cfg, workdir)
+            for name in STEPS:
+                p.step(name)
+        finally:
+            if cache:
+                jax.config.update("jax_compilation_cache_dir", None)
         path = write_report(cfg, workdir, p.results)
     distributed.print0(f"pipeline done: {path}, {os.path.join(workdir, 'pareto.png')}")
     return p.results

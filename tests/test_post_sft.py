@@ -235,3 +235,13 @@ def test_resume_matches_uninterrupted(jsonl, single_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(_metrics(str(tmp_path)), _metrics(workdir))
     for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5vl_3b", "qwen2_5vl_7b"])
+def test_presets_carry_the_paper_hyperparameters(preset):
+    cfg = repo_config("post_sft", preset)  # §2.4; the schedule is always warm-up + cosine (training/optim.py)
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.optim.clip_norm) == (1e-6, 0.03, 0, 1)
+    assert (cfg.train.global_batch_size, cfg.train.num_epochs, cfg.train.num_steps) == (64, 1, 0)
+    assert cfg.data.min_pixels == cfg.data.max_pixels == 451584
+    assert tuple(cfg.train.trainable) == ("model/layers/", "lm_head/") and cfg.train.roi_threshold == 0.1
+    assert cfg.model.path == "" and cfg.name == f"post_sft_{preset}"  # a real backbone must be named

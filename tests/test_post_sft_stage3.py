@@ -10,7 +10,7 @@ import pytest
 
 from qzoom_jax import convert, train
 from qzoom_jax.assets.repo_configs import repo_config
-from qzoom_jax.checkpoints import qzoom_checkpoint, sft_run
+from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.checkpoints.embedded import EMBEDDED_TINY
 from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.data import synthetic
@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     head = np.asarray(base.params["lm_head"]["kernel"]) + 0.01
     post = run_dir(root / "post_sft", {"lm_head": {"kernel": head}},
                    {"stage": "sft", "K": K, "T": T, "backbone": EMBEDDED_TINY, "post_sft": {"twig": sdrpn}})
-    stage2 = sft_run.export(post, str(root / "stage2_model"))
+    stage2 = convert.main(["--from-run", post, "--out", str(root / "stage2_model"), "--dtype", "float32"])
     cfg = repo_config("gate")
     cfg.answers.data.synthetic_num = 16
     cfg.model.update(path=stage2, twig_run=sdrpn, dtype="float32")

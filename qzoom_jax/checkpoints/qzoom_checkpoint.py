@@ -86,6 +86,18 @@ def read_run(run: str) -> tuple[dict, dict]:
     return params, restored["meta"]
 
 
+def run_meta(run: str) -> dict:
+    """The meta of the latest checkpoint of a training run directory (nothing else is read)."""
+    directory = _resolved(os.path.join(run, "checkpoints"))
+    if not is_run_dir(run):
+        raise CheckpointError(f"no training run at {run} (no {directory})")
+    with _read_only_manager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{run}: no finished checkpoint under {directory}")
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def load(checkpoint: str | None = None, *, twig_run: str | None = None, dtype="float32", attn_impl: str = "xla",
          reuse_src_pos: bool | None = None, mesh=None) -> QZoomParts:
     """The parts of ``checkpoint`` (None: the embedded default). ``twig_run`` supplies (or replaces) the twig

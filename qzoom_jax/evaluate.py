@@ -405,8 +405,22 @@ def _print_sweep(results: Mapping) -> None:
               f"accuracy gain at Max-{h['reference_budget']} {_fmt(h['accuracy_gain'], '+.1f')}")
 
 
-def main(cfg, workdir: str, run_sweep: bool = False) -> None:
+def main(cfg, workdir: str, run_sweep: bool = False, qmop: str | None = None,
+         qmop_variants: Sequence[str] = ()) -> None:
     samples = load_tasks(cfg)  # every benchmark file is checked before the model loads
+    if qmop:  # QMoP (a reconstruction): its variants instead of Q-Zoom vs baseline (evaluation/qmop_eval.py)
+        from qzoom_jax.evaluation import qmop_eval
+        from qzoom_jax.evaluation.qmop_engine import VARIANTS, QMoPEngine
+
+        variants = qmop_eval.check_variants(qmop_variants or VARIANTS)
+        from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
+
+        zoom = EMBEDDED_QZOOM if cfg.model.path is None else cfg.model.path
+        engine = QMoPEngine.load(qmop, zoom=zoom if "qmop_zoom" in variants else None,
+                                 dtype=cfg.model.dtype, attn_impl=cfg.model.attn_impl)
+        qmop_eval.print_results(qmop_eval.evaluate(cfg, workdir, engine, samples, variants))
+        print(f"results: {os.path.join(workdir, 'qmop_results.json')}")
+        return
     engine = load_engine(cfg)
     judge = load_judge(cfg, engine)
     if run_sweep:
@@ -419,4 +433,8 @@ def main(cfg, workdir: str, run_sweep: bool = False) -> None:
 
 if __name__ == "__main__":
     SWEEP = flags.DEFINE_boolean("sweep", False, "run the Max-N budget ladder; write sweep.json and pareto.png")
-    cli.run(lambda cfg, workdir: main(cfg, workdir, SWEEP.value), "configs/eval.py", "evaluation")
+    QMOP = flags.DEFINE_string("qmop", None, "a QMoP run or HF directory with qmop.safetensors: evaluate its "
+                               "variants (config.model.path: the Q-Zoom checkpoint of the qmop_zoom variant)")
+    QMOP_VARIANTS = flags.DEFINE_list("qmop_variants", [], "QMoP variants to run (default: all)")
+    cli.run(lambda cfg, workdir: main(cfg, workdir, SWEEP.value, QMOP.value, QMOP_VARIANTS.value), "configs/eval.py",
+            "evaluation")

@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="transparency: composite onto white (default) or drop as PIL convert('RGB') (upstream)")
     p.add_argument("--no-exif", dest="exif", action="store_false",
                    help="ignore the EXIF orientation (upstream's evaluation does); default: apply it")
+    p.add_argument("--qmop", default=None, metavar="RUN",
+                   help="a QMoP run or HF directory with qmop.safetensors: answer with the compressed image "
+                        "(QMoP, a reconstruction; --checkpoint then gives the twig of --qmop-variant qmop_zoom)")
+    p.add_argument("--qmop-variant", default="qmop", help="with --qmop: qmop (the router), qmop_zoom (+ Q-Zoom "
+                   "RoI crop), pool / resampler / prune / average (fixed), full / downsample (uncompressed)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attn-impl", default="xla", choices=("einsum", "xla", "cudnn"))
     p.add_argument("--verbosity", type=int, default=0, help="1: show the traceback of an error")
@@ -100,6 +105,8 @@ def _infer(args: argparse.Namespace) -> dict:
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {args.image}: {e}") from e
+    if args.qmop:
+        return _infer_qmop(args, image)
     reuse = None if args.reuse_src_pos == "checkpoint" else args.reuse_src_pos == "true"
     engine = QZoom.load(args.checkpoint, dtype=args.dtype, attn_impl=args.attn_impl, twig_run=args.twig,
                         reuse_src_pos=reuse, resize=args.resize, alpha=args.alpha, exif=args.exif)
@@ -124,6 +131,27 @@ def _infer(args: argparse.Namespace) -> dict:
         caption = f"{gate} | {'zoomed' if result.zoomed else 'direct'} | {result.visual_tokens} visual tokens"
         overlay(image, result.roi_logits, result.box, caption).save(args.heatmap)
     print(json.dumps(out, allow_nan=False) if args.json else result.answer)
+    return out
+
+
+def _infer_qmop(args: argparse.Namespace, image) -> dict:
+    """One answer through the QMoP engine (``evaluation/qmop_engine.py``)."""
+    from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
+    from qzoom_jax.evaluation.qmop_engine import QMoPEngine
+
+    zoom = (args.checkpoint or EMBEDDED_QZOOM) if args.qmop_variant == "qmop_zoom" else None
+    engine = QMoPEngine.load(args.qmop, zoom=zoom, dtype=args.dtype, attn_impl=args.attn_impl)
+    image = to_rgb(image, alpha=args.alpha, exif=args.exif)
+    try:
+        answer, _ = engine.answer(image, args.question, variant=args.qmop_variant, min_pixels=args.min_pixels,
+                                  max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens,
+                                  roi_threshold=args.roi_threshold)
+    except ImageSizeError as e:
+        raise ImageError(f"cannot use image {args.image}: {e}") from e
+    out = {"answer": answer.answer, "visual_tokens": answer.visual_tokens, "branch": answer.branch,
+           "weights": None if answer.weights is None else list(answer.weights), "zoomed": answer.zoomed,
+           "box": None if answer.box is None else list(answer.box)}
+    print(json.dumps(out, allow_nan=False) if args.json else answer.answer)
     return out
 
 

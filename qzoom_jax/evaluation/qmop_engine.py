@@ -149,7 +149,7 @@ class QMoPEngine:
         if p.compressed is None:
             tokens, _ = self.model.generate_prepared(p.arrays, max_new_tokens, prompt_ids=p.inputs["input_ids"])
             n = int((np.asarray(p.inputs["input_ids"]) == self.config.image_token_id).sum())
-            return self._answer(np.asarray(tokens)[0], n, None)
+            return self._answer(np.asarray(tokens)[0], n, None, None)
         c = p.compressed
         route = self.qcfg.infer_route if p.variant in ("qmop", "qmop_zoom") else p.variant
         _, _, _, _, _, pv, vision = p.arrays
@@ -161,12 +161,12 @@ class QMoPEngine:
             zoomed = self._zoom(p, tokens, offsets, x, positions, max_new_tokens, roi_threshold)
             if zoomed is not None:
                 out, n_visual, box = zoomed
-                return self._answer(out, n_visual, weights, zoomed=True, box=box)
+                return self._answer(out, n_visual, weights, route, zoomed=True, box=box)
         new_b = bucket(max_new_tokens, 8)
         L = c["ids"].shape[1]
         logits, cache = self._prefill(self.model.params, self.config, x, c["am"], positions, None, L + new_b)
         out = self._generate(logits, cache, c["am"], c["next_position"], L, max_new_tokens, new_b)
-        return self._answer(out, c["n_tokens"], weights)
+        return self._answer(out, c["n_tokens"], weights, route)
 
     def _zoom(self, p: Prepared, tokens, offsets, x, positions, max_new_tokens: int, roi_threshold):
         """(tokens, visual tokens, box) of the compressed view + full-detail crop, or None when no cell passes."""
@@ -218,13 +218,15 @@ class QMoPEngine:
                                  attn_impl=self.model.attn_impl)
         return np.asarray(out)[0]
 
-    def _answer(self, out, visual_tokens: int, weights, zoomed=False, box=None) -> QMoPAnswer:
+    def _answer(self, out, visual_tokens: int, weights, route, zoomed=False, box=None) -> QMoPAnswer:
+        """``branch``: the router's choice (largest weight) under a router route, the branch of a one-branch
+        route, else None."""
         eos = self.config.eos_token_id
         ids = [int(t) for t in out]
         ids = ids[:ids.index(eos) + 1] if eos in ids else ids
         text = self.processor.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
         w = None if weights is None else tuple(float(v) for v in weights)
-        branch = None if w is None else BRANCHES[int(np.argmax(w))]
+        branch = BRANCHES[int(np.argmax(w))] if route in ("soft", "top1") else route if route in BRANCHES else None
         return QMoPAnswer(text.strip(), tuple(ids), int(visual_tokens), w, branch, zoomed, box)
 
     def answer(self, image, question: str, *, variant: str = "qmop", min_pixels: int, max_pixels: int,

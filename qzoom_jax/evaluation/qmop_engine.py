@@ -213,10 +213,10 @@ class QMoPEngine:
     def _generate(self, logits, cache, am, next_position, L: int, max_new_tokens: int, new_b: int) -> np.ndarray:
         first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         key_valid = np.pad(am, ((0, 0), (0, new_b)), constant_values=1)
-        out, _, _ = self._decode(self.model.params, self.config, first, cache, key_valid, next_position,
-                                 np.asarray([max_new_tokens], np.int32), start=L, max_new_tokens=new_b,
-                                 attn_impl=self.model.attn_impl)
-        return np.asarray(out)[0]
+        out, steps, _ = self._decode(self.model.params, self.config, first, cache, key_valid, next_position,
+                                     np.asarray([max_new_tokens], np.int32), start=L, max_new_tokens=new_b,
+                                     attn_impl=self.model.attn_impl)
+        return np.asarray(out)[0, :int(steps)]  # the buffer is bucketed: pad after the last step
 
     def _answer(self, out, visual_tokens: int, weights, route, zoomed=False, box=None) -> QMoPAnswer:
         """``branch``: the router's choice (largest weight) under a router route, the branch of a one-branch

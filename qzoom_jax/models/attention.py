@@ -206,7 +206,23 @@ def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
                                                 interpret=interpret)
 
 
+def _fold(q, k, v, mask: Mask, lanes: int):
+    """Short non-causal rows (vision windows of 64 slots) side by side in rows of ``lanes``: row r of a group of f
+    keeps its ids as ``id * f + r`` (all distinct, empty slots included), so nothing crosses, and the kernel fills
+    its 128-lane blocks instead of padding every row to them."""
+    B, L = mask.q_segment.shape
+    f = lanes // L
+    if mask.causal or L >= lanes or lanes % L or B % f:
+        return None
+    ids = mask.q_segment.astype(jnp.int32) * f + (jnp.arange(B) % f)[:, None]
+    fold = lambda t: t.reshape(B // f, f * L, *t.shape[2:])
+    return fold(q), fold(k), fold(v), segments_mask(fold(ids))
+
+
 def _splash(q, k, v, mask: Mask, *, interpret: bool):
+    folded = _fold(q, k, v, mask, 128)
+    if folded is not None:
+        return _splash(*folded, interpret=interpret).reshape(q.shape)
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     B, L, H, D = q.shape
@@ -243,11 +259,14 @@ def _cudnn(q, k, v, mask: Mask, implementation: str = "cudnn"):
     contiguous sample (left- or right-padded) is compacted to the front by a stable per-row permutation (order,
     hence causality, is kept) and restored after. Packed rows (several ids) go as a dense mask.
     ``implementation`` lets the CPU tests run this exact path through XLA."""
-    qs, ks = mask.q_segment, mask.kv_segment
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype} (model.dtype)")
+    ks = mask.kv_segment  # self-attention: the query ids are the key ids
     one_sample = jnp.all(ks <= 1)
     order = jnp.argsort(ks == 0, axis=1, stable=True)                 # real tokens first, in order
     take = lambda t: jnp.take_along_axis(t, order.reshape(*order.shape, *([1] * (t.ndim - 2))), axis=1)
-    lengths = jnp.sum(ks != 0, axis=1).astype(jnp.int32)
+    # An empty row (a table's spare rows) gets length 1: its outputs are dropped, a zero length is undefined.
+    lengths = jnp.maximum(jnp.sum(ks != 0, axis=1), 1).astype(jnp.int32)
 
     def compacted():
         out = jax.nn.dot_product_attention(take(q), take(k), take(v), is_causal=mask.causal,
@@ -260,5 +279,4 @@ def _cudnn(q, k, v, mask: Mask, implementation: str = "cudnn"):
         dense = jnp.broadcast_to(mask.dense(), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation=implementation)
 
-    del qs  # self-attention: the query ids are the key ids
     return jax.lax.cond(one_sample, compacted, packed)

@@ -99,10 +99,14 @@ def seen_tokens(input_ids, vocab_size: int) -> np.ndarray:
 
 
 def lm_logits(params, config: ModelConfig, h):
+    """Logits in float32 whatever the compute dtype: bf16 operands, float32 accumulation and output (the
+    cross-entropy and argmax over a 152k vocabulary need it; a bf16 output would round every logit)."""
     h = RMSNorm(config.text.rms_norm_eps, h.dtype).apply({"params": params["model"]["norm"]}, h)
     if "lm_head" in params:
-        return h @ params["lm_head"]["kernel"]
-    return h @ params["model"]["embed_tokens"]["embedding"].T  # tied embeddings (Qwen2.5-VL-3B)
+        w = params["lm_head"]["kernel"]
+    else:
+        w = params["model"]["embed_tokens"]["embedding"].T  # tied embeddings (Qwen2.5-VL-3B)
+    return jnp.matmul(h, w, preferred_element_type=jnp.float32)
 
 
 def trunk(params, config: ModelConfig, input_ids, attention_mask, positions, pixel_values=None, layout=None,

@@ -47,7 +47,7 @@ class Backbone:
     # whose tables have the same shapes for any such images (fixed-shape training rows stack them); ValueError
     # saying what does not fit. extra_windows: Qwen2.5-VL's window rows added per extra image (ignored without)
     fixed_layout: Callable[..., Any]
-    # (visual params, vision config, pixel_values [P, patch_dim], layout, *, attn_impl) -> features [N, D];
+    # (visual params, vision config, pixel_values [P, patch_dim], layout, *, attn_impl, remat) -> features [N, D];
     # with ``deepstack``: (features [N, D], deepstack [k, N, D])
     encode_images: Callable[..., Any]
     # host: (config, input_ids [B, L], attention_mask, image_grid_thw) -> (positions [3, B, L] float32,
@@ -57,7 +57,7 @@ class Backbone:
     rope_tables: Callable[..., tuple]
     # (text config, rng, num_layers, dtype) -> a fresh stacked decoder stack (leading layer axis)
     init_layers: Callable[..., Any]
-    # (layers, text config, x [B, L, D], cos, sin, mask [B, 1, L, S], cache=None, cache_index=0, *, dtype,
+    # (layers, text config, x [B, L, D], cos, sin, mask (cache.causal_mask), cache=None, cache_index=0, *, dtype,
     #  attn_impl, remat) -> (x, cache): any slice of the stack, which is how Q-Zoom branches off layer K
     run_layers: Callable[..., tuple]
     # run_layers over the whole stack that also returns the attention probabilities of the layers in capture

@@ -540,7 +540,8 @@ def main(argv=None):
     p.add_argument("--small", type=int, default=256, help="qzoom: Q-Zoom's budget in visual tokens")
     p.add_argument("--dtype", default="float32", help="train, qzoom: model dtype (float32, bfloat16)")
     p.add_argument("--attn-impl", default="xla",
-                   help="JAX attention: einsum, xla, fused (the platform's kernel), splash (TPU), cudnn / pallas_gpu (GPU)")
+                   help="JAX attention: einsum, xla, fused (the platform's kernel), splash (TPU), cudnn / "
+                        "pallas_gpu (GPU)")
     p.add_argument("--sft-tokens", type=int, default=8192, help="sft_memory: tokens per device")
     p.add_argument("--fsdp", type=int, default=8, help="sft_memory: FSDP devices")
     p.add_argument("--no-pin", action="store_true", help="sft_memory: no batch sharding pinned on activations")

@@ -31,8 +31,8 @@ def test_decoder_gradients_equal_under_every_policy(config):
     x = jax.random.normal(jax.random.key(1), (2, 8, t.hidden_size))
     cos, sin = jnp.ones((2, 8, t.head_dim)), jnp.zeros((2, 8, t.head_dim))
     mask = causal_mask(np.array([[0] * 3 + [1] * 5, [1] * 8]), 8)
-    grad = lambda remat: jax.grad(lambda p, x: jnp.sum(decoder.run_layers(p, t, x, cos, sin, mask, remat=remat)[0] ** 2),
-                                  argnums=(0, 1))
+    out = lambda p, x, remat: decoder.run_layers(p, t, x, cos, sin, mask, remat=remat)[0]
+    grad = lambda remat: jax.grad(lambda p, x: jnp.sum(out(p, x, remat) ** 2), argnums=(0, 1))
     # "full" is checked in tests/test_sft.py (the whole SFT objective); one program for the rest
     ref, *others = jax.jit(lambda p, x: [grad(name)(p, x) for name in ("none", "dots", "offload")])(layers, x)
     for out in others:

@@ -177,8 +177,8 @@ def test_layout_tables_consistent(grids, pad_to, window_size):
     # Frame table: consecutive frames packed into rows of a bucketed length >= 64 and the longest frame; each
     # frame is one run of one id in one row.
     frames = [h * w for t, h, w in grids for _ in range(t)]
-    seg = lay.full_segment.reshape(-1)[lay.full_slot[:n_real]] + (lay.full_slot[:n_real] // lay.full_table.shape[1]) * 1000
-    np.testing.assert_array_equal(_run_lengths(seg), frames)
+    np.testing.assert_array_equal(_run_lengths(_segment_ids(lay.full_slot, lay.full_table, lay.full_segment)[:n_real]),
+                                  frames)
     assert ((lay.full_segment > 0) == (lay.full_table != PAD)).all()
     assert lay.full_table.shape[1] >= max(64, max(frames))
 

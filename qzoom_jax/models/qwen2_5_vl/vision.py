@@ -114,9 +114,10 @@ def vision_layout(grid_thw, cfg: VisionConfig, pad_to: int | None = None, *, min
     Table buckets (static shapes): the window table has exactly ``(window_size / patch_size)^2`` slots and a
     power-of-two row count, at least ``N / slots`` and ``min_window_rows`` (so for typical inputs it depends on
     ``pad_to`` alone); the frame table has ``2^k`` or ``1.5 * 2^k`` slots (at least ``min_frame_slots`` and the
-    longest frame) and a power-of-two count of rows, each packed with consecutive frames. Raising the minima lets layouts of differently shaped images
-    (e.g. one per batch row, vmapped) share array shapes: ``min_frame_slots=pad_to`` fixes the frame table of
-    one image; elongated grids can still need more window rows than ``min_window_rows``.
+    longest frame) and a power-of-two count of rows, each packed with consecutive frames. Raising the minima
+    lets layouts of differently shaped images (e.g. one per batch row, vmapped) share array shapes:
+    ``min_frame_slots=pad_to`` fixes the frame table of one image; elongated grids can still need more window rows
+    than ``min_window_rows``.
     """
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m, mu = cfg.spatial_merge_size, cfg.merge_unit
@@ -209,8 +210,8 @@ class VisionAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, full, segments):
-        """``segments`` = ((window_table, window_slot), (full_table, full_slot, full_segment)); ``full`` picks one: a Python
-        bool picks it at trace time, a traced bool with ``lax.cond`` (only the chosen branch runs)."""
+        """``segments`` = ((window_table, window_slot), (full_table, full_slot, full_segment)); ``full`` picks
+        one: a Python bool at trace time, a traced bool with ``lax.cond`` (only the chosen branch runs)."""
         n, d = x.shape
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.dtype, name=name)
         q, k, v = jnp.split(dense(3 * d, "qkv")(x).reshape(n, 3 * self.cfg.num_heads, -1), 3, axis=1)

@@ -8,7 +8,8 @@
 ``--from-run``: the run's checkpoint meta names the backbone; a stage-3 run also names its stage-1 run, whose
 twig goes along (``--twig RUN`` gives or replaces it), also when that twig was trained on the base model of this
 gate's stage-2 backbone. An SFT run (``configs/sft.py``, stage 2 ``configs/post_sft.py``) exports the backbone
-with its trained leaves (no branch). The result is one Hugging Face directory: safetensors in
+with its trained leaves (no branch). A QMoP run (``configs/qmop.py``, a reconstruction) exports the backbone plus
+``qmop.safetensors`` and config.json's ``"qmop"`` (``checkpoints/qmop_checkpoint.py``). The result is one Hugging Face directory: safetensors in
 the official transformers-4.x key layout (``visual.*``, ``model.layers.*``, ``lm_head``; none for tied
 embeddings), sharded with ``model.safetensors.index.json``, in ``--dtype``; the Q-Zoom branches under upstream's
 names (``model.twig_layers.{i}.*``, ``model.high_res_layers.{i}.*``, ``model.high_res_head.*``) with the config
@@ -31,7 +32,7 @@ import argparse
 import os
 import re
 
-from qzoom_jax.checkpoints import atomic, hf_export, orbax_params, qzoom_checkpoint, sft_run
+from qzoom_jax.checkpoints import atomic, hf_export, orbax_params, qmop_checkpoint, qzoom_checkpoint, sft_run
 from qzoom_jax.runtime import cli, parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.checkpoints.pretrained import load_pretrained
@@ -97,6 +98,16 @@ def _convert(args: argparse.Namespace) -> str:
         _check_out(out, (meta["backbone"],))
         sft_run.export(args.from_run, out, dtype=args.dtype)
         print(f"wrote {out}: the fine-tuned model of {args.from_run}")
+    elif meta.get("stage") == "qmop":  # a QMoP run (a reconstruction): the backbone + qmop.safetensors
+        if args.twig:
+            raise ConfigError(f"--twig: {args.from_run} is a QMoP run, whose export holds no twig")
+        qparams, qcfg, backbone = qmop_checkpoint.load(args.from_run)
+        _check_out(out, (backbone,))
+        model = load_pretrained(backbone, dtype=args.dtype, mesh=mesh)
+        with atomic.replacing(out) as tmp:
+            qmop_checkpoint.save_hf(model, backbone, qparams, qcfg, tmp, dtype=args.dtype,
+                                    max_shard_bytes=args.max_shard_size)
+        print(f"wrote {out}: backbone {backbone} + the QMoP projector ({qmop_checkpoint.QMOP_FILE}, config 'qmop')")
     elif args.from_run:
         parts = qzoom_checkpoint.load(args.from_run, twig_run=args.twig, dtype=args.dtype, mesh=mesh)
         _check_out(out, (parts.backbone_path,))  # named by the run's meta

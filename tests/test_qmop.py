@@ -160,7 +160,8 @@ def test_sharded_equals_single_device_and_only_the_projector_has_state(runs):
     paths = lambda tree: {sft.path_of(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
     assert paths(state_sharded["params"]) == paths(fresh)
     shapes = sorted(a.shape for a in jax.tree_util.tree_leaves(state_sharded["params"]))
-    assert sorted(a.shape for a in jax.tree_util.tree_leaves(state_sharded["opt_state"]) if a.ndim) == sorted(shapes * 2)
+    moments = sorted(a.shape for a in jax.tree_util.tree_leaves(state_sharded["opt_state"]) if a.ndim)
+    assert moments == sorted(shapes * 2)
 
 
 def test_resume_equals_uninterrupted(runs, jsonl, tmp_path, compile_cache):

@@ -12,7 +12,7 @@ from qzoom_jax.data import reading
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.evaluation.qmop_engine import QMoPEngine
 from qzoom_jax.models import vlm
-from qzoom_jax.models.qmop import QMoPConfig, layout, projector
+from qzoom_jax.models.qmop import ROUTES, QMoPConfig, layout, projector
 from qzoom_jax.training import qmop as objective
 
 BUDGET = 30 * 28 * 28  # an odd compressed grid for most reading images
@@ -33,8 +33,9 @@ def test_compact_prompt_equals_the_training_layout_and_qmop_zooms():
     sample = reading.make_sample(0, 3)
     p = engine.prepare(sample.image, sample.question, variant="qmop", min_pixels=BUDGET, max_pixels=BUDGET)
     c, config, params = p.compressed, engine.config, engine.model.params
-    _, _, _, x, pos = engine._compress(params, engine.qparams, config, engine.qcfg, "soft", p.arrays[5], p.arrays[6],
-                                       c["tables"], c["ids"], c["am"], c["positions"], c["question_mask"])
+    _, _, _, x, pos = engine._compress(params, engine.qparams, config, engine.qcfg, ROUTES.index("soft"),
+                                       p.arrays[5], p.arrays[6], c["tables"], c["ids"], c["am"], c["positions"],
+                                       c["question_mask"])
     engine_logits, _ = engine._prefill(params, config, x, c["am"], pos, None, None)
 
     # The training path: the uncompressed (left-padded) prompt with holes, the same features and projector.

@@ -119,7 +119,8 @@ def load(path: str) -> tuple[dict, QMoPConfig, str]:
         params, meta = qzoom_checkpoint.read_run(path)
         if meta.get("stage") != "qmop":
             raise CheckpointError(f"{path} is a {meta.get('stage')!r} run, not a QMoP run")
-        return params, QMoPConfig.from_dict(meta["config"]["qmop"], source=f"{path} (run config qmop)"), meta["backbone"]
+        qcfg = QMoPConfig.from_dict(meta["config"]["qmop"], source=f"{path} (run config qmop)")
+        return params, qcfg, meta["backbone"]
     if not has_qmop(path):
         raise CheckpointError(f"{path}: neither a QMoP training run nor an HF directory with {QMOP_FILE}")
     with open(os.path.join(path, "config.json")) as f:

@@ -29,7 +29,7 @@ from qzoom_jax.data.stage1 import chat_text
 from qzoom_jax.models import registry, vlm
 from qzoom_jax.models.qmop import layout as qlayout
 from qzoom_jax.models.qmop import passes as qpasses
-from qzoom_jax.models.qmop.config import BRANCHES, QMoPConfig
+from qzoom_jax.models.qmop.config import BRANCHES, ROUTES, QMoPConfig
 from qzoom_jax.models.qzoom import passes as zpasses
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.runtime.buckets import bucket
@@ -71,7 +71,7 @@ class QMoPEngine:
         dtype = jax.tree_util.tree_leaves(model.params)[0].dtype
         self.qparams = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), qparams)
         impl = model.attn_impl
-        self._compress = jax.jit(qpasses.compressed, static_argnames=("config", "qcfg", "route"))
+        self._compress = jax.jit(qpasses.compressed, static_argnames=("config", "qcfg"))
         self._prefill = jax.jit(functools.partial(qpasses.prefill, attn_impl=impl),
                                 static_argnames=("config", "num_layers", "cache_len"))
         self._with_roi = jax.jit(qpasses.with_roi, static_argnames=("config",))
@@ -154,8 +154,8 @@ class QMoPEngine:
         route = self.qcfg.infer_route if p.variant in ("qmop", "qmop_zoom") else p.variant
         _, _, _, _, _, pv, vision = p.arrays
         tokens, offsets, weights, x, positions = self._compress(
-            self.model.params, self.qparams, self.config, self.qcfg, route, pv, vision, c["tables"], c["ids"],
-            c["am"], c["positions"], c["question_mask"])
+            self.model.params, self.qparams, self.config, self.qcfg, ROUTES.index(route), pv, vision, c["tables"],
+            c["ids"], c["am"], c["positions"], c["question_mask"])
         weights = np.asarray(weights)[0]
         if p.variant == "qmop_zoom":
             zoomed = self._zoom(p, tokens, offsets, x, positions, max_new_tokens, roi_threshold)

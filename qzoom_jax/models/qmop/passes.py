@@ -13,11 +13,11 @@ from qzoom_jax.models.qmop import projector
 from qzoom_jax.models.qmop.config import QMoPConfig
 
 
-def compressed(params, qparams, config, qcfg: QMoPConfig, route: str, pixel_values, layout, tables, ids, am,
+def compressed(params, qparams, config, qcfg: QMoPConfig, route, pixel_values, layout, tables, ids, am,
                positions, question_mask):
     """(tokens [1, M, D], offsets [1, M, 2], weights [1, 3], input embeddings [1, L, D], positions [3, 1, L])
-    of a one-row compressed prompt: ``ids`` holds the compressed image's M tokens, ``positions`` the compressed
-    grid's (``layout.compressed_grid_thw``)."""
+    of a one-row compressed prompt (``route``: the index in ``ROUTES``, traced): ``ids`` holds the compressed
+    image's M tokens, ``positions`` the compressed grid's (``layout.compressed_grid_thw``)."""
     feats, _ = vlm.encode(params, config, pixel_values, layout)
     embedding = params["model"]["embed_tokens"]["embedding"]
     question = projector.question_embedding(embedding, ids, question_mask).astype(feats.dtype)

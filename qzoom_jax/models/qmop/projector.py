@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qzoom_jax.models.qmop.config import BRANCHES, QMoPConfig
+from qzoom_jax.models.qmop.config import BRANCHES, ROUTES, QMoPConfig
 
 
 # ---- params ----------------------------------------------------------------------------------------------
@@ -178,20 +178,28 @@ def _prune(params, cfg: QMoPConfig, feats, question, t):
     return out, offsets, kept
 
 
-def route_weights(params, cfg: QMoPConfig, feats, question, t, route: str):
-    """[3] float32 branch weights (pool, resampler, prune) and the router's logits."""
+def route_weights(params, cfg: QMoPConfig, feats, question, t, route):
+    """[3] float32 branch weights (pool, resampler, prune) and the router's logits. ``route``: one of ``ROUTES``,
+    or its index there as a traced int (one compiled program for every route: the evaluator's variants)."""
     p = params["router"]
     valid = (t["src_image"] >= 0).astype(jnp.float32)
     summary = (feats.astype(jnp.float32) * valid[:, None]).sum(0) / jnp.maximum(valid.sum(), 1.0)
     x = jnp.concatenate([_norm(p["qmop_norm_v"], summary), _norm(p["qmop_norm_t"], question.astype(jnp.float32))])
     logits = _lin(p["qmop_router_out"], jax.nn.gelu(_lin(p["qmop_router_in"], x))).astype(jnp.float32)
+    if not isinstance(route, str):
+        every = jnp.stack([_weights(cfg, logits, r) for r in ROUTES])
+        return every[route], logits
+    return _weights(cfg, logits, route), logits
+
+
+def _weights(cfg: QMoPConfig, logits, route: str):
     if route == "soft":
-        return jax.nn.softmax(logits / cfg.router_temperature), logits
+        return jax.nn.softmax(logits / cfg.router_temperature)
     if route == "top1":
-        return jax.nn.one_hot(jnp.argmax(logits), 3), logits
+        return jax.nn.one_hot(jnp.argmax(logits), 3)
     if route == "average":
-        return jnp.full((3,), 1.0 / 3), logits
-    return jax.nn.one_hot(BRANCHES.index(route), 3), logits
+        return jnp.full((3,), 1.0 / 3)
+    return jax.nn.one_hot(BRANCHES.index(route), 3)
 
 
 def branches_row(params, cfg: QMoPConfig, feats, question, t):
@@ -205,7 +213,7 @@ def branches_row(params, cfg: QMoPConfig, feats, question, t):
     return tuple(jnp.where(slot_valid, b, 0) for b in (pool, resampled, pruned)), offsets
 
 
-def project_row(params, cfg: QMoPConfig, feats, question, t, route: str):
+def project_row(params, cfg: QMoPConfig, feats, question, t, route):
     """One row (as ``branches_row``) fused by ``route``. Returns (tokens [M, D], position offsets [M, 2] to add
     to the slots' (h, w) positions, weights [3], router logits [3])."""
     t = {k: jnp.asarray(v) for k, v in t.items()}
@@ -220,7 +228,7 @@ def project_row(params, cfg: QMoPConfig, feats, question, t, route: str):
 TABLE_KEYS = ("src_image", "src_yx", "slot_image", "slot_yx", "pool_index", "pool_weight", "keep")
 
 
-def project(params, cfg: QMoPConfig, feats, question, tables, route: str):
+def project(params, cfg: QMoPConfig, feats, question, tables, route):
     """``project_row`` over a batch: feats [B, N, D], question [B, D], tables with a leading batch axis."""
     t = {k: tables[k] for k in TABLE_KEYS}
     return jax.vmap(lambda f, q, tt: project_row(params, cfg, f, q, tt, route))(feats, question, t)

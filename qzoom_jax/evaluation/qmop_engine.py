@@ -4,7 +4,7 @@ part (vision, projector, prefill(s), decoding).
 
 Variants (``VARIANTS``): "full" -- the uncompressed model; "pool" / "resampler" / "prune" -- one branch alone;
 "average" -- the three with equal weights (the naive mixture); "downsample" -- the uncompressed model on the
-image downsampled to the same token count (pixel budget / r); "qmop" -- the router's choice
+image resized to the compressed grid (ceil(H/s) x ceil(W/s) merged cells: the same token count); "qmop" -- the router's choice
 (``QMoPConfig.infer_route``); "qmop_zoom" -- QMoP as Q-Zoom's pass 1: the compressed global view to layer K, the
 twig's RoI map on the compressed grid, a full-detail crop of the box (the run's full pixel budget) spliced after
 the compressed image (``zoom/splice``: the compressed grid is the source grid), then a fresh prefill of the
@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from qzoom_jax.checkpoints import qmop_checkpoint, qzoom_checkpoint
 from qzoom_jax.checkpoints.pretrained import load_pretrained
@@ -105,10 +106,13 @@ class QMoPEngine:
             raise ConfigError("variant 'qmop_zoom' needs a Q-Zoom checkpoint with a twig (--checkpoint / zoom=)")
         image = to_rgb(image)
         lo, hi = min_pixels, max_pixels
-        if variant == "downsample":  # the same token count as the compressed image: r times fewer pixels
-            lo, hi = max(1, min_pixels // self.qcfg.ratio), max(1, max_pixels // self.qcfg.ratio)
         f = self.processor.image_processor.factor
         fetched = fetch_image(image, FETCH_MIN_TOKENS * f * f, FETCH_MAX_TOKENS * f * f, f)
+        if variant == "downsample":  # resized to the compressed grid itself: the same tokens, the same grid
+            height, width = self.processor.image_processor.target_size(fetched.height, fetched.width, lo, hi)
+            h, w = qlayout.compressed(height // f, width // f, self.qcfg.stride)
+            fetched = fetched.resize((w * f, h * f), Image.BICUBIC)
+            lo = hi = h * w * f * f
         inputs = self.processor(images=[fetched], text=[chat_text(question, self.processor)], padding_side="left",
                                 min_pixels=lo, max_pixels=hi)
         arrays = self.model.prepare(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],

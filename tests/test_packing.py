@@ -43,18 +43,23 @@ def test_packed_row_gives_each_sample_its_own_loss_and_gradient(setup):
     assert set(np.unique(row["segment_ids"])) == {0, 1, 2, 3}
     starts = np.flatnonzero(np.diff(row["segment_ids"], prepend=0) > 0)
     assert (row["positions"][:, starts] == 0).all()  # positions restart with every sample
-    packed = {k: v[None] for k, v in row.items()}
-    alone = [conversations.make_example(r, processor, config, max_len=64, n_patches=128, max_images=1, **PIXELS)
-             for r in three]
+    # Both batches get the same shapes (one compilation): the packed row plus two unsupervised copies, and the
+    # three samples alone in rows as long as the packed one.
+    alone = [conversations.make_example(r, processor, config, max_len=keys[0][0], n_patches=keys[0][1],
+                                        max_images=3, **PIXELS) for r in three]
     unpacked = {k: np.stack([a[k] for a in alone]) for k in alone[0]}
+    packed = {k: np.stack([v] * 3) for k, v in row.items()}
+    packed["labels"][1:] = IGNORE
+    unpacked["segment_ids"] = unpacked["attention_mask"]
 
     trainable, frozen = sft.split(model.params, sft.trainable_mask(model.params, TRAINABLE))
     loss = lambda t, b: sft.loss_fn(t, frozen, config, b, None, attn_impl="xla", compute_dtype="float32",
                                     chunk=64)[0]
-    grad = jax.jit(jax.value_and_grad(loss))  # one compilation per batch shape
+    grad = jax.jit(jax.value_and_grad(loss))
     # Per sample: the packed row with only that sample's labels vs the batch of rows with only its row's.
     for i in range(3):
-        only = {**packed, "labels": np.where(packed["segment_ids"] == i + 1, packed["labels"], IGNORE)}
+        only = {**packed, "labels": np.where((packed["segment_ids"] == i + 1) & (np.arange(3)[:, None] == 0),
+                                             packed["labels"], IGNORE)}
         one = {**unpacked, "labels": np.where(np.arange(3)[:, None] == i, unpacked["labels"], IGNORE)}
         np.testing.assert_allclose(grad(trainable, only)[0], grad(trainable, one)[0], rtol=1e-5)
     # The whole row: loss and gradient equal those of the three samples as a batch of rows.

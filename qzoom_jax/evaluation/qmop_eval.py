@@ -4,8 +4,8 @@ each branch, the naive average, plain downsampling to the same token count, QMoP
 batch 1, greedy, prompted and scored by the task's rules as ``qzoom_jax.evaluate`` does.
 
 Per variant and task: accuracy (overall and per question category, e.g. the reading task's read / count),
-visual tokens, samples/s over the timed samples (wall clock around ``run`` after ``warmup_runs`` untimed runs of
-the first sample), zoom rate, and for the router's variants the branch it chose per category. Output:
+visual tokens, samples/s over the timed samples (wall clock around ``run``, after ``warmup_runs`` untimed runs of
+each sample whose padded shapes are new), zoom rate, and for the router's variants the branch it chose per category. Output:
 ``<workdir>/qmop/<variant>/<task>.jsonl`` (a header with the settings, then one record per sample; a restarted
 run keeps the records written under the same settings) and ``<workdir>/qmop_results.json``.
 """
@@ -57,7 +57,7 @@ def run_task(engine, cfg, name: str, samples, variant: str, out_dir: str) -> dic
     done = _records(path, header)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in [header, *done.values()])
-    warm = False
+    warm: set = set()  # the prompt shapes already compiled: each new one gets its warm-up runs
     with open(path, "a", encoding="utf-8") as f:
         for sample in tqdm(samples, desc=f"qmop {variant} {name}", unit="sample"):
             if sample.question_id in done:
@@ -66,9 +66,10 @@ def run_task(engine, cfg, name: str, samples, variant: str, out_dir: str) -> dic
             prompt = tasks.prompt(rules, sample.row)
             prepared = engine.prepare(image, prompt, variant=variant, **budget)
             run = lambda: engine.run(prepared, max_new_tokens=max_new, roi_threshold=task.roi_threshold)
-            for _ in range(0 if warm else cfg.warmup_runs):  # compilation stays out of the timings
+            shapes = _shapes(prepared)
+            for _ in range(0 if shapes in warm else cfg.warmup_runs):  # compilation stays out of the timings
                 run()
-            warm = True
+            warm.add(shapes)
             start = time.perf_counter()
             answer = run()
             latency = time.perf_counter() - start
@@ -82,6 +83,14 @@ def run_task(engine, cfg, name: str, samples, variant: str, out_dir: str) -> dic
             f.flush()
             done[sample.question_id] = record
     return summarize([done[s.question_id] for s in samples if s.question_id in done], variant)
+
+
+def _shapes(prepared) -> tuple:
+    """The padded shapes a prepared sample compiles for (the RoI crop of qmop_zoom is only known in ``run``)."""
+    arrays = [a for a in prepared.arrays if hasattr(a, "shape")]
+    if prepared.compressed is not None:
+        arrays.append(prepared.compressed["ids"])
+    return tuple(a.shape for a in arrays)
 
 
 def summarize(records, variant: str) -> dict:

@@ -24,7 +24,6 @@ import jax
 
 from qzoom_jax import convert, evaluate, labels, train
 from qzoom_jax.assets.repo_configs import repo_config
-from qzoom_jax.checkpoints import sft_run
 from qzoom_jax.data import tfds_stage3
 from qzoom_jax.evaluation import report
 from qzoom_jax.labelling import parts as label_parts
@@ -143,7 +142,8 @@ class _Pipeline:
             train.main(cfg, d)
         except RunError as e:  # e.g. the mined samples spread over shape buckets, none with a full batch
             return {"skipped": f"stage 2 not trained: {e}"}
-        return {"run": d, "model": sft_run.export(d, os.path.join(d, "model"), dtype=self.cfg.export_dtype)}
+        model = convert.main(["--from-run", d, "--out", os.path.join(d, "model"), "--dtype", self.cfg.export_dtype])
+        return {"run": d, "model": model}
 
     def _config_gate_answers(self):
         return self.config("gate_answers", "gate_answers", {"model.path": self.base})

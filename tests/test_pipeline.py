@@ -13,7 +13,7 @@ import pytest
 
 from qzoom_jax import convert, evaluate, labels, pipeline, train
 from qzoom_jax.assets.repo_configs import repo_config
-from qzoom_jax.checkpoints import qzoom_checkpoint, sft_run
+from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.labelling import mining
 
 ONE_STEP = (("train.num_steps", 1), ("train.global_batch_size", 4), ("train.checkpoint_every", 1))
@@ -72,8 +72,7 @@ def test_pipeline_end_to_end_then_every_step_skipped(tmp_path, monkeypatch, caps
     capsys.readouterr()
     cfg.compilation_cache = False  # nothing compiles in this process (not a step's setting: still all done)
     with monkeypatch.context() as m:
-        for module, name in ((train, "main"), (labels, "main"), (evaluate, "main"), (convert, "main"),
-                             (sft_run, "export")):
+        for module, name in ((train, "main"), (labels, "main"), (evaluate, "main"), (convert, "main")):
             m.setattr(module, name, refuse)
         again = pipeline.main(cfg, workdir)
     out = capsys.readouterr().out

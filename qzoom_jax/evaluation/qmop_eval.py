@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+import jax
+import numpy as np
 from tqdm import tqdm
 
 from qzoom_jax.evaluation import benchmarks, scoring, tasks
@@ -87,10 +89,10 @@ def run_task(engine, cfg, name: str, samples, variant: str, out_dir: str) -> dic
 
 def _shapes(prepared) -> tuple:
     """The padded shapes a prepared sample compiles for (the RoI crop of qmop_zoom is only known in ``run``)."""
-    arrays = [a for a in prepared.arrays if hasattr(a, "shape")]
+    arrays = jax.tree_util.tree_leaves(prepared.arrays)  # the vision layout's tables included
     if prepared.compressed is not None:
         arrays.append(prepared.compressed["ids"])
-    return tuple(a.shape for a in arrays)
+    return tuple(np.shape(a) for a in arrays)
 
 
 def summarize(records, variant: str) -> dict:

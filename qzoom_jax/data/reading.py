@@ -205,11 +205,24 @@ def write_eval(out_dir: str, seed: int, num: int) -> str:
 def write_sft(out_dir: str, seed: int, num: int, view: str = "single") -> str:
     """``num`` records of ``view`` (one of :data:`VIEWS`, see :func:`sft_views`) as upstream's conversation
     JSONL, ``<out_dir>/reading_sft_<view>.jsonl``, image paths relative to ``out_dir``."""
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    name = f"reading_sft_{view}"
+    return write_mix(out_dir, seed, num, ((1.0, view),), view)
+
+
+def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
+    """``num`` records, each of a view drawn from ``mix`` ((weight, view) pairs; weights are normalised) as
+    ``<out_dir>/reading_sft_<name>.jsonl``. Record i of view v is record i of ``write_sft(..., v)``."""
+    weights = np.array([w for w, _ in mix], np.float64)
+    views = [v for _, v in mix]
+    if bad := [v for v in views if v not in VIEWS]:
+        raise ValueError(f"views must be among {VIEWS}, got {bad}")
+    if not len(weights) or (weights <= 0).any():
+        raise ValueError(f"mix needs positive weights, got {list(mix)}")
+    cumulative = np.cumsum(weights / weights.sum())
+    name = f"reading_sft_{name}"
 
     def row(i: int):
+        view = views[min(int(np.searchsorted(cumulative, np.random.default_rng([seed, i, 13]).random(),
+                                             side="right")), len(views) - 1)]
         images: list[Image.Image] = []
         turns = []
         for question, answer in sft_views(seed, i, view, images):
@@ -226,8 +239,14 @@ def write_sft(out_dir: str, seed: int, num: int, view: str = "single") -> str:
 # a multi-turn conversation that reads every box and counts them (one costly encoding, several answers).
 # "mixed": cheap views -- the asked box's digits with a margin at a glyph height of 10-45 px, a region at native
 # scale, the two images of Q-Zoom's crop pass (the image and a crop around the asked box, both at a small token
-# budget), or the count question at a small budget. A view's index here seeds its draws: append new views.
-VIEWS = ("single", "native", "mixed", "digits")
+# budget), or the count question at a small budget.
+# Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
+# "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
+# in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
+# tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
+# offset. A view's index here seeds its draws: append new views.
+VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact")
+STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
 REGION_MAX_SIDE = 420  # a native-scale region is at most this many pixels a side (900 patches)
@@ -239,6 +258,10 @@ def sft_views(seed: int, index: int, view: str, images: list) -> list[tuple[str,
     end with the short-answer instruction (``prompts.ANSWER_SUFFIX``) that stage-3 answering and short-answer
     benchmarks append, so the model knows both forms. Deterministic from (seed, index, view)."""
     rng = np.random.default_rng([seed, index, VIEWS.index(view), 7])
+    if view in ("exact", "tok", "px") or view in STRIP_GLYPH_PX:
+        image, question, answer = _strip(rng, view)
+        images.append(image)
+        return [("<image>\n" + question, answer)]
     turns = _views(rng, seed, index, view, images)
     if view in ("single", "digits"):
         return turns
@@ -276,6 +299,34 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         images.append(_at_budget(crop, budget))
         return [("<image><image>\n" + sample.question, sample.answer)]
     return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
+
+
+def _strip(rng, view: str) -> tuple[Image.Image, str, str]:
+    """(image, read question, number) of one strip view: a random box colour and shade, its contrasting ink, a
+    number in one of the fonts; a canvas of whole 28-px tokens with grey noise, as the task's images have."""
+    number, colour = str(int(rng.integers(100, 1000))), str(rng.choice(list(PALETTE)))
+    shade = np.clip(np.array(PALETTE[colour]) + rng.integers(-SHADE_JITTER, SHADE_JITTER + 1, 3), 0, 255)
+    ink = 0 if 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] > 140 else 255
+    font = FONTS[int(rng.integers(len(FONTS)))]
+    if view in ("exact", "tok", "px"):  # one merged token per digit, as "digits" draws them
+        mask = np.asarray(_render_digits(number, 40, font))[..., None].repeat(3, -1)
+        mask = Image.fromarray(resize_bicubic_aa(mask, 28, 28 * len(number))[..., 0])
+    else:
+        mask = _render_digits(number, int(rng.integers(STRIP_GLYPH_PX[view][0], STRIP_GLYPH_PX[view][1] + 1)), font)
+    if view == "exact":
+        cols, rows, x, y = len(number), 1, 0, 0
+    elif view == "tok":
+        cols, rows = len(number) + int(rng.integers(0, 4)), 1 + int(rng.integers(0, 3))
+        x, y = 28 * int(rng.integers(0, cols - len(number) + 1)), 28 * int(rng.integers(0, rows))
+    else:
+        cols = max(2, -(-mask.width // 28) + int(rng.integers(0, 3)))
+        rows = max(1, -(-mask.height // 28) + int(rng.integers(0, 2)))
+        x, y = int(rng.integers(0, 28 * cols - mask.width + 1)), int(rng.integers(0, 28 * rows - mask.height + 1))
+    canvas = np.broadcast_to(shade.astype(np.float32), (28 * rows, 28 * cols, 3)) + rng.normal(0, 6, (28 * rows,
+                                                                                                     28 * cols, 1))
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    image.paste(Image.new("RGB", mask.size, (ink,) * 3), (x, y), mask)
+    return image, READ_QUESTION.format(colour=colour), number
 
 
 def _glyphs(rng, image: Image.Image, box: Box) -> Image.Image:

@@ -147,6 +147,52 @@ def test_the_digits_view_is_the_ink_box_scaled_to_whole_tokens():
         scale = image.height / ((y1 - y0) * np.array([1 + 2 * 1.5, 1 + 2 * 0.3]))
         assert 10 / box.glyph_px * 0.5 <= scale[1] and scale[0] <= 45 / box.glyph_px * 2
 
+def _ink_box(image):
+    """(x0, y0, x1, y1) of the ink: pixels near pure black or white (box shades are palette colours +-20)."""
+    a = np.asarray(image, np.float32)
+    ink = (a.sum(-1) < 60) | ((255 - a).sum(-1) < 60)
+    ys, xs = np.nonzero(ink)
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_strips_add_one_difficulty_at_a_time():
+    offsets = {"tok": set(), "px": set()}
+    for i in range(24):
+        views = {}
+        for view in ("exact", "tok", "px", "nat28", "nat10"):
+            images = []
+            (question, answer), = reading.sft_views(3, i, view, images)
+            image, = images
+            assert image.width % 28 == 0 and image.height % 28 == 0
+            assert question.startswith("<image>\nWhat number is written in the ") and len(answer) == 3
+            views[view] = image, _ink_box(image)
+        image, (x0, y0, x1, y1) = views["exact"]
+        assert image.size == (84, 28) and x0 <= 7 and x1 >= 77  # one merged token per digit, filling the image
+        for view in ("tok", "px"):
+            image, (x0, y0, x1, y1) = views[view]
+            assert 66 <= x1 - x0 <= 84 and y1 - y0 <= 28  # the same digits' size as "exact"
+            offsets[view].add(x0 % 28 <= 7 and y0 % 28 <= 6)
+        for view, (low, high) in (("nat28", (26, 30)), ("nat10", (10, 45))):
+            _, (x0, y0, x1, y1) = views[view]
+            assert low - 1 <= y1 - y0 <= high and x1 - x0 < 3 * (y1 - y0)  # glyph height; own aspect ratio
+    assert offsets == {"tok": {True}, "px": {True, False}}  # tok: on token boundaries; px: anywhere
+
+
+def test_a_mix_draws_its_views_by_weight_and_keeps_their_records(tmp_path):
+    path = reading.write_mix(str(tmp_path), 4, 40, ((1, "exact"), (3, "nat20")), "lesson")
+    rows = [json.loads(line) for line in open(path)]
+    exact = [i for i, row in enumerate(rows) if Image.open(tmp_path / row["image"][0]).size == (84, 28)]
+    assert 4 <= len(exact) <= 18  # a quarter of 40
+    for i in (exact[0], next(i for i in range(40) if i not in exact)):
+        view = "exact" if i in exact else "nat20"
+        images = []
+        (question, answer), = reading.sft_views(4, i, view, images)
+        assert rows[i]["conversations"][1]["value"] == answer
+        assert np.array_equal(np.asarray(Image.open(tmp_path / rows[i]["image"][0])), np.asarray(images[0]))
+    with pytest.raises(ValueError, match="views must be among"):
+        reading.write_mix(str(tmp_path), 4, 2, ((1, "exact"), (1, "strip")), "bad")
+
+
 def test_label_runs_read_the_task_as_input_records(tmp_path):
     """data.source="reading" of configs/labels.py: read and count questions alternating (or one kind), with the
     short-answer instruction the benchmarks append."""

@@ -3,8 +3,7 @@
 Benchmarks (``--only NAME`` to pick some):
   forward   one prefill forward (vision + decoder + lm_head): our jitted JAX vs transformers (PyTorch, eager)
   generate  greedy generation of ``--new-tokens`` tokens with a KV cache: JAX vs transformers
-  vision    the vision tower alone (patch embed -> window/full blocks -> merger) on the ``--batch`` images: JAX vs
-            transformers; forward, generate and vision run JAX with ``--attn-impl``
+  vision    the vision tower alone on the ``--batch`` images: JAX (forward, generate, vision: ``--attn-impl``) vs HF
   train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
             of our jitted step (JAX only: the upstream trainer is a DeepSpeed/GPU program), backbone in
             ``--dtype``; ``--size qwen2_5vl_7b`` / ``qwen3vl_4b`` build 7B / 4B-shaped random-weight models (K=18 /
@@ -147,47 +146,38 @@ def _to_torch(inputs: dict, hf) -> dict:
             for k, v in inputs.items()}
 
 
-def bench_forward(hf, ours, inputs, args):
+def _side_by_side(jax_fn, torch_fn, args, **extra):
+    """Median times of ``jax_fn`` (its first call, less a median, is the compile time) and ``torch_fn``."""
     import torch
-    torch_inputs = _to_torch(inputs, hf)
-    jax_first, jax_t = _time(lambda: ours.logits(**inputs), args.repeats)
+    jax_first, jax_t = _time(jax_fn, args.repeats)
     with torch.no_grad():
-        _, torch_t = _time(lambda: hf(**torch_inputs).logits.numpy(), args.repeats)
-    return dict(jax_s=jax_t, jax_compile_s=jax_first - jax_t, torch_s=torch_t, speedup=torch_t / jax_t)
+        _, torch_t = _time(torch_fn, args.repeats)
+    return dict(extra, jax_s=jax_t, jax_compile_s=jax_first - jax_t, torch_s=torch_t, speedup=torch_t / jax_t)
+
+
+def bench_forward(hf, ours, inputs, args):
+    torch_inputs = _to_torch(inputs, hf)
+    return _side_by_side(lambda: ours.logits(**inputs), lambda: hf(**torch_inputs).logits.numpy(), args)
 
 
 def bench_generate(hf, ours, inputs, args):
-    import torch
-    torch_inputs = _to_torch(inputs, hf)
-    n = args.new_tokens
-    eos = -1  # never stop early, so both produce exactly n tokens
-    ours_noeos = type(ours)(dataclasses.replace(ours.config, eos_token_id=eos), ours.params, ours.attn_impl)
-    jax_first, jax_t = _time(lambda: ours_noeos.generate(**inputs, max_new_tokens=n), args.repeats)
-    with torch.no_grad():
-        _, torch_t = _time(lambda: hf.generate(**torch_inputs, max_new_tokens=n, min_new_tokens=n,
-                                               do_sample=False, pad_token_id=SPECIAL["pad_token_id"]),
-                           args.repeats)
-    return dict(new_tokens=n, jax_s=jax_t, jax_compile_s=jax_first - jax_t, torch_s=torch_t,
-                speedup=torch_t / jax_t)
+    torch_inputs, n = _to_torch(inputs, hf), args.new_tokens
+    # eos -1: never stop early, so both produce exactly n tokens
+    ours_noeos = type(ours)(dataclasses.replace(ours.config, eos_token_id=-1), ours.params, ours.attn_impl)
+    return _side_by_side(lambda: ours_noeos.generate(**inputs, max_new_tokens=n),
+                         lambda: hf.generate(**torch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                             pad_token_id=SPECIAL["pad_token_id"]), args, new_tokens=n)
 
 
 def bench_vision(hf, ours, inputs, args):
     import jax
-    import torch
-
     from qzoom_jax.models import registry, vlm
 
-    config = ours.config
+    config, pv, t = ours.config, np.asarray(inputs["pixel_values"]), _to_torch(inputs, hf)
     layout = registry.backbone(config).vision_layout(inputs["image_grid_thw"], config.vision)
     encode = jax.jit(lambda p, pv, lay: vlm.encode(p, config, pv, lay, attn_impl=ours.attn_impl)[0])
-    pv = np.asarray(inputs["pixel_values"])
-    jax_first, jax_t = _time(lambda: jax.block_until_ready(encode(ours.params, pv, layout)), args.repeats)
-    torch_inputs = _to_torch(inputs, hf)
-    with torch.no_grad():
-        _, torch_t = _time(lambda: hf.model.visual(torch_inputs["pixel_values"],
-                                                   grid_thw=torch_inputs["image_grid_thw"]), args.repeats)
-    return dict(patches=int(pv.shape[0]), jax_s=jax_t, jax_compile_s=jax_first - jax_t, torch_s=torch_t,
-                speedup=torch_t / jax_t)
+    return _side_by_side(lambda: jax.block_until_ready(encode(ours.params, pv, layout)),
+                         lambda: hf.model.visual(t["pixel_values"], t["image_grid_thw"]), args, patches=len(pv))
 
 
 def bench_train(args):
@@ -539,9 +529,7 @@ def main(argv=None):
     p.add_argument("--large", type=int, default=1024, help="qzoom: the baseline's budget in visual tokens")
     p.add_argument("--small", type=int, default=256, help="qzoom: Q-Zoom's budget in visual tokens")
     p.add_argument("--dtype", default="float32", help="train, qzoom: model dtype (float32, bfloat16)")
-    p.add_argument("--attn-impl", default="xla",
-                   help="JAX attention: einsum, xla, fused (the platform's kernel), splash (TPU), cudnn / "
-                        "pallas_gpu (GPU)")
+    p.add_argument("--attn-impl", default="xla", help="JAX attention: einsum, xla, fused, splash, pallas_gpu, cudnn")
     p.add_argument("--sft-tokens", type=int, default=8192, help="sft_memory: tokens per device")
     p.add_argument("--fsdp", type=int, default=8, help="sft_memory: FSDP devices")
     p.add_argument("--no-pin", action="store_true", help="sft_memory: no batch sharding pinned on activations")
@@ -553,14 +541,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import jax
-    header = dict(size=args.size, batch=args.batch, jax_backend=jax.default_backend())
+    header = dict(size=args.size, batch=args.batch, jax_backend=jax.default_backend(), attn_impl=args.attn_impl)
     rows = []
     compared = [name for name in args.only if name in ("forward", "generate", "vision")]
     if compared:
         hf, ours = _models(args.size, args.seed, attn_impl=args.attn_impl)
         inputs = _inputs(ours.config, args.image, args.text, args.batch, args.seed)
-        common = dict(header, image=args.image, seq_len=int(inputs["input_ids"].shape[1]), dtype="float32",
-                      attn_impl=args.attn_impl)
+        common = dict(header, image=args.image, seq_len=int(inputs["input_ids"].shape[1]), dtype="float32")
         print(f"{'bench':10s} {'jax (s)':>10s} {'torch (s)':>10s} {'torch/jax':>10s} {'jax compile (s)':>16s}")
         for name in compared:
             row = {"bench": name, **common, **BENCHES[name](hf, ours, inputs, args)}

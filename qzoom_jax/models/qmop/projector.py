@@ -50,10 +50,13 @@ def init_params(cfg: QMoPConfig, D: int, key) -> dict:
     hidden = max(1, int(round(cfg.mlp_ratio * D)))
     P, F = cfg.prune_dim or D, 4 * cfg.pos_freqs
     score = lambda k: ({"kernel": jnp.eye(D)} if P == D else _dense(k, D, P, bias=False))
-    layer = lambda k: {"qmop_norm_q": {"scale": jnp.ones((D,))}, "qmop_norm_kv": {"scale": jnp.ones((D,))},
-                       "qmop_attn_q": _dense(k, D, D, bias=False), "qmop_attn_k": _dense(k, D, D, bias=False),
-                       "qmop_attn_v": _dense(k, D, D, bias=False),
-                       "qmop_attn_o": _dense(k, D, D, bias=False, zero=True), **_mlp(k, D, hidden)}
+    def layer(key):
+        kq, kk, kv, km = jax.random.split(key, 4)
+        return {"qmop_norm_q": {"scale": jnp.ones((D,))}, "qmop_norm_kv": {"scale": jnp.ones((D,))},
+                "qmop_attn_q": _dense(kq, D, D, bias=False), "qmop_attn_k": _dense(kk, D, D, bias=False),
+                "qmop_attn_v": _dense(kv, D, D, bias=False), "qmop_attn_o": _dense(kv, D, D, bias=False, zero=True),
+                **_mlp(km, D, hidden)}
+
     layers = [layer(next(ks)) for _ in range(cfg.resampler_layers)]
     R = cfg.router_hidden or D
     return {

@@ -59,6 +59,19 @@ def test_compact_prompt_equals_the_training_layout_and_qmop_zooms():
     assert (s_ids == config.image_token_id).sum() == c["n_tokens"] < (ids == config.image_token_id).sum()
     np.testing.assert_allclose(np.asarray(engine_logits), np.asarray(training_logits(batch)), rtol=1e-4, atol=1e-4)
 
+    # A one-hot route runs its branch alone (lax.switch): the same tokens and positions as that branch.
+    tokens, offsets, weights, _, _ = engine._compress(params, engine.qparams, config, engine.qcfg,
+                                                      ROUTES.index("prune"), p.arrays[5], p.arrays[6], c["tables"],
+                                                      c["ids"], c["am"], c["positions"], c["question_mask"])
+    feats = vlm.encode(params, config, p.arrays[5], p.arrays[6])[0]
+    question = projector.question_embedding(params["model"]["embed_tokens"]["embedding"], c["ids"],
+                                            c["question_mask"])[0]
+    row = {k: v[0] for k, v in c["tables"].items()}
+    outs, moves = jax.jit(lambda f, q: projector.branches_row(engine.qparams, engine.qcfg, f, q, row))(feats, question)
+    assert np.asarray(weights).tolist() == [[0.0, 0.0, 1.0]]
+    np.testing.assert_allclose(np.asarray(tokens[0]), np.asarray(outs[2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(offsets[0]), np.asarray(moves), rtol=1e-6, atol=1e-6)
+
     # QMoP as pass 1 of Q-Zoom: with every cell over the threshold it zooms on a full-detail crop.
     zoom = engine.prepare(sample.image, sample.question, variant="qmop_zoom", min_pixels=BUDGET, max_pixels=BUDGET)
     answer = engine.run(zoom, max_new_tokens=2, roi_threshold=0.0)

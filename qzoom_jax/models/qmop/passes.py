@@ -22,7 +22,10 @@ def compressed(params, qparams, config, qcfg: QMoPConfig, route, pixel_values, l
     embedding = params["model"]["embed_tokens"]["embedding"]
     question = projector.question_embedding(embedding, ids, question_mask).astype(feats.dtype)
     qparams = jax.tree_util.tree_map(lambda p: p.astype(feats.dtype), qparams)
-    tokens, offsets, weights, _ = projector.project(qparams, qcfg, feats[None], question, tables, route)
+    # One row, unbatched: a one-hot route's lax.switch then runs only the chosen branch (vmap would run all).
+    row = {k: tables[k][0] for k in projector.TABLE_KEYS}
+    tokens, offsets, weights, _ = (a[None] for a in projector.project_row(qparams, qcfg, feats, question[0], row,
+                                                                          route))
     x = vlm.embed(params, config, ids, tokens)
     return tokens, offsets, weights, x, projector.shifted_positions(config, ids, positions, offsets)
 

@@ -216,15 +216,49 @@ def branches_row(params, cfg: QMoPConfig, feats, question, t):
     return tuple(jnp.where(slot_valid, b, 0) for b in (pool, resampled, pruned)), offsets
 
 
+def _one_branch(params, cfg: QMoPConfig, feats, question, t, b):
+    """(tokens [M, D], prune offsets [M, 2]) of branch ``b`` (traced index) alone: ``lax.switch`` runs only that
+    branch when unbatched (one inference row), so a one-branch route costs one branch."""
+    slot_valid = (t["slot_image"] >= 0)[:, None]
+    zero = jnp.zeros((t["slot_image"].shape[0], 2), jnp.float32)
+
+    def pool():
+        return _pool(params, feats, t)[1], zero
+
+    def resample():
+        return _resample(params, cfg, feats, _pool(params, feats, t)[0], t), zero
+
+    def prune():
+        return _prune(params, cfg, feats, question, t)[:2]
+
+    tokens, offsets = jax.lax.switch(b, [pool, resample, prune])
+    return jnp.where(slot_valid, tokens, 0), offsets
+
+
 def project_row(params, cfg: QMoPConfig, feats, question, t, route):
     """One row (as ``branches_row``) fused by ``route``. Returns (tokens [M, D], position offsets [M, 2] to add
-    to the slots' (h, w) positions, weights [3], router logits [3])."""
+    to the slots' (h, w) positions, weights [3], router logits [3]). The mixtures ("soft", "average") run the
+    three branches; a one-hot route (top-1 or a branch) runs the chosen one."""
     t = {k: jnp.asarray(v) for k, v in t.items()}
     weights, logits = route_weights(params, cfg, feats, question, t, route)
-    outs, offsets = branches_row(params, cfg, feats, question, t)
-    w = weights.astype(feats.dtype)
-    tokens = w[0] * outs[0] + w[1] * outs[1] + w[2] * outs[2]
-    offsets = weights[2] * offsets if cfg.prune_positions == "source" else jnp.zeros_like(offsets)
+
+    def mixture():
+        outs, offsets = branches_row(params, cfg, feats, question, t)
+        w = weights.astype(feats.dtype)
+        return w[0] * outs[0] + w[1] * outs[1] + w[2] * outs[2], weights[2] * offsets
+
+    def one():
+        b = jnp.argmax(weights)
+        tokens, offsets = _one_branch(params, cfg, feats, question, t, b)
+        return tokens * weights[b].astype(feats.dtype), weights[2] * offsets
+
+    if isinstance(route, str):
+        tokens, offsets = mixture() if route in ("soft", "average") else one()
+    else:
+        mixed = (route == ROUTES.index("soft")) | (route == ROUTES.index("average"))
+        tokens, offsets = jax.lax.cond(mixed, mixture, one)
+    if cfg.prune_positions != "source":
+        offsets = jnp.zeros_like(offsets)
     return tokens, offsets, weights, logits
 
 

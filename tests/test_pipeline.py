@@ -61,8 +61,8 @@ def test_pipeline_end_to_end_then_every_step_skipped(tmp_path, monkeypatch, caps
         cfg, workdir).base
     assert os.path.isfile(os.path.join(results["export"]["model"], "config.json"))
     text = open(os.path.join(workdir, "report.md")).read()
-    for row in ("| stage 1 + gate | qzoom | 64 |", "| stage 1 + gate | baseline | 64 |",
-                "| stage 1 + stage 2 + gate | qzoom | 64 |"):
+    for row in ("| base | qzoom | 64 |", "| base | baseline | 64 |", "| stage 2 | qzoom | 64 |",
+                "| stage 2 | baseline | 64 |"):
         assert row in text, text
     assert "regressions 8" in text and os.path.getsize(os.path.join(workdir, "pareto.png")) > 0
 

@@ -36,7 +36,8 @@ def post_sft_config(jsonl, **mesh):
     cfg = repo_config("post_sft")
     cfg.model.dtype = "float32"  # sharded-vs-single comparisons need float32 reductions
     cfg.data.update(jsonl=jsonl, max_len=192, max_patches=256, min_pixels=PIXELS, max_pixels=PIXELS)
-    cfg.train.update(global_batch_size=4, num_steps=2, checkpoint_every=1)
+    # add_noise_to_roi (Qwen3-VL's recipe) on: the sharded, single-device and resumed runs must draw the same boxes
+    cfg.train.update(global_batch_size=4, num_steps=2, checkpoint_every=1, add_noise_to_roi=True)
     cfg.optim.update(lr=1e-3, warmup_ratio=0.0)
     cfg.mesh.update(mesh)
     return cfg

@@ -223,7 +223,7 @@ class RoiBatches(Iterator):
         self.mesh, self.rules, self.current, self.frozen, self.twig = mesh, rules, current, frozen, twig
         self.threshold, self.min_pixels, self.max_pixels = threshold, min_pixels, max_pixels
         self.max_len, self.max_patches = max_len, max_patches
-        self.add_noise, self.seed, self._count = add_noise_to_roi, seed, 0
+        self.add_noise, self.seed = add_noise_to_roi, seed
         self._sharding = step_lib.batch_sharding(mesh, rules)
         self._roi = jax.jit(functools.partial(roi_scores, config=config, K=K, attn_impl=attn_impl,
                                               compute_dtype=compute_dtype), out_shardings=self._sharding)
@@ -255,9 +255,10 @@ class RoiBatches(Iterator):
         scores, sink = (self._local(a) for a in scores)
         t1 = time.perf_counter()
         B = len(local["input_ids"])
-        self._count += 1
-        # The random boxes of add_noise_to_roi: one stream per (seed, batch, sample), whatever thread runs it.
-        noise = lambda b: (np.random.default_rng([self.seed, self._count, int(local["source_index"][b])])
+        # The random boxes of add_noise_to_roi: one stream per (seed, step this batch trains, sample), whatever
+        # thread runs it -- keyed by the state's step, so a resumed run draws the boxes an uninterrupted one does.
+        step = int(self.current()["step"]) if self.add_noise else 0
+        noise = lambda b: (np.random.default_rng([self.seed, step, int(local["source_index"][b])])
                            if self.add_noise else None)
         rows = list(self._pool.map(lambda b: spliced_row(
             self.config, self.processor, decoded[b].result if decoded[b] else None,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import torch
 import transformers
 
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.checkpoints.hf_checkpoint import params_from_state_dict
+from qzoom_jax.models import vlm
 from qzoom_jax.models.vlm import QwenVL
 
 VOCAB = 320
@@ -123,3 +125,18 @@ def official_config(size: str) -> dict:
                           "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
                           "hidden_act": "silu", "out_hidden_size": text["hidden_size"]},
     }
+
+
+def assert_init_matches_table(config, table) -> None:
+    """jax.eval_shape of our init has exactly the parameter paths of the checkpoint ``table``, each with the
+    table's shape (a stacked layer leaf: the number of layers times the per-layer shape)."""
+    shapes = jax.eval_shape(lambda: vlm.init_params(config, jax.random.PRNGKey(0)))
+    ours = {"/".join(str(k.key) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+    from_table = {}
+    for spec in table.values():
+        from_table.setdefault("/".join(spec.path), []).append(spec)
+    assert ours.keys() == from_table.keys()
+    for path, specs in from_table.items():
+        stacked = specs[0].layer is not None
+        assert ours[path] == ((len(specs), *specs[0].shape) if stacked else specs[0].shape), path

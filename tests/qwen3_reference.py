@@ -1,7 +1,7 @@
 """Tiny random Qwen3-VL models built with `transformers` (the numerical reference) and copied into JAX.
 
 Token ids, prompts and batching are tests/hf_reference.py's (same special ids); pixel_values are built directly in
-transformers' Qwen3-VL conventions: patch 16, temporal 2, merge 2, so one row is 3 * 2 * 16 * 16 = 1536 values.
+transformers' Qwen3-VL conventions: temporal 2, merge 2, so one row is 3 * 2 * patch² values (``patch_dim``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from qzoom_jax.models.qwen3_vl.config import Qwen3VLConfig
 from qzoom_jax.models.vlm import QwenVL
 from tests.hf_reference import IDS, VOCAB
 
-PATCH_DIM = 3 * 2 * 16 * 16
+PATCH_DIM = 3 * 2 * 16 * 16  # the official patch size, 16, which the first two shapes use
 
-# Two shapes that differ in hidden size, heads / KV heads, head_dim, mrope_section, vision depth, the learned
-# position grid, the DeepStack taps (3 of 4 blocks / 2 of 3), and tied vs untied embeddings.
+# Three shapes that differ in hidden size, heads / KV heads (GQA, MHA, MQA), head_dim, mrope_section, vision
+# depth, the learned position grid, the DeepStack taps (3 of 4 blocks / 2 of 3 / 1 of 2), the patch size (16 /
+# 16 / 14), and tied vs untied embeddings.
 TINY_CONFIGS = {
     "gqa2_ds3_tied": dict(
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -31,7 +32,18 @@ TINY_CONFIGS = {
         vision=dict(depth=3, hidden_size=48, intermediate_size=80, num_heads=4, num_position_embeddings=100,
                     deepstack_visual_indexes=[0, 2]),
         tie=False),
+    "mqa_ds1_p14": dict(
+        text=dict(hidden_size=80, intermediate_size=96, num_hidden_layers=3, num_attention_heads=5,
+                  num_key_value_heads=1, head_dim=24, mrope_section=[6, 3, 3]),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, num_position_embeddings=36,
+                    deepstack_visual_indexes=[1], patch_size=14),
+        tie=False),
 }
+
+
+def patch_dim(name: str) -> int:
+    """Values per pixel_values row of config ``name``."""
+    return 3 * 2 * TINY_CONFIGS[name]["vision"].get("patch_size", 16) ** 2
 
 
 def hf_config(name: str, text_layers: int | None = None) -> transformers.Qwen3VLConfig:
@@ -44,8 +56,8 @@ def hf_config(name: str, text_layers: int | None = None) -> transformers.Qwen3VL
                        pad_token_id=IDS["pad_token_id"], tie_word_embeddings=spec["tie"],
                        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope,
                                         "mrope_interleaved": True}, **t)
-    vision_config = dict(out_hidden_size=t["hidden_size"], patch_size=16, spatial_merge_size=2,
-                         temporal_patch_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh", **spec["vision"])
+    vision_config = dict(dict(patch_size=16, out_hidden_size=t["hidden_size"], spatial_merge_size=2,
+                              temporal_patch_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh"), **spec["vision"])
     return transformers.Qwen3VLConfig(text_config=text_config, vision_config=vision_config,
                                       tie_word_embeddings=spec["tie"], **IDS)
 

@@ -22,8 +22,7 @@ from qzoom_jax.runtime import parallel
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.models.qwen2_5_vl.config import QwenVLConfig
 from qzoom_jax.checkpoints.hf_export import export_params
-from qzoom_jax.models import vlm
-from tests.hf_reference import official_config
+from tests.hf_reference import assert_init_matches_table, official_config
 
 
 def _hf_model(tied=False):
@@ -247,16 +246,7 @@ def test_real_model_shapes_match_transformers(size):
     assert {hc.hf_key_v5(k): s.hf_shape for k, s in table.items()} == hf_shapes
     assert ("lm_head.weight" in table) == (size == "7B")
 
-    shapes = jax.eval_shape(lambda: vlm.init_params(config, jax.random.PRNGKey(0)))
-    ours = {"/".join(str(k.key) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
-    from_table = {}
-    for spec in table.values():
-        from_table.setdefault("/".join(spec.path), []).append(spec)
-    assert ours.keys() == from_table.keys()
-    for path, specs in from_table.items():
-        stacked = specs[0].layer is not None
-        assert ours[path] == ((len(specs), *specs[0].shape) if stacked else specs[0].shape), path
+    assert_init_matches_table(config, table)
 
 
 def test_generation_config_sets_the_repetition_penalty(tmp_path):

@@ -15,8 +15,8 @@ from qzoom_jax.models.qwen3_vl import positions as q3_positions
 from qzoom_jax.models.qwen3_vl.config import Qwen3VLConfig
 from qzoom_jax.models.rope import interleaved_axis_of_slot
 from qzoom_jax.models.vlm import QwenVL
-from tests.hf_reference import IDS, batch, prompt_ids, random_pixels, to_torch
-from tests.qwen3_reference import PATCH_DIM, TINY_CONFIGS, hf_config, tiny_pair
+from tests.hf_reference import IDS, assert_init_matches_table, batch, prompt_ids, random_pixels, to_torch
+from tests.qwen3_reference import TINY_CONFIGS, hf_config, patch_dim, tiny_pair
 
 # 192x320 px -> 12x20 patches (the 8x8 / 10x10 learned grid is upsampled) and 96x64 px -> 6x4 (downsampled).
 GRIDS = [(1, 12, 20), (1, 6, 4)]
@@ -28,13 +28,13 @@ def pair(request):
     return request.param, *tiny_pair(request.param)
 
 
-def _image_batch(rng, two_in_one_row=False):
+def _image_batch(name, rng, two_in_one_row=False):
     if two_in_one_row:
         rows = [prompt_ids(rng, 4, [12 * 20 // 4, 6 * 4 // 4]), prompt_ids(rng, 30)]
     else:
         rows = [prompt_ids(rng, 5, [12 * 20 // 4]), prompt_ids(rng, 11, [6 * 4 // 4])]
     inputs = batch(rows, "left")
-    inputs["pixel_values"] = random_pixels(rng, GRIDS, PATCH_DIM)
+    inputs["pixel_values"] = random_pixels(rng, GRIDS, patch_dim(name))
     inputs["image_grid_thw"] = np.array(GRIDS, np.int64)
     return inputs
 
@@ -52,7 +52,7 @@ def _rel_err(ref, got, inputs):
 
 def test_logits_two_images_left_padded(pair):
     name, hf, ours = pair
-    inputs = _image_batch(np.random.default_rng(1))
+    inputs = _image_batch(name, np.random.default_rng(1))
     ref = _reference(hf, inputs)
     err = _rel_err(ref, ours.logits(**inputs), inputs)
     print(f"{name} left-padded, two images: max|dlogits|/max|logits| = {err:.2e}")
@@ -62,7 +62,7 @@ def test_logits_two_images_left_padded(pair):
 
 def test_logits_two_images_in_one_row_and_text_only_row(pair):
     name, hf, ours = pair
-    inputs = _image_batch(np.random.default_rng(2), two_in_one_row=True)
+    inputs = _image_batch(name, np.random.default_rng(2), two_in_one_row=True)
     err = _rel_err(_reference(hf, inputs), ours.logits(**inputs), inputs)
     print(f"{name} two images in one row + a text-only row: {err:.2e}")
     assert err <= TOL
@@ -70,7 +70,7 @@ def test_logits_two_images_in_one_row_and_text_only_row(pair):
 
 def test_greedy_generation_matches(pair):
     name, hf, ours = pair
-    inputs = _image_batch(np.random.default_rng(4))
+    inputs = _image_batch(name, np.random.default_rng(4))
     with torch.no_grad():
         ref = hf.generate(**to_torch(inputs), max_new_tokens=16, do_sample=False,
                           eos_token_id=IDS["eos_token_id"], pad_token_id=IDS["pad_token_id"])
@@ -85,7 +85,7 @@ def test_deepstack_and_interleaving_matter(pair):
     """The parity above would fail without DeepStack or with Qwen2.5's sectioned M-RoPE: both changes move the
     logits far beyond the tolerance."""
     name, hf, ours = pair
-    inputs = _image_batch(np.random.default_rng(1))
+    inputs = _image_batch(name, np.random.default_rng(1))
     ref = _reference(hf, inputs)
     # zeroed DeepStack mergers: new params, same compiled prefill
     no_ds = jax.tree_util.tree_map(lambda x: x, ours.params)
@@ -111,7 +111,7 @@ def test_batch_trunk_matches_trunk(pair):
     rng = np.random.default_rng(6)
     grid = [(1, 6, 4)]
     inputs = batch([prompt_ids(rng, 5, [6]), prompt_ids(rng, 5, [6])], "left")
-    pv = [random_pixels(rng, grid, PATCH_DIM) for _ in range(2)]
+    pv = [random_pixels(rng, grid, patch_dim(name)) for _ in range(2)]
     bb, cfg = registry.backbone(ours.config), ours.config
     pos, _ = bb.positions(cfg, inputs["input_ids"], inputs["attention_mask"], np.array(grid * 2))
     layout = bb.vision_layout(np.array(grid), cfg.vision)
@@ -179,6 +179,27 @@ def test_config_round_trip_and_official_layout():
     assert "lm_head" not in shapes
 
 
+def test_real_4b_shapes_match_transformers():
+    """jax.eval_shape of our init for the Qwen3-VL-4B config equals the meta-device transformers model's state
+    dict, key for key (through the checkpoint table), without allocating either."""
+    raw = hf_config("mha_ds2").to_dict()
+    raw["text_config"].update(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    raw["text_config"]["rope_parameters"]["mrope_section"] = [24, 20, 20]
+    raw["vision_config"].update(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
+    raw["tie_word_embeddings"] = True
+    import transformers
+    with torch.device("meta"):
+        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**raw))
+    config = Qwen3VLConfig.from_dict(model.config.to_dict())
+    hf_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    table = hc.checkpoint_table(config)
+    assert {hc.hf_key_v5(k): spec.hf_shape for k, spec in table.items()} == hf_shapes
+    assert_init_matches_table(config, table)
+    assert sum(np.prod(s) for s in hf_shapes.values()) > 4.0e9  # the real size, not a tiny stand-in
+
+
 def test_interleaved_slots_4b():
     """[24, 20, 20] over 64 slots (reference §6): slot j is h if j % 3 == 1 and j < 60, w if j % 3 == 2 and
     j < 60, t otherwise."""
@@ -219,6 +240,6 @@ def test_export_loads_in_transformers(pair, tmp_path):
     export_params(ours.params, ours.config, tmp_path, dtype="float32")
     loaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    inputs = _image_batch(np.random.default_rng(1))
+    inputs = _image_batch(name, np.random.default_rng(1))
     loaded.set_attn_implementation("eager")
     assert _rel_err(_reference(hf, inputs), _reference(loaded.eval(), inputs), inputs) <= 1e-6

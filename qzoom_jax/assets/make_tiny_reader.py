@@ -35,8 +35,10 @@ question in the inference format, 300 steps; ``tok`` holds such rows too):
     tok     --     --     --     --     --     --     --           1.08 -> 0.01-0.05 (99 % tokens by 210)
     px      32     32     17     0      0      1      0            0.60 -> 0.28
     nat28   31     32     22     12     5      3      2            0.87 -> 0.28
+    nat20   31     32     28     21     14     6      3            0.74 -> 0.18 (stopped at step 270 of 300;
+                                                                   reads of its step-250 checkpoint)
 
-``nat20`` onwards, ``mixed`` and ``native`` have not been run to the end (each lesson took 10-19 minutes here,
+``nat10``, ``mixed`` and ``native`` have not been run (each lesson took 10-19 minutes here,
 with other jobs on the cores); the lessons are 250-400 steps of 48 rows at lr 1e-3 and each one still ends
 improving, so longer lessons are the next thing to try.
 """

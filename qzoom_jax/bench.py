@@ -1,7 +1,7 @@
 """Speed, measured side by side in one run and reported as ratios: ``python -m qzoom_jax.bench``.
 
 Benchmarks (``--only NAME`` to pick some):
-  forward   one prefill forward (vision + decoder + lm_head): our jitted JAX vs transformers (PyTorch, eager)
+  forward   one prefill forward (vision + decoder + lm_head): our jitted JAX vs transformers (PyTorch, sdpa attention)
   generate  greedy generation of ``--new-tokens`` tokens with a KV cache: JAX vs transformers
   vision    the vision tower alone on the ``--batch`` images: JAX (forward, generate, vision: ``--attn-impl``) vs HF
   train     one stage-1 (SD-RPN) train step at the fixed ``--grid`` (24 = 576 image tokens): samples/s and MFU
@@ -93,7 +93,8 @@ def _hf_config(size: str):
 
 
 def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "einsum"):
-    """The same random weights in transformers (eager attention; on CUDA when torch has it) and in JAX."""
+    """The same random weights in transformers (sdpa attention, its default; on CUDA when torch has it) and in
+    JAX."""
     import torch
     import transformers
 
@@ -105,7 +106,7 @@ def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "eins
     model_class = (transformers.Qwen3VLForConditionalGeneration if size == "qwen3vl_4b"
                    else transformers.Qwen2_5_VLForConditionalGeneration)
     hf = model_class(_hf_config(size)).eval()
-    hf.set_attn_implementation("eager")
+    hf.set_attn_implementation("sdpa")
     config = registry.config_from_dict(hf.config.to_dict())
     ours = QwenVL(config, params_from_state_dict(hf.state_dict(), config, as_dtype(dtype)), attn_impl)
     hf = hf.to(getattr(torch, dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,8 +217,8 @@ def bench_train(args):
         labels=rng.choice(np.array([-100, 0, 1], np.int32), (args.batch, n_img))), mesh)
     layout = bb.vision_layout(np.array([[1, side, side]]), config.vision)
     t0 = time.perf_counter()
-    compiled = step_lib.compile_step(step_lib.make_train_step(config, tx, K, 0.5, args.attn_impl), state, backbone, batch,
-                                  layout, mesh)
+    compiled, flops = step_lib.compile_step(step_lib.make_train_step(config, tx, K, 0.5, args.attn_impl), state,
+                                            backbone, batch, layout, mesh)
     compile_s = time.perf_counter() - t0
 
     def run():
@@ -226,7 +227,6 @@ def bench_train(args):
         jnp.asarray(m["loss"]).block_until_ready()
 
     _, step_s = _time(run, args.repeats)
-    flops = metrics.step_flops(compiled)
     mfu = metrics.mfu(flops, step_s, mesh.size, metrics.peak_flops_per_device(mesh.devices.flat[0]))
     return dict(K=K, T=T, grid=args.grid, step_s=step_s, samples_per_s=args.batch / step_s,
                 tflops_per_step=None if flops is None else flops / 1e12, mfu=mfu, devices=mesh.size,
@@ -353,7 +353,7 @@ def bench_sft_memory(args):
                              activations=None if args.no_pin else sharding)
     train_step = step_lib.make_train_step(config, tx, None, None, args.attn_impl, loss, weight="supervised_tokens")
     t0 = time.perf_counter()
-    compiled = step_lib.compile_step(train_step, state, frozen, batch, None, mesh)
+    compiled, flops = step_lib.compile_step(train_step, state, frozen, batch, None, mesh)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     gib = lambda n: n / 2 ** 30
@@ -364,8 +364,8 @@ def bench_sft_memory(args):
                 frozen_params=sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(frozen)),
                 state_gib_global=gib(size(state)), argument_gib=gib(mem.argument_size_in_bytes),
                 output_gib=gib(mem.output_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
-                temp_gib=gib(mem.temp_size_in_bytes), per_device_gib=gib(total), jax_compile_s=compile_s,
-                backend=jax.default_backend())
+                temp_gib=gib(mem.temp_size_in_bytes), per_device_gib=gib(total), tflops_per_step=flops / 1e12,
+                jax_compile_s=compile_s, backend=jax.default_backend())
 
 
 def _post_sft_records(n: int, seed: int) -> list[dict]:
@@ -444,7 +444,7 @@ def bench_post_sft(args):
         if key not in compiled:
             compiled[key] = step_lib.compile_step(train_step, state, frozen, batch, None, mesh)
         t1 = time.perf_counter()
-        state, m = compiled[key](state, frozen, batch, None)
+        state, m = compiled[key][0](state, frozen, batch, None)
         jax.block_until_ready(m["loss"])
         split = batches.metrics(0.0)
         times.append({"roi_s": split["time_roi_s"], "crop_s": split["time_crop_s"],
@@ -453,7 +453,7 @@ def bench_post_sft(args):
     steady = times[1:]
     med = {k: float(np.median([t[k] for t in steady])) for k in ("roi_s", "crop_s", "step_s")}
     total = sum(med.values())
-    flops = metrics.step_flops(next(iter(compiled.values())))
+    flops = next(iter(compiled.values()))[1]
     return dict(K=K, T=T, visual_tokens=args.post_sft_tokens, **med, total_s=total,
                 samples_per_s=args.batch / total, roi_rate=float(np.mean([t["roi_rate"] for t in steady])),
                 share={k: v / total for k, v in med.items()}, compiled_shapes=len(compiled),
@@ -468,7 +468,7 @@ def _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K: i
 
     from qzoom_jax.data import conversations
     from qzoom_jax.models.qzoom import twig as twig_lib
-    from qzoom_jax.training import post_sft, sft
+    from qzoom_jax.training import metrics, post_sft, sft
 
     sds = lambda tree, shardings, dtype=None: jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, shardings)
@@ -500,11 +500,11 @@ def _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K: i
     for name, fn, fn_args in (("roi_pass", roi, (state["params"], frozen, twig, loader, query)),
                               ("train_step", jax.jit(train_step, donate_argnums=0),
                                (state, frozen, batch_of([grid, grid], 2 * tokens + 130), None))):
-        compiled = fn.lower(*fn_args).compile()
-        mem = compiled.memory_analysis()  # (no FLOPs: XLA's cost analysis counts a scanned layer stack once)
+        traced = fn.trace(*fn_args)
+        mem = traced.lower().compile().memory_analysis()
         out[name] = {"per_device_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                         - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 30,
-                     "temp_gib": mem.temp_size_in_bytes / 2 ** 30}
+                     "temp_gib": mem.temp_size_in_bytes / 2 ** 30, "tflops": metrics.step_flops(traced) / 1e12}
     return dict(K=K, T=T, visual_tokens=tokens, devices=mesh.size, rows=B, abstract=True,
                 jax_compile_s=time.perf_counter() - t0, **out)
 
@@ -528,7 +528,7 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=24, help="train: merged image tokens per side (24 = 576)")
     p.add_argument("--large", type=int, default=1024, help="qzoom: the baseline's budget in visual tokens")
     p.add_argument("--small", type=int, default=256, help="qzoom: Q-Zoom's budget in visual tokens")
-    p.add_argument("--dtype", default="float32", help="train, qzoom: model dtype (float32, bfloat16)")
+    p.add_argument("--dtype", default="float32", help="model dtype of every bench (float32, bfloat16)")
     p.add_argument("--attn-impl", default="xla", help="JAX attention: einsum, xla, fused, splash, pallas_gpu, cudnn")
     p.add_argument("--sft-tokens", type=int, default=8192, help="sft_memory: tokens per device")
     p.add_argument("--fsdp", type=int, default=8, help="sft_memory: FSDP devices")
@@ -545,9 +545,9 @@ def main(argv=None):
     rows = []
     compared = [name for name in args.only if name in ("forward", "generate", "vision")]
     if compared:
-        hf, ours = _models(args.size, args.seed, attn_impl=args.attn_impl)
+        hf, ours = _models(args.size, args.seed, args.dtype, args.attn_impl)
         inputs = _inputs(ours.config, args.image, args.text, args.batch, args.seed)
-        common = dict(header, image=args.image, seq_len=int(inputs["input_ids"].shape[1]), dtype="float32")
+        common = dict(header, image=args.image, seq_len=int(inputs["input_ids"].shape[1]), dtype=args.dtype)
         print(f"{'bench':10s} {'jax (s)':>10s} {'torch (s)':>10s} {'torch/jax':>10s} {'jax compile (s)':>16s}")
         for name in compared:
             row = {"bench": name, **common, **BENCHES[name](hf, ours, inputs, args)}

@@ -122,8 +122,7 @@ def _train(cfg, workdir: str, devices) -> dict:
     def compiled_for(batch):
         shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if shapes not in compiled_steps:
-            compiled = step_lib.compile_step(train_step, state, backbone, batch, layout, mesh)
-            compiled_steps[shapes] = (compiled, metrics_lib.step_flops(compiled))
+            compiled_steps[shapes] = step_lib.compile_step(train_step, state, backbone, batch, layout, mesh)
         return compiled_steps[shapes]
 
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0])

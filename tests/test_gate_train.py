@@ -86,8 +86,8 @@ def test_only_the_gate_learns(setup):
     before = jax.tree_util.tree_map(np.array, model.params)
     gate_before = jax.tree_util.tree_map(np.array, gate)
     batch_dev = step_lib.global_batch(batch, mesh)
-    step = step_lib.compile_step(step_lib.make_train_step(model.config, tx, 3, 0.5, "xla", stage.loss_fn), state,
-                              model.params, batch_dev, None, mesh)
+    step, _ = step_lib.compile_step(step_lib.make_train_step(model.config, tx, 3, 0.5, "xla", stage.loss_fn), state,
+                                    model.params, batch_dev, None, mesh)
     for _ in range(2):
         state, metrics = step(state, model.params, batch_dev, None)
     assert float(metrics["labelled"]) == 8 and np.isfinite(float(metrics["loss"]))

@@ -64,7 +64,7 @@ def test_every_launch_file_is_there():
             "launch/tpu/setup.sh", "launch/tpu/stage.sh", "launch/tpu/run.sh", "launch/tpu/logs.sh",
             "launch/tpu/stop.sh", "launch/tpu/ssh.sh", "launch/tpu/delete.sh", "launch/gke/jobset.yaml",
             "launch/gke/submit.sh", "launch/gke/build.sh", "launch/gke/Dockerfile",
-            "launch/slurm/train_gpu.sbatch"} <= names
+            "launch/slurm/train_gpu.sbatch", "launch/device/bench.sh"} <= names
     for path in RUNNABLE:
         assert os.access(path, os.X_OK), f"{rel(path)} is not executable"
         assert "set -euo pipefail" in path.read_text(), rel(path)
@@ -98,6 +98,13 @@ def stub_env(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     return clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home)), marker, home
+
+
+def test_device_bench_refuses_a_machine_without_an_accelerator(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(["bash", str(LAUNCH / "device" / "bench.sh"), str(out)], env=clean_env(PYTHON=sys.executable),
+                 check=False)
+    assert result.returncode == 1 and "no accelerator (backend cpu)" in result.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=rel)

@@ -1,18 +1,20 @@
 """Training observability: scalars to ``metrics.jsonl`` and TensorBoard, and model FLOPs utilisation (MFU).
 
 MFU = FLOPs of one step, all devices together / (seconds per step · devices · peak FLOP/s of one device).
-The FLOPs come from XLA's cost analysis of the compiled step. Under ``jit`` with shardings XLA compiles one
-SPMD-partitioned program that every device runs, and ``Compiled.cost_analysis()`` describes that program: it
-reports FLOPs **per device** (jax 0.10.2, checked with 8 host devices: a matmul split 8 ways over its rows
-reports 2·M·N·K / 8). :func:`step_flops` therefore multiplies by the number of devices the executable runs on
-and returns the total, which is what :func:`mfu` expects. Counting the compiled program has caveats: work
-replicated on several devices and recomputed (rematerialised) activations count every time they run, while
-custom calls (cuDNN attention, Pallas kernels) are invisible to XLA's cost model and count nothing.
+The FLOPs are counted on the step's jaxpr (:func:`step_flops`), not taken from XLA's cost analysis of the
+compiled program: XLA costs a ``while`` loop's body once, whatever its trip count (jax 0.10.2: a ``lax.scan`` of
+4 matmuls reports the FLOPs of one), and every layer stack here is a scan, so XLA undercounts a 28-layer step
+about 28-fold. The jaxpr is the whole (unpartitioned) computation, so its count is the total over devices.
+Counted: matrix products (``dot_general``, 2 FLOPs per multiply-add) and convolutions, the FLOPs MFU is
+conventionally defined by; scan bodies times their length, a ``cond``'s costliest branch, a Pallas kernel's body
+times its grid. A rematerialised forward counts again in the backward pass (the jaxpr holds it; XLA may
+still drop some), so with remat on this leans towards hardware FLOPs utilisation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend.core as jex_core
 from etils import epath
 from tensorboardX import SummaryWriter
 
@@ -169,20 +172,36 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def step_flops(compiled: jax.stages.Compiled) -> float | None:
-    """Total FLOPs of one call of ``compiled`` (``jax.jit(f).lower(...).compile()``), summed over its devices.
+def step_flops(traced: jax.stages.Traced) -> float:
+    """FLOPs of one call of a traced function (``jax.jit(f).trace(*args)``), all devices together: see the
+    module docstring for what counts."""
+    return jaxpr_flops(traced.jaxpr)
 
-    None when the backend gives no cost analysis or no FLOP count. See the module docstring for the convention.
-    """
-    cost = compiled.cost_analysis()
-    # Older jax returns a list with one dict per HLO module, newer jax the dict itself.
-    entries = cost if isinstance(cost, (list, tuple)) else [cost]
-    flops = [entry["flops"] for entry in entries if entry and "flops" in entry]
-    if not flops:
-        return None
-    shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
-    num_devices = max((s.num_devices for s in shardings), default=1)
-    return float(sum(flops)) * num_devices
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matrix-product and convolution FLOPs of a (closed) jaxpr, loops multiplied out."""
+    total = 0.0
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            k = math.prod(lhs[d] for d in contract)
+            total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # (out features, in features / groups, *window) in the OIHW spec
+            spec = params["dimension_numbers"].rhs_spec
+            per_output = math.prod(rhs[d] for d in spec[1:])
+            total += 2.0 * per_output * math.prod(eqn.outvars[0].aval.shape)
+        elif name == "scan":
+            total += params["length"] * jaxpr_flops(params["jaxpr"])
+        elif name == "cond":
+            total += max(jaxpr_flops(branch) for branch in params["branches"])
+        elif name == "pallas_call":
+            total += math.prod(params["grid_mapping"].grid) * jaxpr_flops(params["jaxpr"])
+        else:  # jit, remat, custom_jvp/vjp, shard_map, while (body once: its trip count is not static)...
+            total += sum(jaxpr_flops(sub) for sub in jex_core.jaxprs_in_params(params))
+    return total
 
 
 def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "bfloat16") -> float | None:

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qzoom_jax.models import param_axes
 from qzoom_jax.models.qzoom import twig as twig_lib
 from qzoom_jax.runtime import parallel
-from qzoom_jax.training import sdrpn
+from qzoom_jax.training import metrics, sdrpn
 
 
 def batch_sharding(mesh, rules=parallel.DEFAULT_RULES) -> NamedSharding:
@@ -87,12 +87,14 @@ def _accumulated(grads, params, backbone, batch, layout, accum_steps: int, weigh
 def compile_step(train_step, state, backbone, batch, layout, mesh):
     """``train_step`` jitted with explicit NamedShardings — state, backbone and batch keep theirs (the batch is
     split over the batch axes), metrics and the shared vision layout (None when rows carry their own) are
-    replicated; the state is donated — and compiled ahead of time for these arguments."""
+    replicated; the state is donated — and compiled ahead of time for these arguments. Returns the compiled step
+    and its FLOPs (``metrics.step_flops``, counted on the traced step)."""
     shardings = lambda tree: jax.tree_util.tree_map(lambda a: a.sharding, tree)
     replicated = NamedSharding(mesh, PartitionSpec())
     step = jax.jit(train_step, in_shardings=(shardings(state), shardings(backbone), shardings(batch), replicated),
                    out_shardings=(shardings(state), replicated), donate_argnums=0)
-    return step.lower(state, backbone, batch, layout).compile()
+    traced = step.trace(state, backbone, batch, layout)
+    return traced.lower().compile(), metrics.step_flops(traced)
 
 
 def init_state(backbone, K: int, T: int, tx, mesh, rules=parallel.DEFAULT_RULES,

@@ -487,7 +487,7 @@ def _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K: i
     def batch_of(grids, L: int):
         P = int(sum(np.prod(g) for g in grids)) + (post_sft.MAX_IMAGES - len(grids)) * 4
         P = -(-P // 64) * 64
-        layout = conversations._padded_layout(config, np.asarray(grids), P, len(grids), "bench")
+        layout = conversations.padded_layout(config, np.asarray(grids), P, len(grids), "bench")
         row = {"input_ids": ((L,), np.int32), "attention_mask": ((L,), np.int32), "labels": ((L,), np.int32),
                "positions": ((3, L), np.float32), "pixel_values": ((P, config.vision.patch_dim), np.float32),
                **{f"layout_{k}": (a.shape, a.dtype) for k, a in layout._asdict().items()}}

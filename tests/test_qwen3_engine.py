@@ -127,6 +127,6 @@ def test_fixed_shape_training_rows_on_qwen3():
     config = registry.read_config(EMBEDDED_QWEN3_TINY)
     grids = [(1, 8, 8), (1, 4, 24), (1, 14, 6)]
     one = [registry.backbone(config).fixed_layout(np.array([g]), config.vision, 256) for g in grids]
-    two = [conversations._padded_layout(config, [g], 512, 2, "u") for g in grids]  # + the filler image
+    two = [conversations.padded_layout(config, [g], 512, 2, "u") for g in grids]  # + the filler image
     for layouts in (one, two):
         assert len({tuple(a.shape for a in lay) for lay in layouts}) == 1

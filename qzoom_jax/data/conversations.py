@@ -42,8 +42,8 @@ IGNORE = -100
 PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "gpt": "assistant"}
 # Grid of the stand-in images that fill a row's unused image slots (one merged token each), so that every row's
-# vision layout has the same number of frames and therefore the same table shapes (see ``_padded_layout``).
-_FILLER_GRID = (1, 2, 2)
+# vision layout has the same number of frames and therefore the same table shapes (see ``padded_layout``).
+FILLER_GRID = (1, 2, 2)
 _EXIF_ORIENTATION = 0x0112  # orientations 5-8 swap width and height
 
 
@@ -153,14 +153,14 @@ def expand_images(ids, labels, image_token_id: int, counts) -> tuple[np.ndarray,
 # ---- examples ------------------------------------------------------------------------------------------
 
 def layout_minima(vision, n_patches: int, max_images: int) -> dict[str, int]:
-    """Qwen2.5-VL's table minima of a ``_padded_layout`` row (``bench.py`` builds such layouts itself)."""
+    """Qwen2.5-VL's table minima of a ``padded_layout`` row (``bench.py`` builds such layouts itself)."""
     return qwen2_5_vl_backbone.layout_minima(vision, n_patches, max_images)
 
 
-def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
+def padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
     """The row's vision layout over ``max_images`` frames: its images, then filler images (never read: the
     features are gathered at the image tokens in order), then padding rows up to ``n_patches``."""
-    fill = np.asarray([_FILLER_GRID] * (max_images - len(grids)), np.int64).reshape(-1, 3)
+    fill = np.asarray([FILLER_GRID] * (max_images - len(grids)), np.int64).reshape(-1, 3)
     all_grids = np.concatenate([np.asarray(grids, np.int64).reshape(-1, 3), fill])
     used = int(np.prod(all_grids, -1).sum())
     if used > n_patches:
@@ -171,7 +171,7 @@ def _padded_layout(config, grids, n_patches: int, max_images: int, uid: str):
         raise stage1.SkipSample(f"{uid}: {e}") from None
 
 
-def _read_images(paths, factor: int, uid: str):
+def read_images(paths, factor: int, uid: str):
     """Decoded images of paths or of encoded files (``tfds_sft`` records)."""
     images = []
     for p in paths:
@@ -186,7 +186,7 @@ def _read_images(paths, factor: int, uid: str):
     return images
 
 
-def _image_size(path: str | bytes, uid: str) -> tuple[int, int]:
+def image_size(path: str | bytes, uid: str) -> tuple[int, int]:
     """(width, height) as the image will be decoded (EXIF orientation applied), from the file's header only;
     ``path`` may be the encoded file itself (``tfds_sft``)."""
     try:
@@ -213,7 +213,7 @@ def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_le
     ip = processor.image_processor
     patches = 0
     for path in paths:
-        width, height = _image_size(path, uid)
+        width, height = image_size(path, uid)
         try:
             h, w = ip.target_size(height, width, min_pixels, max_pixels)
         except ValueError as e:
@@ -222,7 +222,7 @@ def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_le
     n_tokens = len(ids) - len(paths) + patches // ip.merge_size ** 2
     if n_tokens > max_len:
         raise stage1.SkipSample(f"{uid}: sequence is {n_tokens} tokens, longer than max_len={max_len}")
-    patches += (max_images - len(paths)) * int(np.prod(_FILLER_GRID))
+    patches += (max_images - len(paths)) * int(np.prod(FILLER_GRID))
     if patches > max_patches:
         raise stage1.SkipSample(f"{uid}: {patches} patches (fillers included), more than max_patches={max_patches}")
     return min(bucket(n_tokens), bucket(max_len)), min(bucket(patches, 64), bucket(max_patches, 64))
@@ -245,14 +245,14 @@ def make_example(record: Mapping[str, Any], processor: Processor, config, *, max
     grids = np.zeros((0, 3), np.int64)
     pixels = np.zeros((0, config.vision.patch_dim), np.float32)
     if paths:
-        vision = image_processor(_read_images(paths, image_processor.factor, uid), min_pixels, max_pixels)
+        vision = image_processor(read_images(paths, image_processor.factor, uid), min_pixels, max_pixels)
         pixels, grids = vision["pixel_values"], vision["image_grid_thw"]
         ids, labels = expand_images(ids, labels, config.image_token_id,
                                     np.prod(grids, -1) // image_processor.merge_size ** 2)
     n = len(ids)
     if n > max_len:
         raise stage1.SkipSample(f"{uid}: sequence is {n} tokens, longer than max_len={max_len}")
-    layout = _padded_layout(config, grids, n_patches, max_images, uid)
+    layout = padded_layout(config, grids, n_patches, max_images, uid)
 
     input_ids, attention_mask, positions = stage1.padded(config, ids, max_len, grids if len(grids) else None,
                                                          side="right")

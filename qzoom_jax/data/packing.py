@@ -31,7 +31,7 @@ from qzoom_jax.data import conversations, stage1
 from qzoom_jax.data.conversations import IGNORE
 from qzoom_jax.runtime.buckets import bucket
 
-_FILLER_PATCHES = int(np.prod(conversations._FILLER_GRID))
+_FILLER_PATCHES = int(np.prod(conversations.FILLER_GRID))
 OPEN_ROWS = 8  # rows still taking samples while packing; more packs tighter but costs time per record
 
 
@@ -95,7 +95,7 @@ def sizes_of(record: Mapping[str, Any], processor, config, *, max_len: int, max_
     ip = processor.image_processor
     patches = 0
     for path in paths:
-        width, height = conversations._image_size(path, uid)
+        width, height = conversations.image_size(path, uid)
         h, w = ip.target_size(height, width, min_pixels, max_pixels)
         patches += (h // ip.patch_size) * (w // ip.patch_size)
     return len(ids) - len(paths) + patches // ip.merge_size ** 2, patches, len(paths)
@@ -112,7 +112,7 @@ def sample_arrays(record: Mapping[str, Any], processor, config, *, min_pixels: i
     grids = np.zeros((0, 3), np.int64)
     pixels = np.zeros((0, config.vision.patch_dim), np.float32)
     if paths:
-        vision = ip(conversations._read_images(paths, ip.factor, uid), min_pixels, max_pixels)
+        vision = ip(conversations.read_images(paths, ip.factor, uid), min_pixels, max_pixels)
         pixels, grids = vision["pixel_values"], vision["image_grid_thw"]
         ids, labels = conversations.expand_images(ids, labels, config.image_token_id,
                                                   np.prod(grids, -1) // ip.merge_size ** 2)
@@ -152,6 +152,6 @@ def make_packed_example(pack: Mapping[str, Any], shape, *, processor, config, ma
     row = concat_samples(samples, max_len, config.input_pad_id)
     pixels = np.concatenate([s["pixel_values"] for s in samples])
     grids = np.concatenate([s["image_grid_thw"] for s in samples])
-    layout = conversations._padded_layout(config, grids, n_patches, max_images, pack["uid"])
+    layout = conversations.padded_layout(config, grids, n_patches, max_images, pack["uid"])
     return {**row, "pixel_values": np.pad(pixels, ((0, n_patches - len(pixels)), (0, 0))),
             **{f"layout_{name}": value for name, value in layout._asdict().items()}}

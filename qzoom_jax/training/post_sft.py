@@ -96,7 +96,7 @@ def roi_scores(trainable, frozen, twig, batch, query, *, config, K: int, attn_im
 
 def read_image(processor, record: Mapping):
     """The decoded source image of a record, as ``conversations.make_example`` decodes it."""
-    return conversations._read_images(record["images"][:1], processor.image_processor.factor,
+    return conversations.read_images(record["images"][:1], processor.image_processor.factor,
                                       record.get("uid", "?"))[0]
 
 
@@ -145,7 +145,7 @@ def spliced_row(config, processor, image: Callable[[], Any], row: Mapping, score
 
 def _patch_rows(grids) -> int:
     """Patch rows of a row's layout: its images, then the filler images of its unused slots."""
-    return int(sum(np.prod(g) for g in grids)) + (MAX_IMAGES - len(grids)) * int(np.prod(conversations._FILLER_GRID))
+    return int(sum(np.prod(g) for g in grids)) + (MAX_IMAGES - len(grids)) * int(np.prod(conversations.FILLER_GRID))
 
 
 def fit(rows: list[dict], max_len: int, max_patches: int) -> tuple[tuple[int, int], int]:
@@ -168,7 +168,7 @@ def padded_batch(config, rows: list[dict], shape: tuple[int, int]) -> dict:
     out = []
     for r in rows:
         n = len(r["ids"])
-        layout = conversations._padded_layout(config, np.asarray(r["grids"]), P, MAX_IMAGES, "?")
+        layout = conversations.padded_layout(config, np.asarray(r["grids"]), P, MAX_IMAGES, "?")
         out.append({
             "input_ids": np.pad(r["ids"].astype(np.int32), (0, L - n), constant_values=config.input_pad_id),
             "attention_mask": np.pad(np.ones(n, np.int32), (0, L - n)),
@@ -206,7 +206,7 @@ def example(record: Mapping, shape, *, processor, config, min_pixels: int, max_p
     ex = conversations.make_example(record, processor, config, max_len=shape[0], n_patches=shape[1], max_images=1,
                                     min_pixels=min_pixels, max_pixels=max_pixels, chat_format=chat_format)
     ip = processor.image_processor
-    width, height = conversations._image_size(record["images"][0], uid)
+    width, height = conversations.image_size(record["images"][0], uid)
     h, w = ip.target_size(height, width, min_pixels, max_pixels)
     return {**ex, "source_index": np.int64(record["index"]),
             "src_grid": np.array([1, h // ip.patch_size, w // ip.patch_size], np.int32)}

@@ -52,19 +52,27 @@ def sharpen(params):
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
-def make_tiny_checkpoint(out_dir: str | os.PathLike = DEFAULT_OUT) -> str:
-    config = tiny_config()
-    write_tiny_tokenizer(out_dir)
-    params = sharpen(init_params(config, jax.random.PRNGKey(0), jnp.float32))
-    export_params(params, config, out_dir, dtype="float32")
+def write_random(config, out_dir: str | os.PathLike, backbone: str = "qwen2_5_vl") -> str:
+    """``config``'s random weights (PRNGKey(0), ``sharpen``-ed) and the tiny tokenizer, in HF layout."""
+    write_tiny_tokenizer(out_dir, backbone=backbone)
+    export_params(sharpen(init_params(config, jax.random.PRNGKey(0), jnp.float32)), config, out_dir, dtype="float32")
     return os.fspath(out_dir)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    out = make_tiny_checkpoint(parser.parse_args(argv).out)
+def make_tiny_checkpoint(out_dir: str | os.PathLike = DEFAULT_OUT) -> str:
+    return write_random(tiny_config(), out_dir)
+
+
+def cli(make, default_out: str, description: str, argv=None) -> None:
+    """The generators' command line: ``--out DIR``, then ``make(DIR)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
+    out = make(parser.parse_args(argv).out)
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
+
+
+def main(argv=None) -> None:
+    cli(make_tiny_checkpoint, DEFAULT_OUT, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,12 @@ float32; re-running writes identical files.
 
 from __future__ import annotations
 
-import argparse
 import os
 
-import jax
-import jax.numpy as jnp
-
-from qzoom_jax.assets.make_tiny_checkpoint import sharpen
-from qzoom_jax.checkpoints.hf_export import export_params
-from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids, write_tiny_tokenizer
+from qzoom_jax.assets.make_tiny_checkpoint import cli, write_random
+from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids
 from qzoom_jax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from qzoom_jax.models.qwen_config import TextConfig
-from qzoom_jax.models.vlm import init_params
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "tiny_qwen3_vl")
 
@@ -42,18 +36,11 @@ def tiny_config() -> Qwen3VLConfig:
 
 
 def make_tiny_qwen3_vl(out_dir: str | os.PathLike = DEFAULT_OUT) -> str:
-    config = tiny_config()
-    write_tiny_tokenizer(out_dir, backbone="qwen3_vl")
-    params = sharpen(init_params(config, jax.random.PRNGKey(0), jnp.float32))
-    export_params(params, config, out_dir, dtype="float32")
-    return os.fspath(out_dir)
+    return write_random(tiny_config(), out_dir, backbone="qwen3_vl")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    out = make_tiny_qwen3_vl(parser.parse_args(argv).out)
-    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
+    cli(make_tiny_qwen3_vl, DEFAULT_OUT, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
 def _packer(processor, config, max_len, max_patches, max_images):
     import functools
-    sizes = functools.partial(packing.sizes_of, processor=processor, config=config, max_len=max_len,
+    sizes = functools.partial(conversations.sample_size, processor=processor, max_len=max_len,
                               max_patches=max_patches, max_images=1, **PIXELS)
     return packing.Packing(sizes, max_len, max_patches, max_images)
 

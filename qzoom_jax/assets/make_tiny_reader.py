@@ -75,7 +75,10 @@ PHASES = (
     ("nat28", ((0.2, "tok"), (0.3, "px"), (0.5, "nat28")), "inference", 12000, 250, 48, 1e-3, *STRIPS),
     ("nat20", ((0.2, "px"), (0.3, "nat28"), (0.5, "nat20")), "inference", 14400, 300, 48, 1e-3, *STRIPS),
     ("nat10", ((0.15, "nat28"), (0.35, "nat20"), (0.5, "nat10")), "inference", 19200, 400, 48, 1e-3, *STRIPS),
-    ("mixed", ((1, "mixed"),), "inference", 8000, 400, 24, 5e-4, 1024, 384, 256 * TOKENS),
+    ("glyphs", ((0.15, "nat20"), (0.35, "nat10"), (0.5, "glyphs")), "inference", 24000, 500, 48, 1e-3, 512, 192,
+     128 * TOKENS),
+    ("mixed", ((0.2, "nat10"), (0.3, "glyphs"), (0.5, "mixed")), "inference", 12000, 500, 24, 7e-4, 1024, 384,
+     256 * TOKENS),
     ("native", ((1, "native"),), "inference", 800, 60, 4, 3e-4, 6144, 1792, 1536 * TOKENS),
 )
 

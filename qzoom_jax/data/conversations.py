@@ -202,8 +202,20 @@ def image_size(path: str | bytes, uid: str) -> tuple[int, int]:
 def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, max_patches: int,
               max_images: int, min_pixels: int, max_pixels: int, chat_format: str = "upstream") -> tuple[int, int]:
     """The shape bucket (padded tokens, padded patch rows) of a record's example, from its text and its images'
-    headers (nothing is decoded); SkipSample for what ``make_example`` would refuse on these grounds (images,
-    turns, placeholders, a sequence over ``max_len`` or more patches than ``max_patches``)."""
+    headers (nothing is decoded); SkipSample as ``sample_size``."""
+    n_tokens, patches, n_images = sample_size(record, processor, max_len=max_len, max_patches=max_patches,
+                                              max_images=max_images, min_pixels=min_pixels, max_pixels=max_pixels,
+                                              chat_format=chat_format)
+    patches += (max_images - n_images) * int(np.prod(FILLER_GRID))
+    return min(bucket(n_tokens), bucket(max_len)), min(bucket(patches, 64), bucket(max_patches, 64))
+
+
+def sample_size(record: Mapping[str, Any], processor: Processor, *, max_len: int, max_patches: int,
+                max_images: int, min_pixels: int, max_pixels: int, chat_format: str = "upstream"
+                ) -> tuple[int, int, int]:
+    """(tokens, patch rows, images) of a record's sample, from its text and its images' headers (nothing is
+    decoded); SkipSample for what ``make_example`` would refuse on these grounds (images, turns, placeholders, a
+    sequence over ``max_len`` or more patches than ``max_patches`` once the filler images are added)."""
     uid = record.get("uid", "?")
     paths = list(record["images"])
     if len(paths) > max_images:
@@ -222,10 +234,11 @@ def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_le
     n_tokens = len(ids) - len(paths) + patches // ip.merge_size ** 2
     if n_tokens > max_len:
         raise stage1.SkipSample(f"{uid}: sequence is {n_tokens} tokens, longer than max_len={max_len}")
-    patches += (max_images - len(paths)) * int(np.prod(FILLER_GRID))
-    if patches > max_patches:
-        raise stage1.SkipSample(f"{uid}: {patches} patches (fillers included), more than max_patches={max_patches}")
-    return min(bucket(n_tokens), bucket(max_len)), min(bucket(patches, 64), bucket(max_patches, 64))
+    with_fillers = patches + (max_images - len(paths)) * int(np.prod(FILLER_GRID))
+    if with_fillers > max_patches:
+        raise stage1.SkipSample(f"{uid}: {with_fillers} patches (fillers included), more than "
+                                f"max_patches={max_patches}")
+    return n_tokens, patches, len(paths)
 
 
 def make_example(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, n_patches: int,

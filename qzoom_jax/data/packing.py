@@ -37,8 +37,9 @@ OPEN_ROWS = 8  # rows still taking samples while packing; more packs tighter but
 
 @dataclasses.dataclass(frozen=True)
 class Packing:
-    """``bucket_of`` for a packed run: ``sizes_of(record)`` -> (tokens, patch rows, images) of a sample (SkipSample
-    for one that fits no row); ``group`` turns records into packs and each pack's shape bucket."""
+    """``bucket_of`` for a packed run: ``sizes_of(record)`` (``conversations.sample_size``) -> (tokens, patch
+    rows, images) of a sample (SkipSample for one that fits no row); ``group`` turns records into packs and each
+    pack's shape bucket."""
 
     sizes_of: Callable[[Any], tuple[int, int, int]]
     max_len: int
@@ -79,26 +80,6 @@ class Packing:
             keys.append((min(bucket(t), bucket(self.max_len)),
                          min(bucket(self.patches(p, n), 64), bucket(self.max_patches, 64))))
         return packs, keys
-
-
-def sizes_of(record: Mapping[str, Any], processor, config, *, max_len: int, max_patches: int, max_images: int,
-             min_pixels: int, max_pixels: int, chat_format: str = "upstream") -> tuple[int, int, int]:
-    """(tokens, patch rows, images) of a record's sample, from its text and image headers, as
-    ``conversations.bucket_of`` measures them (the same SkipSamples for a sample no row can hold)."""
-    conversations.bucket_of(record, processor, config, max_len=max_len, max_patches=max_patches,
-                            max_images=max_images, min_pixels=min_pixels, max_pixels=max_pixels,
-                            chat_format=chat_format)  # the checks
-    uid, paths = record.get("uid", "?"), list(record["images"])
-    ids, _ = conversations.tokens_and_labels(conversations.messages(record["conversations"], len(paths), uid,
-                                                                    chat_format), processor,
-                                             system=chat_format == "inference")
-    ip = processor.image_processor
-    patches = 0
-    for path in paths:
-        width, height = conversations.image_size(path, uid)
-        h, w = ip.target_size(height, width, min_pixels, max_pixels)
-        patches += (h // ip.patch_size) * (w // ip.patch_size)
-    return len(ids) - len(paths) + patches // ip.merge_size ** 2, patches, len(paths)
 
 
 def sample_arrays(record: Mapping[str, Any], processor, config, *, min_pixels: int, max_pixels: int,

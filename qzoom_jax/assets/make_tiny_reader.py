@@ -44,6 +44,12 @@ read question in the inference format, 300 steps; ``tok`` holds such rows too); 
     nat10   30     32     29     26     23     15     8            0.43 -> 0.13-0.73 (per bucket)
     glyphs  --     --     --     --     19     15     18           0.82 -> 0.21-0.39 (batches are per shape
                                                                    bucket: a batch holds one view)
+    mixed   --     --     --     --     19     11     17           0.36-1.33 -> 0.06-1.27 (367 rows over the
+                                                                   buckets skipped and counted)
+
+and on 64 held-out ``mixed`` records after ``mixed``: the digits with a margin 20/32, the count question at
+16-128 tokens 3/10, native-scale regions 0/4, Q-Zoom's two-image crop pass 1/18. ``native`` has not been run, and
+the crop pass -- what Q-Zoom needs read -- is still at chance.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ export; the last export is copied to ``--out``:
    (``nat10``);
 2. ``glyphs``: the task's own digits with a margin of their box and background, at 10-45 px glyphs, with strips
    kept in;
-3. ``mixed``: cheap views of the real images -- the digits with a margin, native-scale regions, Q-Zoom's two-image
-   crop pass and the count question at small budgets -- where every row is at most 1024 patches, with glyphs and
-   strips kept in;
+3. ``mixed``, ``mixed2``: cheap views of the real images -- the digits with a margin, native-scale regions,
+   Q-Zoom's two-image crop pass and the count question at small budgets -- where every row is at most 1024
+   patches, with glyphs and strips kept in;
 4. ``native``: whole images at their own resolution (up to 1536 merged tokens) with every box read and counted
    in one multi-turn conversation.
 
@@ -46,10 +46,11 @@ read question in the inference format, 300 steps; ``tok`` holds such rows too); 
                                                                    bucket: a batch holds one view)
     mixed   --     --     --     --     19     11     17           0.36-1.33 -> 0.06-1.27 (367 rows over the
                                                                    buckets skipped and counted)
+    mixed2  --     --     --     --     --     17     20           0.3-1.1 -> 0.1-1.2 (375 rows skipped)
 
-and on 64 held-out ``mixed`` records after ``mixed``: the digits with a margin 20/32, the count question at
-16-128 tokens 3/10, native-scale regions 0/4, Q-Zoom's two-image crop pass 1/18. ``native`` has not been run, and
-the crop pass -- what Q-Zoom needs read -- is still at chance.
+and on 64 held-out ``mixed`` records after ``mixed`` / ``mixed2``: the digits with a margin 20/32 / 22/32, the
+count question at 16-128 tokens 3/10 / 4/10, native-scale regions 0/4 / 0/4, Q-Zoom's two-image crop pass 1/18 /
+2/18. ``native`` has not been run, and the crop pass -- what Q-Zoom needs read -- is still near chance.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ PHASES = (
      128 * TOKENS),
     ("mixed", ((0.2, "nat10"), (0.3, "glyphs"), (0.5, "mixed")), "inference", 12000, 500, 24, 7e-4, 1024, 384,
      256 * TOKENS),
+    ("mixed2", ((0.2, "glyphs"), (0.8, "mixed")), "inference", 14400, 600, 24, 5e-4, 1024, 384, 256 * TOKENS),
     ("native", ((1, "native"),), "inference", 800, 60, 4, 3e-4, 6144, 1792, 1536 * TOKENS),
 )
 

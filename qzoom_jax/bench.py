@@ -230,7 +230,7 @@ def bench_train(args):
     _, step_s = _time(run, args.repeats)
     mfu = metrics.mfu(flops, step_s, mesh.size, metrics.peak_flops_per_device(mesh.devices.flat[0]))
     return dict(K=K, T=T, grid=args.grid, step_s=step_s, samples_per_s=args.batch / step_s,
-                tflops_per_step=None if flops is None else flops / 1e12, mfu=mfu, devices=mesh.size,
+                tflops_per_step=flops / 1e12, mfu=mfu, devices=mesh.size,
                 device=jax.devices()[0].device_kind, jax_compile_s=compile_s)
 
 

@@ -1,10 +1,15 @@
 """The public API end to end on the embedded default, against transformers loading the same directory."""
 
+import importlib
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.numpy import load_file
 
 import qzoom_jax
 
@@ -51,3 +56,20 @@ def test_bf16_load_runs_close_to_float32(inputs):
     err, scale = np.abs(got - f32)[valid], np.abs(f32[valid]).max()
     # The sharpened tiny checkpoint has peaked attention, where bf16 rounding moves a few logits the most.
     assert err.max() <= 0.1 * scale and err.mean() <= 0.01 * scale
+
+
+@pytest.mark.parametrize("generator", ["make_tiny_checkpoint", "make_tiny_qwen3_vl"])
+def test_committed_random_checkpoints_are_what_their_generators_write(generator, tmp_path):
+    """A generator changed without regenerating its asset leaves users on a stale checkpoint."""
+    module = importlib.import_module(f"qzoom_jax.assets.{generator}")
+    committed = module.DEFAULT_OUT
+    module.main(["--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(committed))
+    for name in os.listdir(committed):
+        if name.endswith(".json"):
+            with open(tmp_path / name) as a, open(os.path.join(committed, name)) as b:
+                assert json.load(a) == json.load(b), name
+    fresh, kept = load_file(tmp_path / "model.safetensors"), load_file(os.path.join(committed, "model.safetensors"))
+    assert fresh.keys() == kept.keys()
+    for key in kept:
+        np.testing.assert_allclose(fresh[key], kept[key], rtol=1e-6, atol=1e-7, err_msg=key)

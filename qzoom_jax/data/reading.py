@@ -239,16 +239,21 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # a multi-turn conversation that reads every box and counts them (one costly encoding, several answers).
 # "mixed": cheap views -- the asked box's digits with a margin at a glyph height of 10-45 px, a region at native
 # scale, the two images of Q-Zoom's crop pass (the image and a crop around the asked box, both at a small token
-# budget), or the count question at a small budget.
+# budget), or the count question at a small budget. "boxes": the asked box and a little of its surroundings at a
+# glyph height of BOX_VIEW_PX -- finding the digits in their box, between "glyphs" and a region; "croppass":
+# "mixed"'s crop pass alone.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
 # "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
 # in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
-VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs")
+VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
+         "croppass")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
+BOX_VIEW_PX = (12, 36)  # digit heights of the box view, which is at most BOX_VIEW_MAX_SIDE px a side
+BOX_VIEW_MAX_SIDE = 448
 REGION_MAX_SIDE = 420  # a native-scale region is at most this many pixels a side (900 patches)
 
 
@@ -281,6 +286,11 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
     if view == "glyphs":  # the first of "mixed"'s parts alone: the asked digits with a margin
         images.append(_glyphs(rng, sample.image, sample.target))
         return [("<image>\n" + sample.question, sample.answer)]
+    if view == "boxes":
+        images.append(_boxed(rng, sample.image, sample.target))
+        return [("<image>\n" + sample.question, sample.answer)]
+    if view == "croppass":
+        return _crop_pass(rng, sample, images)
     if view == "native":
         images.append(sample.image)
         turns = [(READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes]
@@ -295,13 +305,19 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
     if roll < 0.6:  # a native-scale region around the asked box
         images.append(sample.image.crop(_around(rng, target.xyxy, sample.image.size, 1.2, 3.0, REGION_MAX_SIDE)))
         return [("<image>\n" + sample.question, sample.answer)]
+    if roll < 0.85:
+        return _crop_pass(rng, sample, images)
+    images.append(_at_budget(sample.image, int(rng.choice(ZOOM_BUDGETS))))
+    return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
+
+
+def _crop_pass(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
+    """Q-Zoom's crop pass: the image, then a crop around the asked box, both at the same small budget."""
     budget = int(rng.choice(ZOOM_BUDGETS))
     images.append(_at_budget(sample.image, budget))
-    if roll < 0.85:  # Q-Zoom's crop pass: the image, then a crop around the box at the same budget
-        crop = sample.image.crop(_around(rng, target.xyxy, sample.image.size, 1.0, 2.5, None))
-        images.append(_at_budget(crop, budget))
-        return [("<image><image>\n" + sample.question, sample.answer)]
-    return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
+    crop = sample.image.crop(_around(rng, sample.target.xyxy, sample.image.size, 1.0, 2.5, None))
+    images.append(_at_budget(crop, budget))
+    return [("<image><image>\n" + sample.question, sample.answer)]
 
 
 def _strip(rng, view: str) -> tuple[Image.Image, str, str]:
@@ -338,7 +354,19 @@ def _glyphs(rng, image: Image.Image, box: Box) -> Image.Image:
     x0, y0, x1, y1 = box.ink
     m = int(round(box.glyph_px * rng.uniform(0.3, 1.5)))
     crop = image.crop((max(0, x0 - m), max(0, y0 - m), min(image.width, x1 + m), min(image.height, y1 + m)))
-    scale = rng.uniform(*GLYPH_VIEW_PX) / box.glyph_px
+    return _scaled(crop, rng.uniform(*GLYPH_VIEW_PX) / box.glyph_px)
+
+
+def _boxed(rng, image: Image.Image, box: Box) -> Image.Image:
+    """``box`` with 0-60 % of its side around it, placed at random, scaled to a random glyph height (less where
+    the crop would exceed BOX_VIEW_MAX_SIDE)."""
+    crop = image.crop(_around(rng, box.xyxy, image.size, 1.0, 1.6, None))
+    scale = min(rng.uniform(*BOX_VIEW_PX) / box.glyph_px, BOX_VIEW_MAX_SIDE / max(crop.size))
+    return _scaled(crop, scale)
+
+
+def _scaled(crop: Image.Image, scale: float) -> Image.Image:
+    """``crop`` scaled by ``scale`` to sides that are multiples of 28 px (at least 28 x 56)."""
     height = max(28, int(round(crop.height * scale / 28)) * 28)
     width = max(56, int(round(crop.width * scale / 28)) * 28)
     return Image.fromarray(resize_bicubic_aa(np.asarray(crop), height, width))

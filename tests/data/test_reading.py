@@ -147,6 +147,32 @@ def test_the_digits_view_is_the_ink_box_scaled_to_whole_tokens():
         scale = image.height / ((y1 - y0) * np.array([1 + 2 * 1.5, 1 + 2 * 0.3]))
         assert 10 / box.glyph_px * 0.5 <= scale[1] and scale[0] <= 45 / box.glyph_px * 2
 
+def test_the_box_view_holds_the_whole_box_at_a_readable_scale():
+    image = Image.new("RGB", (800, 600), (128, 128, 128))
+    image.paste((255, 0, 0), (300, 250, 420, 310))  # a 120 x 60 box, its digits 12 px tall
+    box = reading.Box("red", (300, 250, 420, 310), "123", "bitmap", 12)
+    for seed in range(16):
+        view = reading._boxed(np.random.default_rng(seed), image, box)
+        assert view.width % 28 == 0 and view.height % 28 == 0 and max(view.size) <= reading.BOX_VIEW_MAX_SIDE
+        a = np.asarray(view, np.int32)
+        ys, xs = np.nonzero((a[..., 0] > 200) & (a[..., 1] < 60))
+        w, h = xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()
+        assert abs(w / h - 2) < 0.45  # the whole box, not a part of it (sides round to 28 px)
+        assert w / view.width > 1 / 1.6 - 0.1 and h / view.height > 1 / 1.6 - 0.15  # 0-60 % of its side around it
+        glyph = 12 * h / 60
+        assert reading.BOX_VIEW_PX[0] * 0.8 <= glyph <= reading.BOX_VIEW_PX[1] * 1.2
+
+
+def test_the_box_and_crop_pass_views_ask_the_read_question():
+    for i in range(8):
+        sample = reading.make_sample(4, i, kind="read")
+        for view, prefix, count in (("boxes", "<image>\n", 1), ("croppass", "<image><image>\n", 2)):
+            images = []
+            (question, answer), = reading.sft_views(4, i, view, images)
+            assert question.removesuffix("\n" + ANSWER_SUFFIX) == prefix + sample.question
+            assert answer == sample.answer and len(images) == count
+
+
 def _ink_box(image):
     """(x0, y0, x1, y1) of the ink: pixels near pure black or white (box shades are palette colours +-20)."""
     a = np.asarray(image, np.float32)

@@ -15,22 +15,13 @@ gate: it is checked (same K) and recorded in the checkpoint meta for inference. 
 ``--config.optim.lr=5e-5``.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _sibling(name: str):
-    """Another config file of this directory, as a module (config files are loaded by path, not imported)."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from qzoom_jax.assets.repo_configs import config_module
 
 
 # The paper's (K, T) per backbone (training reference §0): the gate branches where the twig does.
-PRESETS = _sibling("sdrpn").PRESETS
+PRESETS = config_module("sdrpn", beside=__file__).PRESETS
 
 
 def get_config(arg=None):
@@ -51,7 +42,7 @@ def get_config(arg=None):
         twig_run="",
         **PRESETS[preset],
     )
-    c.answers = _sibling("labels").answers_config(preset)
+    c.answers = config_module("labels", beside=__file__).answers_config(preset)
     # roi_samples: cap on the pool (upstream keeps 20K); high: the consensus group (the top answers that must
     # agree); max_len: prompt tokens incl. up to 1.5x the largest drawn budget of image tokens.
     c.data = {

@@ -24,11 +24,7 @@ replace the predicted box by a random one 80 % of the time (on in the qwen3vl_4b
 stage 2; its Qwen2.5-VL code ignores the flag).
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
+from qzoom_jax.assets.repo_configs import config_module
 from qzoom_jax.checkpoints.embedded import EMBEDDED_QZOOM
 
 PRESETS = ("tiny", "qwen2_5vl_3b", "qwen2_5vl_7b", "qwen3vl_4b")
@@ -38,14 +34,6 @@ PIXELS = 451584  # 576 merged tokens: stage 2's min = max pixels (§2.2)
 QWEN3_PIXELS = 576 * 32 * 32
 
 
-def _sibling(name: str):
-    """Another config file of this directory, as a module (config files are loaded by path, not imported)."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     preset = arg or "tiny"
     if preset not in PRESETS:
@@ -53,7 +41,7 @@ def get_config(arg=None):
     tiny = preset == "tiny"
     qwen3 = preset.startswith("qwen3")
     pixels = QWEN3_PIXELS if qwen3 else PIXELS
-    c = _sibling("sft").get_config(preset)
+    c = config_module("sft", beside=__file__).get_config(preset)
     c.name = "post_sft" if not arg else f"post_sft_{preset}"
     c.stage = "post_sft"
     c.model.path = EMBEDDED_QZOOM if tiny else ""

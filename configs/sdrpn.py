@@ -26,10 +26,9 @@ from it instead of copies of base layers (upstream's ``--is_2_5_stage``). ``data
 shuffled subset of labelled records that trains (20000, as upstream).
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from qzoom_jax.assets.repo_configs import config_module
 
 # The paper's (K, T) per backbone (training reference §0); the paper's hyperparameters otherwise (§1.7).
 PRESETS = {
@@ -40,13 +39,6 @@ PRESETS = {
 }
 # Stage 2.5 presets: name -> the backbone preset whose (K, T) and teacher heads they use.
 STAGE2_5 = {"qwen3vl_4b_stage2_5": "qwen3vl_4b"}
-
-
-def _labels_config():
-    spec = importlib.util.spec_from_file_location("labels_config", os.path.join(os.path.dirname(__file__), "labels.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
@@ -69,7 +61,7 @@ def get_config(arg=None):
         twig_init="model" if stage2_5 else "",
         **PRESETS[preset],
     )
-    c.teacher = _labels_config().teacher_config(preset)
+    c.teacher = config_module("labels", beside=__file__).teacher_config(preset)
     # grid: the label grid, i.e. merged image tokens per side (must match the labels); max_len: prompt tokens.
     c.data = {
         "label_dirs": (),

@@ -426,7 +426,7 @@ def bench_post_sft(args):
     source = post_sft.Indexed(records)
     example = functools.partial(post_sft.example, processor=processor, config=config, min_pixels=pixels,
                                 max_pixels=pixels, chat_format="upstream")
-    bucket_of = functools.partial(conversations.bucket_of, processor=processor, config=config, max_len=8192,
+    bucket_of = functools.partial(conversations.bucket_of, processor=processor, max_len=8192,
                                   max_patches=1 << 16, max_images=1, min_pixels=pixels, max_pixels=pixels)
     data_iter, _ = pipeline.bucketed_loader(source, example, bucket_of, global_batch_size=args.batch,
                                             seed=args.seed)

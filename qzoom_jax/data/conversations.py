@@ -199,7 +199,7 @@ def image_size(path: str | bytes, uid: str) -> tuple[int, int]:
     return (height, width) if rotated else (width, height)
 
 
-def bucket_of(record: Mapping[str, Any], processor: Processor, config, *, max_len: int, max_patches: int,
+def bucket_of(record: Mapping[str, Any], processor: Processor, *, max_len: int, max_patches: int,
               max_images: int, min_pixels: int, max_pixels: int, chat_format: str = "upstream") -> tuple[int, int]:
     """The shape bucket (padded tokens, padded patch rows) of a record's example, from its text and its images'
     headers (nothing is decoded); SkipSample as ``sample_size``."""

@@ -216,9 +216,10 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "bfloat
     return None
 
 
-def mfu(flops_per_step: float | None, seconds_per_step: float, num_devices: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: ``flops_per_step`` (all devices) / (seconds · devices · peak); None if unknown."""
-    if flops_per_step is None or peak is None:
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: ``flops_per_step`` (all devices) / (seconds · devices · peak); None if the
+    device's peak is unknown (a CPU, an unlisted chip)."""
+    if peak is None:
         return None
     if seconds_per_step <= 0 or num_devices < 1:
         raise ValueError(f"need seconds_per_step > 0 and num_devices >= 1, got {seconds_per_step}, {num_devices}")

@@ -84,7 +84,7 @@ class Qmop:
 
     def bucket_of(self, processor, config):
         d = self.cfg.data
-        return functools.partial(conversations.bucket_of, processor=processor, config=config, max_len=d.max_len,
+        return functools.partial(conversations.bucket_of, processor=processor, max_len=d.max_len,
                                  max_patches=d.max_patches, max_images=d.max_images, min_pixels=d.min_pixels,
                                  max_pixels=d.max_pixels, chat_format=d.chat_format)
 

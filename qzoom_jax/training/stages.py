@@ -317,7 +317,7 @@ class Sft:
         if d.get("packing", False):
             return packing.Packing(functools.partial(conversations.sample_size, **kwargs), d.max_len,
                                    d.max_patches, d.pack_images)
-        return functools.partial(conversations.bucket_of, config=config, **kwargs)
+        return functools.partial(conversations.bucket_of, **kwargs)
 
     def example_fn(self, processor, config):
         d = self.cfg.data

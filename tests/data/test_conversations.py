@@ -151,18 +151,18 @@ def test_bucket_of_is_the_tight_bucket_of_the_example_it_predicts(proc, config, 
                                                 ("human", "Sure?"), ("gpt", "Yes, the second is rotated.")])):
         rec = _record(turns, [str(tmp_path / p) for p in images])
         for chat_format in ("upstream", "inference"):
-            tokens, patches = cv.bucket_of(rec, proc, config, max_patches=1024, chat_format=chat_format, **limits)
+            tokens, patches = cv.bucket_of(rec, proc, max_patches=1024, chat_format=chat_format, **limits)
             ex = cv.make_example(rec, proc, config, n_patches=patches, chat_format=chat_format,
                                  **{**limits, "max_len": tokens})
             used = int(ex["attention_mask"].sum())
             rows = int(ex["layout_merged_valid"].sum()) * 4  # the images' and the fillers' merged tokens
             assert bucket(used) == tokens and bucket(rows, 64) == patches, (images, chat_format)
     with pytest.raises(SkipSample, match="longer than max_len=8"):
-        cv.bucket_of(rec, proc, config, max_patches=1024, **{**limits, "max_len": 8})
+        cv.bucket_of(rec, proc, max_patches=1024, **{**limits, "max_len": 8})
     with pytest.raises(SkipSample, match="more than max_patches=16"):
-        cv.bucket_of(rec, proc, config, max_patches=16, **limits)
+        cv.bucket_of(rec, proc, max_patches=16, **limits)
     with pytest.raises(SkipSample, match="missing or unreadable image"):
-        cv.bucket_of(_record(turns, [str(tmp_path / "nope.png")] * 2), proc, config, max_patches=1024, **limits)
+        cv.bucket_of(_record(turns, [str(tmp_path / "nope.png")] * 2), proc, max_patches=1024, **limits)
 
 
 def test_tfds_conversations_give_the_jsonl_examples(proc, config, tmp_path):
@@ -182,8 +182,8 @@ def test_tfds_conversations_give_the_jsonl_examples(proc, config, tmp_path):
         stored, read = source[i], jsonl[i]
         assert stored["uid"] == read["uid"] and stored["conversations"] == read["conversations"]
         assert stored["images"][0] == open(read["images"][0], "rb").read()
-        key = cv.bucket_of(read, proc, config, max_len=512, max_patches=512, **limits)
-        assert cv.bucket_of(stored, proc, config, max_len=512, max_patches=512, **limits) == key
+        key = cv.bucket_of(read, proc, max_len=512, max_patches=512, **limits)
+        assert cv.bucket_of(stored, proc, max_len=512, max_patches=512, **limits) == key
         a, b = (cv.make_example(r, proc, config, max_len=key[0], n_patches=key[1], **limits) for r in (stored, read))
         assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(SkipSample, match="gone: missing or unreadable image stored image"):

@@ -45,10 +45,10 @@ def test_qzoom_answer_over_30_random_sizes_compiles_a_bounded_number_of_times(qz
             # the gate forced on and off in turn: both routes (direct decode, zoom pass) are exercised
             engine.answer([image], ["What is written here?"], min_pixels=16 * 784, max_pixels=48 * 784,
                           max_new_tokens=2, roi_threshold=0.0, gate_threshold=(0.0, 2.0)[i % 2])
-    # Measured: 29 in all, at most 6 for one function (one per sequence-length / patch bucket met). Compiling
-    # per image size would give ~30 for each pass.
-    assert sum(counts.values()) <= 40, counts
-    assert max(counts.values()) <= 10, counts
+    # Measured: 51 in all, at most 12 for one function (one per sequence-length / patch bucket met; serving
+    # buckets have 4 steps per octave, 29 and 6 at 2). Compiling per image size would give ~30 for each pass.
+    assert sum(counts.values()) <= 60, counts
+    assert max(counts.values()) <= 15, counts
 
 
 def test_sft_over_mixed_sizes_compiles_one_step_per_bucket(tmp_path, capsys):

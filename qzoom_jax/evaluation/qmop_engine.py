@@ -33,7 +33,7 @@ from qzoom_jax.models.qmop import passes as qpasses
 from qzoom_jax.models.qmop.config import BRANCHES, ROUTES, QMoPConfig
 from qzoom_jax.models.qzoom import passes as zpasses
 from qzoom_jax.models.qzoom import roi
-from qzoom_jax.runtime.buckets import bucket
+from qzoom_jax.runtime.buckets import bucket, serve_bucket
 from qzoom_jax.runtime.errors import ConfigError
 from qzoom_jax.zoom import splice
 
@@ -134,7 +134,7 @@ class QMoPEngine:
         h, w = qlayout.compressed(H, W, s)
         keep[start + h * w:start + H * W] = False
         ids = ids[keep]
-        L = bucket(len(ids))
+        L = serve_bucket(len(ids))
         row = np.full((1, L), config.bos_token_id, np.int64)
         row[0, L - len(ids):] = ids
         am = np.zeros((1, L), np.int32)
@@ -197,14 +197,14 @@ class QMoPEngine:
         m = config.vision.spatial_merge_size
         sp = splice.splice_roi(config, c["unpadded"], grid, (g[1] // m, g[2] // m), grid_box, parts.reuse_src_pos)
         n = len(sp.ids)
-        L2 = bucket(n)
+        L2 = serve_bucket(n)
         ids = np.full((1, L2), config.bos_token_id, np.int64)
         ids[0, L2 - n:] = sp.ids
         am = np.zeros((1, L2), np.int32)
         am[0, L2 - n:] = 1
         pos = np.zeros((3, 1, L2), np.float32)
         pos[:, 0, L2 - n:] = sp.positions
-        n_patch = bucket(len(patches), 64)
+        n_patch = serve_bucket(len(patches), 64)
         vision = registry.backbone(config).vision_layout(np.asarray([g]), config.vision, pad_to=n_patch)
         pv = np.pad(patches, ((0, n_patch - len(patches)), (0, 0)))
         x2, pos2 = self._with_roi(self.model.params, config, tokens, offsets, c["n_tokens"], pv, vision, ids, am, pos)

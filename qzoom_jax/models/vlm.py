@@ -19,7 +19,7 @@ from qzoom_jax.models import registry
 from qzoom_jax.models.backbone import ModelConfig
 from qzoom_jax.models.cache import KVCache, causal_mask
 from qzoom_jax.models.layers import RMSNorm
-from qzoom_jax.runtime.buckets import bucket
+from qzoom_jax.runtime.buckets import bucket, serve_bucket
 from qzoom_jax.runtime.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -294,7 +294,7 @@ class QwenVL:
         n_img_tokens = int((input_ids == self.config.image_token_id).sum())
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
-        pad = bucket(L) - L
+        pad = serve_bucket(L) - L
         ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=self.config.bos_token_id)
         am = np.pad(attention_mask, ((0, 0), (pad, 0)))
         bb = registry.backbone(self.config)
@@ -307,7 +307,7 @@ class QwenVL:
             if merged != n_img_tokens:
                 raise ValueError(f"input_ids hold {n_img_tokens} image tokens but image_grid_thw describes "
                                  f"{merged} merged patches")
-            n_patch = bucket(pixel_values.shape[0], 64)
+            n_patch = serve_bucket(pixel_values.shape[0], 64)
             layout = bb.vision_layout(grid, self.config.vision, pad_to=n_patch)
             pv = np.pad(pixel_values, ((0, n_patch - pixel_values.shape[0]), (0, 0)))
         elif n_img_tokens:

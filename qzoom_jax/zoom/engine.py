@@ -27,7 +27,7 @@ from PIL import Image
 from qzoom_jax.checkpoints import qzoom_checkpoint
 from qzoom_jax.models.qzoom import roi
 from qzoom_jax.zoom import splice
-from qzoom_jax.runtime.buckets import bucket
+from qzoom_jax.runtime.buckets import bucket, serve_bucket
 from qzoom_jax.data.image_processing import fetch_image, to_rgb
 from qzoom_jax.data.processor import Processor
 from qzoom_jax.data.stage1 import chat_text
@@ -251,8 +251,8 @@ def pass2_arrays(config, plans: list[ZoomPlan], starts: list[int]) -> dict:
     """Host arrays of ``models.qzoom.zoom_pass`` for the zooming rows ``plans``; ``starts``: each row's first
     token index in pass 1 (its left padding). Prefixes are right-aligned in P slots, new tokens left-padded in Ln
     slots (P, Ln bucketed); the RoI crops are packed in row order. ``length`` = P + Ln."""
-    P = bucket(max(p.splice.prefix for p in plans))
-    Ln = bucket(max(len(p.splice.ids) - p.splice.prefix for p in plans))
+    P = serve_bucket(max(p.splice.prefix for p in plans))
+    Ln = serve_bucket(max(len(p.splice.ids) - p.splice.prefix for p in plans))
     B = len(plans)
     prefix_index = np.full((B, P), -1, np.int32)
     new_ids = np.full((B, Ln), config.input_pad_id, np.int32)
@@ -267,7 +267,7 @@ def pass2_arrays(config, plans: list[ZoomPlan], starts: list[int]) -> dict:
         positions[:, r, P - e:P] = sp.positions[:, :e]
         positions[:, r, P + Ln - n:] = sp.positions[:, e:]
     pixel_values = np.concatenate([p.patches for p in plans])
-    n_patch = bucket(len(pixel_values), 64)
+    n_patch = serve_bucket(len(pixel_values), 64)
     layout = registry.backbone(config).vision_layout(np.array([p.grid for p in plans]), config.vision, pad_to=n_patch)
     return {
         "prefix_index": prefix_index, "new_ids": new_ids, "new_valid": new_valid, "positions": positions,

@@ -241,14 +241,14 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # scale, the two images of Q-Zoom's crop pass (the image and a crop around the asked box, both at a small token
 # budget), or the count question at a small budget. "boxes": the asked box and a little of its surroundings at a
 # glyph height of BOX_VIEW_PX -- finding the digits in their box, between "glyphs" and a region; "croppass":
-# "mixed"'s crop pass alone.
+# "mixed"'s crop pass alone; "count": the count question at a small budget alone.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
 # "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
 # in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass")
+         "croppass", "count")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
@@ -291,6 +291,8 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         return [("<image>\n" + sample.question, sample.answer)]
     if view == "croppass":
         return _crop_pass(rng, sample, images)
+    if view == "count":
+        return _count(rng, sample, images)
     if view == "native":
         images.append(sample.image)
         turns = [(READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes]
@@ -307,6 +309,11 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         return [("<image>\n" + sample.question, sample.answer)]
     if roll < 0.85:
         return _crop_pass(rng, sample, images)
+    return _count(rng, sample, images)
+
+
+def _count(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
+    """The count question on the image at a small budget."""
     images.append(_at_budget(sample.image, int(rng.choice(ZOOM_BUDGETS))))
     return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
 

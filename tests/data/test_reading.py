@@ -163,7 +163,7 @@ def test_the_box_view_holds_the_whole_box_at_a_readable_scale():
         assert reading.BOX_VIEW_PX[0] * 0.8 <= glyph <= reading.BOX_VIEW_PX[1] * 1.2
 
 
-def test_the_box_and_crop_pass_views_ask_the_read_question():
+def test_the_box_crop_pass_and_count_views_ask_their_questions():
     for i in range(8):
         sample = reading.make_sample(4, i, kind="read")
         for view, prefix, count in (("boxes", "<image>\n", 1), ("croppass", "<image><image>\n", 2)):
@@ -171,6 +171,12 @@ def test_the_box_and_crop_pass_views_ask_the_read_question():
             (question, answer), = reading.sft_views(4, i, view, images)
             assert question.removesuffix("\n" + ANSWER_SUFFIX) == prefix + sample.question
             assert answer == sample.answer and len(images) == count
+        images = []
+        (question, answer), = reading.sft_views(4, i, "count", images)
+        w, h = sample.image.size
+        budgets = [smart_resize(h, w, 28, b * 784, b * 784)[::-1] for b in reading.ZOOM_BUDGETS]
+        assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image>\n" + reading.COUNT_QUESTION
+        assert answer == str(len(sample.boxes)) and images[0].size in budgets
 
 
 def _ink_box(image):

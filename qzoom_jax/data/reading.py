@@ -241,16 +241,19 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # scale, the two images of Q-Zoom's crop pass (the image and a crop around the asked box, both at a small token
 # budget), or the count question at a small budget. "boxes": the asked box and a little of its surroundings at a
 # glyph height of BOX_VIEW_PX -- finding the digits in their box, between "glyphs" and a region; "croppass":
-# "mixed"'s crop pass alone; "count": the count question at a small budget alone.
+# "mixed"'s crop pass alone; "croppass_hi": the same at the budgets where a crop's digits stay legible (64 and 128
+# tokens: median glyph heights of 18 and 24 px, against 7.5 and 11 px at 16 and 32); "count": the count question at
+# a small budget alone.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
 # "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
 # in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass", "count")
+         "croppass", "count", "croppass_hi")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
+LEGIBLE_ZOOM_BUDGETS = (64, 128)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
 BOX_VIEW_PX = (12, 36)  # digit heights of the box view, which is at most BOX_VIEW_MAX_SIDE px a side
 BOX_VIEW_MAX_SIDE = 448
@@ -291,6 +294,8 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         return [("<image>\n" + sample.question, sample.answer)]
     if view == "croppass":
         return _crop_pass(rng, sample, images)
+    if view == "croppass_hi":
+        return _crop_pass(rng, sample, images, LEGIBLE_ZOOM_BUDGETS)
     if view == "count":
         return _count(rng, sample, images)
     if view == "native":
@@ -318,9 +323,9 @@ def _count(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
     return [("<image>\n" + COUNT_QUESTION, str(len(sample.boxes)))]
 
 
-def _crop_pass(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
+def _crop_pass(rng, sample: ReadingSample, images: list, budgets=ZOOM_BUDGETS) -> list[tuple[str, str]]:
     """Q-Zoom's crop pass: the image, then a crop around the asked box, both at the same small budget."""
-    budget = int(rng.choice(ZOOM_BUDGETS))
+    budget = int(rng.choice(budgets))
     images.append(_at_budget(sample.image, budget))
     crop = sample.image.crop(_around(rng, sample.target.xyxy, sample.image.size, 1.0, 2.5, None))
     images.append(_at_budget(crop, budget))

@@ -177,6 +177,10 @@ def test_the_box_crop_pass_and_count_views_ask_their_questions():
         budgets = [smart_resize(h, w, 28, b * 784, b * 784)[::-1] for b in reading.ZOOM_BUDGETS]
         assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image>\n" + reading.COUNT_QUESTION
         assert answer == str(len(sample.boxes)) and images[0].size in budgets
+        images = []
+        (question, answer), = reading.sft_views(4, i, "croppass_hi", images)
+        assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image><image>\n" + sample.question
+        assert answer == sample.answer and images[0].size in budgets[2:]  # 64 or 128 tokens
 
 
 def _ink_box(image):

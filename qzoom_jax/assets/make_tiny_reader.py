@@ -19,7 +19,9 @@ export; the last export is copied to ``--out``:
    kept in;
 3. ``mixed``, ``mixed2``: cheap views of the real images -- the digits with a margin, native-scale regions,
    Q-Zoom's two-image crop pass and the count question at small budgets -- where every row is at most 1024
-   patches, with glyphs and strips kept in;
+   patches, with glyphs and strips kept in; then ``boxes`` (the asked box with a little surround), ``count`` (the
+   count question at 16-128 tokens) and ``zoom`` (the crop pass at 64 and 128 tokens), each with the crop pass
+   and glyphs kept in;
 4. ``native``: whole images at their own resolution (up to 1536 merged tokens) with every box read and counted
    in one multi-turn conversation.
 
@@ -50,7 +52,22 @@ read question in the inference format, 300 steps; ``tok`` holds such rows too); 
 
 and on 64 held-out ``mixed`` records after ``mixed`` / ``mixed2``: the digits with a margin 20/32 / 22/32, the
 count question at 16-128 tokens 3/10 / 4/10, native-scale regions 0/4 / 0/4, Q-Zoom's two-image crop pass 1/18 /
-2/18. ``native`` has not been run, and the crop pass -- what Q-Zoom needs read -- is still near chance.
+2/18. The last three lessons (measured in a run of the same phases on seed-11 data; 32 held-out records of each
+view, the crop pass on 96, by budget: 16 / 32 / 64 / 128 tokens):
+
+    after    glyphs  boxes  count   crop pass (16 / 32 / 64 / 128 tokens)
+    mixed2   20/32   18/32  4/10*   6/32 over all budgets
+    boxes    13/16*  16/32  1/5*    8/32 over all budgets
+    count    30/32   --     18/32   1/32  0/16  3/23  10/25
+    zoom     29/32   17/32  13/32   1/32  0/16  5/23  13/25      (* inside the mixed view)
+
+(a ``croppass`` lesson from ``boxes`` instead -- 0.4 crop pass, 0.4 mixed, 0.2 boxes, 500 steps -- reads boxes
+19/32 and the crop pass 1/32  0/16  8/23  12/25). At 16 and 32 tokens a crop's digits are 4-11 px tall and
+unreadable; at 64 tokens, where Q-Zoom@64 crops, the crop pass reads 13-35 %, against 91-94 % for the same
+digits alone. The baseline at native resolution (``python -m qzoom_jax.evaluate --config=configs/eval.py
+--config.model.path=<mixed2 export> --config.variants="('baseline',)" --sweep``, 24 samples) reads 0/12 and
+counts 3/12 at both 64 and 1600 tokens. ``native`` has not been run: at about 35 s a step on one core, its 60
+steps did not fit.
 """
 
 from __future__ import annotations
@@ -90,6 +107,12 @@ PHASES = (
     ("mixed", ((0.2, "nat10"), (0.3, "glyphs"), (0.5, "mixed")), "inference", 12000, 500, 24, 7e-4, 1024, 384,
      256 * TOKENS),
     ("mixed2", ((0.2, "glyphs"), (0.8, "mixed")), "inference", 14400, 600, 24, 5e-4, 1024, 384, 256 * TOKENS),
+    ("boxes", ((0.25, "glyphs"), (0.5, "boxes"), (0.25, "croppass")), "inference", 13500, 500, 24, 5e-4, 1024, 384,
+     256 * TOKENS),
+    ("count", ((0.4, "count"), (0.3, "croppass"), (0.3, "glyphs")), "inference", 10800, 400, 24, 5e-4, 1024, 384,
+     256 * TOKENS),
+    ("zoom", ((0.5, "croppass_hi"), (0.2, "boxes"), (0.15, "glyphs"), (0.15, "count")), "inference", 8100, 300, 24,
+     5e-4, 1024, 384, 256 * TOKENS),
     ("native", ((1, "native"),), "inference", 800, 60, 4, 3e-4, 6144, 1792, 1536 * TOKENS),
 )
 

@@ -14,7 +14,8 @@ def config_module(name: str, beside: str | None = None):
     configs/, as a module."""
     path = os.path.join(os.path.dirname(os.path.abspath(beside)) if beside else CONFIGS, f"{name}.py")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run this script from a clone of the repository")
+        where = "next to the config file that names it" if beside else "run this script from a clone of the repository"
+        raise FileNotFoundError(f"{path} not found: {where}")
     spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

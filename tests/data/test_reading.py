@@ -147,6 +147,7 @@ def test_the_digits_view_is_the_ink_box_scaled_to_whole_tokens():
         scale = image.height / ((y1 - y0) * np.array([1 + 2 * 1.5, 1 + 2 * 0.3]))
         assert 10 / box.glyph_px * 0.5 <= scale[1] and scale[0] <= 45 / box.glyph_px * 2
 
+
 def test_the_box_view_holds_the_whole_box_at_a_readable_scale():
     image = Image.new("RGB", (800, 600), (128, 128, 128))
     image.paste((255, 0, 0), (300, 250, 420, 310))  # a 120 x 60 box, its digits 12 px tall

@@ -243,18 +243,23 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # glyph height of BOX_VIEW_PX -- finding the digits in their box, between "glyphs" and a region; "croppass":
 # "mixed"'s crop pass alone; "croppass_hi": the same at the budgets where a crop's digits stay legible (64 and 128
 # tokens: median glyph heights of 18 and 24 px, against 7.5 and 11 px at 16 and 32); "count": the count question at
-# a small budget alone.
+# a small budget alone. "glyphs_native": the asked digits with a margin at a glyph height of NATIVE_GLYPH_PX, about
+# their source scale, where three digits share one or two merged tokens (every earlier view holds them larger).
+# "window": a window of WINDOW_SIDES px a side of the image at native scale holding the asked box, and a multi-turn
+# conversation that reads every box wholly inside it -- "native" at a quarter of the cost.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
 # "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
 # in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass", "count", "croppass_hi")
+         "croppass", "count", "croppass_hi", "glyphs_native", "window")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 LEGIBLE_ZOOM_BUDGETS = (64, 128)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
+NATIVE_GLYPH_PX = (10, 20)
+WINDOW_SIDES = (224, 560)  # multiples of 28: at most 400 merged tokens
 BOX_VIEW_PX = (12, 36)  # digit heights of the box view, which is at most BOX_VIEW_MAX_SIDE px a side
 BOX_VIEW_MAX_SIDE = 448
 REGION_MAX_SIDE = 420  # a native-scale region is at most this many pixels a side (900 patches)
@@ -286,9 +291,12 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         crop = sample.image.crop(sample.target.ink)
         images.append(Image.fromarray(resize_bicubic_aa(np.asarray(crop), 28, 28 * len(sample.answer))))
         return [("<image>", sample.answer)]
-    if view == "glyphs":  # the first of "mixed"'s parts alone: the asked digits with a margin
-        images.append(_glyphs(rng, sample.image, sample.target))
+    if view in ("glyphs", "glyphs_native"):  # "glyphs": the first of "mixed"'s parts alone
+        px = GLYPH_VIEW_PX if view == "glyphs" else NATIVE_GLYPH_PX
+        images.append(_glyphs(rng, sample.image, sample.target, px))
         return [("<image>\n" + sample.question, sample.answer)]
+    if view == "window":
+        return _window(rng, sample, images)
     if view == "boxes":
         images.append(_boxed(rng, sample.image, sample.target))
         return [("<image>\n" + sample.question, sample.answer)]
@@ -360,13 +368,29 @@ def _strip(rng, view: str) -> tuple[Image.Image, str, str]:
     return image, READ_QUESTION.format(colour=colour), number
 
 
-def _glyphs(rng, image: Image.Image, box: Box) -> Image.Image:
-    """The digits of ``box`` with a margin of 0.3-1.5 glyph heights, scaled to a random glyph height and to
-    sides that are multiples of 28 px (at least 28 x 56)."""
+def _window(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
+    """A window at native scale, its sides multiples of 28 px in WINDOW_SIDES (less on a smaller image, more
+    where the asked box needs it), holding the asked box; the read question of every box wholly inside it."""
+    out = []
+    for lo, hi, size in zip(sample.target.xyxy[:2], sample.target.xyxy[2:], sample.image.size):
+        side = 28 * int(rng.integers(WINDOW_SIDES[0] // 28, WINDOW_SIDES[1] // 28 + 1))
+        side = min(size // 28 * 28, max(-(-(hi - lo) // 28) * 28, side))
+        start = int(rng.integers(max(0, hi - side), min(lo, size - side) + 1))
+        out += [start, start + side]
+    x0, x1, y0, y1 = out
+    inside = [b for b in sample.boxes if x0 <= b.xyxy[0] and b.xyxy[2] <= x1 and y0 <= b.xyxy[1] and b.xyxy[3] <= y1]
+    images.append(sample.image.crop((x0, y0, x1, y1)))
+    turns = [(READ_QUESTION.format(colour=inside[k].colour), inside[k].number) for k in rng.permutation(len(inside))]
+    return [("<image>\n" + turns[0][0], turns[0][1])] + turns[1:]
+
+
+def _glyphs(rng, image: Image.Image, box: Box, px=GLYPH_VIEW_PX) -> Image.Image:
+    """The digits of ``box`` with a margin of 0.3-1.5 glyph heights, scaled to a random glyph height in ``px``
+    and to sides that are multiples of 28 px (at least 28 x 56)."""
     x0, y0, x1, y1 = box.ink
     m = int(round(box.glyph_px * rng.uniform(0.3, 1.5)))
     crop = image.crop((max(0, x0 - m), max(0, y0 - m), min(image.width, x1 + m), min(image.height, y1 + m)))
-    return _scaled(crop, rng.uniform(*GLYPH_VIEW_PX) / box.glyph_px)
+    return _scaled(crop, rng.uniform(*px) / box.glyph_px)
 
 
 def _boxed(rng, image: Image.Image, box: Box) -> Image.Image:

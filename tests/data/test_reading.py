@@ -184,6 +184,41 @@ def test_the_box_crop_pass_and_count_views_ask_their_questions():
         assert answer == sample.answer and images[0].size in budgets[2:]  # 64 or 128 tokens
 
 
+def test_the_window_view_reads_every_box_inside_it_at_native_scale():
+    windows = 0
+    for i in range(12):
+        sample = reading.make_sample(6, i, kind="read")
+        images = []
+        turns = reading.sft_views(6, i, "window", images)
+        window, = images
+        assert window.width % 28 == 0 and window.height % 28 == 0
+        assert max(window.size) <= max(reading.WINDOW_SIDES[1], *np.subtract(sample.target.xyxy[2:],
+                                                                             sample.target.xyxy[:2]) + 28)
+        # native scale: the window is a crop of the image, found there pixel for pixel
+        a, w = np.asarray(sample.image), np.asarray(window)
+        ys, xs = np.nonzero((a[:a.shape[0] - w.shape[0] + 1, :a.shape[1] - w.shape[1] + 1] == w[0, 0]).all(-1))
+        y0, x0 = [(y, x) for y, x in zip(ys, xs) if (a[y:y + w.shape[0], x:x + w.shape[1]] == w).all()][0]
+        inside = {(reading.READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes
+                  if x0 <= b.xyxy[0] and b.xyxy[2] <= x0 + w.shape[1] and y0 <= b.xyxy[1] and b.xyxy[3] <= y0 + w.shape[0]}
+        asked = {(q.removeprefix("<image>\n").removesuffix("\n" + ANSWER_SUFFIX), ans) for q, ans in turns}
+        assert asked == inside and (sample.question, sample.answer) in asked and len(asked) == len(turns)
+        assert turns[0][0].startswith("<image>\n") and sum("<image>" in q for q, _ in turns) == 1
+        windows += min(window.size) < min(sample.image.size)
+    assert windows >= 6  # mostly a part of the image, not all of it
+
+
+def test_the_native_glyph_view_holds_the_digits_near_their_source_scale():
+    for i in range(16):
+        sample = reading.make_sample(7, i, kind="read")
+        images = []
+        (question, answer), = reading.sft_views(7, i, "glyphs_native", images)
+        assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image>\n" + sample.question
+        assert answer == sample.answer
+        x0, y0, x1, y1 = _ink_box(images[0])
+        # sides round to 28 px, which can stretch a glyph 10-20 px tall by up to ~1.6x either way
+        assert reading.NATIVE_GLYPH_PX[0] / 1.7 <= y1 - y0 <= reading.NATIVE_GLYPH_PX[1] * 1.7
+
+
 def _ink_box(image):
     """(x0, y0, x1, y1) of the ink: pixels near pure black or white (box shades are palette colours +-20)."""
     a = np.asarray(image, np.float32)

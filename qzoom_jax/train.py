@@ -140,7 +140,7 @@ def _train(cfg, workdir: str, devices) -> dict:
                 values["lr"] = float(schedule(step))
                 now = time.perf_counter()
                 per_step = (now - last_time) / (done - last_step)  # wall clock, data loading included
-                values["samples_per_s"] = train.global_batch_size / per_step
+                values["samples_per_s"] = values["samples"] / per_step  # a packed row holds several
                 values["tokens_per_s"] = values["tokens"] / per_step  # real (unpadded) prompt tokens
                 values["mfu"] = metrics_lib.mfu(flops, per_step, mesh.size, peak)
                 values["skipped"] = _total_skipped(data_iter)

@@ -11,7 +11,7 @@ from qzoom_jax.checkpoints.pretrained import load_pretrained
 from qzoom_jax.data import conversations, packing, pipeline, reading
 from qzoom_jax.data.conversations import IGNORE
 from qzoom_jax.data.processor import Processor
-from qzoom_jax.training import sft
+from qzoom_jax.training import sft, step
 
 PIXELS = dict(min_pixels=4 * 784, max_pixels=16 * 784)
 TRAINABLE = ("model/layers/", "lm_head/", "visual/merger/")
@@ -83,3 +83,4 @@ def test_loader_batches_packs_under_both_budgets(setup):
         ids = b["segment_ids"][0]
         assert ids.max() == 2 and b["input_ids"].shape[1] <= 128 and b["pixel_values"].shape[1] <= 128
         assert (b["attention_mask"][0] == (ids > 0)).all()
+        assert float(step._samples(b)) == 2  # the train step's samples metric counts the row's samples

@@ -84,6 +84,7 @@ def test_loss_falls(sharded_run):
     losses = [v for _, v in _metrics(sharded_run[0])]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5
     assert min(v for _, v in _metrics(sharded_run[0], "supervised_tokens")) > 0
+    assert [v for _, v in _metrics(sharded_run[0], "samples")] == [8.0] * 4  # one sample per row, none skipped
 
 
 def test_sharded_matches_single_device_with_accumulation(jsonl, sharded_run, tmp_path):

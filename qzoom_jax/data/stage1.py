@@ -115,11 +115,11 @@ def check_chat_format(chat_format: str) -> None:
 
 # ---- images --------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, min_side: int = 28) -> Image.Image:
+def decode_image(data: bytes, min_side: int) -> Image.Image:
     """Encoded image bytes -> RGB PIL image as a person sees it (``to_rgb``: EXIF orientation applied, 16-bit and
     float gray scaled to 8 bits). SkipSample, with ``to_rgb``'s reason, when corrupt, truncated or a decompression
-    bomb; SkipSample when smaller than ``min_side`` px or more elongated than the processor accepts (checked on
-    the image before square padding, which would hide it)."""
+    bomb; SkipSample when smaller than ``min_side`` px (the processor's factor: patch x merge, 28 or 32) or more
+    elongated than the processor accepts (checked on the image before square padding, which would hide it)."""
     try:
         image = to_rgb(data)
     except ImageError as e:

@@ -47,11 +47,19 @@ def make_train_step(config, tx, K: int, threshold: float, attn_impl: str, loss_f
         updates, opt_state = tx.update(g, state["opt_state"], state["params"])
         metrics["grad_norm"] = optax.tree.norm(g)
         metrics["tokens"] = batch["attention_mask"].sum().astype(jnp.float32)
+        metrics["samples"] = _samples(batch)
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1}
         return new, metrics
 
     return train_step
+
+
+def _samples(batch) -> jax.Array:
+    """Samples in a batch: the segments of packed rows (ids 1..n per row), else the rows with a real token."""
+    if "segment_ids" in batch:
+        return batch["segment_ids"].max(axis=-1).sum().astype(jnp.float32)
+    return batch["attention_mask"].any(axis=-1).sum().astype(jnp.float32)
 
 
 def _accumulated(grads, params, backbone, batch, layout, accum_steps: int, weight: str | None):

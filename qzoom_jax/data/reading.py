@@ -245,6 +245,8 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # tokens: median glyph heights of 18 and 24 px, against 7.5 and 11 px at 16 and 32); "count": the count question at
 # a small budget alone. "glyphs_native": the asked digits with a margin at a glyph height of NATIVE_GLYPH_PX, about
 # their source scale, where three digits share one or two merged tokens (every earlier view holds them larger).
+# "margins": the asked digits at native scale (no resampling) with a margin of MARGIN_GLYPHS glyph heights, the crop
+# grown to whole tokens -- the digits' one or two tokens among up to ~60 others, a step towards finding them in a box.
 # "window": a window of WINDOW_SIDES px a side of the image at native scale holding the asked box, and a multi-turn
 # conversation that reads every box wholly inside it -- "native" at a quarter of the cost.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
@@ -253,12 +255,13 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass", "count", "croppass_hi", "glyphs_native", "window")
+         "croppass", "count", "croppass_hi", "glyphs_native", "window", "margins")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 LEGIBLE_ZOOM_BUDGETS = (64, 128)
 GLYPH_VIEW_PX = (10, 45)  # digit heights of the digits-alone view
 NATIVE_GLYPH_PX = (10, 20)
+MARGIN_GLYPHS = (0.3, 4.0)
 WINDOW_SIDES = (224, 560)  # multiples of 28: at most 400 merged tokens
 BOX_VIEW_PX = (12, 36)  # digit heights of the box view, which is at most BOX_VIEW_MAX_SIDE px a side
 BOX_VIEW_MAX_SIDE = 448
@@ -297,6 +300,11 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         return [("<image>\n" + sample.question, sample.answer)]
     if view == "window":
         return _window(rng, sample, images)
+    if view == "margins":
+        ink, margin = sample.target.ink, 2 * sample.target.glyph_px * rng.uniform(*MARGIN_GLYPHS)
+        sides = (ink[2] - ink[0] + margin, ink[3] - ink[1] + margin)
+        images.append(sample.image.crop(_holding(rng, sides, ink, sample.image.size)))
+        return [("<image>\n" + sample.question, sample.answer)]
     if view == "boxes":
         images.append(_boxed(rng, sample.image, sample.target))
         return [("<image>\n" + sample.question, sample.answer)]
@@ -371,17 +379,23 @@ def _strip(rng, view: str) -> tuple[Image.Image, str, str]:
 def _window(rng, sample: ReadingSample, images: list) -> list[tuple[str, str]]:
     """A window at native scale, its sides multiples of 28 px in WINDOW_SIDES (less on a smaller image, more
     where the asked box needs it), holding the asked box; the read question of every box wholly inside it."""
-    out = []
-    for lo, hi, size in zip(sample.target.xyxy[:2], sample.target.xyxy[2:], sample.image.size):
-        side = 28 * int(rng.integers(WINDOW_SIDES[0] // 28, WINDOW_SIDES[1] // 28 + 1))
-        side = min(size // 28 * 28, max(-(-(hi - lo) // 28) * 28, side))
-        start = int(rng.integers(max(0, hi - side), min(lo, size - side) + 1))
-        out += [start, start + side]
-    x0, x1, y0, y1 = out
+    sides = [28 * int(rng.integers(WINDOW_SIDES[0] // 28, WINDOW_SIDES[1] // 28 + 1)) for _ in range(2)]
+    x0, y0, x1, y1 = _holding(rng, sides, sample.target.xyxy, sample.image.size)
     inside = [b for b in sample.boxes if x0 <= b.xyxy[0] and b.xyxy[2] <= x1 and y0 <= b.xyxy[1] and b.xyxy[3] <= y1]
     images.append(sample.image.crop((x0, y0, x1, y1)))
     turns = [(READ_QUESTION.format(colour=inside[k].colour), inside[k].number) for k in rng.permutation(len(inside))]
     return [("<image>\n" + turns[0][0], turns[0][1])] + turns[1:]
+
+
+def _holding(rng, sides, keep, size) -> tuple[int, int, int, int]:
+    """A crop box (x0, y0, x1, y1) of ``sides`` (w, h) px rounded up to whole 28-px tokens -- at least ``keep``'s
+    own, at most the image's -- that holds all of the box ``keep``, placed at random inside the image."""
+    out = []
+    for lo, hi, want, limit in zip(keep[:2], keep[2:], sides, size):
+        side = min(limit // 28 * 28, max(-(-(hi - lo) // 28), -(-int(np.ceil(want)) // 28)) * 28)
+        start = int(rng.integers(max(0, hi - side), min(lo, limit - side) + 1))
+        out += [start, start + side]
+    return out[0], out[2], out[1], out[3]
 
 
 def _glyphs(rng, image: Image.Image, box: Box, px=GLYPH_VIEW_PX) -> Image.Image:

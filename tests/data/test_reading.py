@@ -184,6 +184,30 @@ def test_the_box_crop_pass_and_count_views_ask_their_questions():
         assert answer == sample.answer and images[0].size in budgets[2:]  # 64 or 128 tokens
 
 
+def _found_at(image, crop):
+    """(x, y) where ``crop`` lies in ``image`` pixel for pixel: the crop is at native scale."""
+    a, w = np.asarray(image), np.asarray(crop)
+    ys, xs = np.nonzero((a[:a.shape[0] - w.shape[0] + 1, :a.shape[1] - w.shape[1] + 1] == w[0, 0]).all(-1))
+    found = [(x, y) for y, x in zip(ys, xs) if (a[y:y + w.shape[0], x:x + w.shape[1]] == w).all()]
+    assert found, "the crop is not a part of the image at its scale"
+    return found[0]
+
+
+def test_the_margins_view_holds_the_digits_at_native_scale_in_whole_tokens():
+    for i in range(12):
+        sample = reading.make_sample(8, i, kind="read")
+        images = []
+        (question, answer), = reading.sft_views(8, i, "margins", images)
+        crop, = images
+        assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image>\n" + sample.question
+        assert answer == sample.answer and crop.width % 28 == 0 and crop.height % 28 == 0
+        x, y = _found_at(sample.image, crop)
+        x0, y0, x1, y1 = sample.target.ink
+        assert x <= x0 and x1 <= x + crop.width and y <= y0 and y1 <= y + crop.height
+        most = 2 * reading.MARGIN_GLYPHS[1] * sample.target.glyph_px + 28
+        assert crop.width <= x1 - x0 + most and crop.height <= y1 - y0 + most
+
+
 def test_the_window_view_reads_every_box_inside_it_at_native_scale():
     windows = 0
     for i in range(12):
@@ -194,12 +218,10 @@ def test_the_window_view_reads_every_box_inside_it_at_native_scale():
         assert window.width % 28 == 0 and window.height % 28 == 0
         assert max(window.size) <= max(reading.WINDOW_SIDES[1], *np.subtract(sample.target.xyxy[2:],
                                                                              sample.target.xyxy[:2]) + 28)
-        # native scale: the window is a crop of the image, found there pixel for pixel
-        a, w = np.asarray(sample.image), np.asarray(window)
-        ys, xs = np.nonzero((a[:a.shape[0] - w.shape[0] + 1, :a.shape[1] - w.shape[1] + 1] == w[0, 0]).all(-1))
-        y0, x0 = [(y, x) for y, x in zip(ys, xs) if (a[y:y + w.shape[0], x:x + w.shape[1]] == w).all()][0]
+        x0, y0 = _found_at(sample.image, window)
+        x1, y1 = x0 + window.width, y0 + window.height
         inside = {(reading.READ_QUESTION.format(colour=b.colour), b.number) for b in sample.boxes
-                  if x0 <= b.xyxy[0] and b.xyxy[2] <= x0 + w.shape[1] and y0 <= b.xyxy[1] and b.xyxy[3] <= y0 + w.shape[0]}
+                  if x0 <= b.xyxy[0] and b.xyxy[2] <= x1 and y0 <= b.xyxy[1] and b.xyxy[3] <= y1}
         asked = {(q.removeprefix("<image>\n").removesuffix("\n" + ANSWER_SUFFIX), ans) for q, ans in turns}
         assert asked == inside and (sample.question, sample.answer) in asked and len(asked) == len(turns)
         assert turns[0][0].startswith("<image>\n") and sum("<image>" in q for q, _ in turns) == 1

@@ -247,6 +247,7 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # their source scale, where three digits share one or two merged tokens (every earlier view holds them larger).
 # "margins": the asked digits at native scale (no resampling) with a margin of MARGIN_GLYPHS glyph heights, the crop
 # grown to whole tokens -- the digits' one or two tokens among up to ~60 others, a step towards finding them in a box.
+# "boxes_native": the asked box with 0-100 % of its side around it at native scale, in whole tokens.
 # "window": a window of WINDOW_SIDES px a side of the image at native scale holding the asked box, and a multi-turn
 # conversation that reads every box wholly inside it -- "native" at a quarter of the cost.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
@@ -255,7 +256,8 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
 # offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass", "count", "croppass_hi", "glyphs_native", "window", "margins")
+         "croppass", "count", "croppass_hi", "glyphs_native", "window", "margins",
+         "boxes_native")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 LEGIBLE_ZOOM_BUDGETS = (64, 128)
@@ -304,6 +306,11 @@ def _views(rng, seed: int, index: int, view: str, images: list) -> list[tuple[st
         ink, margin = sample.target.ink, 2 * sample.target.glyph_px * rng.uniform(*MARGIN_GLYPHS)
         sides = (ink[2] - ink[0] + margin, ink[3] - ink[1] + margin)
         images.append(sample.image.crop(_holding(rng, sides, ink, sample.image.size)))
+        return [("<image>\n" + sample.question, sample.answer)]
+    if view == "boxes_native":
+        x0, y0, x1, y1 = sample.target.xyxy
+        sides = ((x1 - x0) * rng.uniform(1.0, 2.0), (y1 - y0) * rng.uniform(1.0, 2.0))
+        images.append(sample.image.crop(_holding(rng, sides, sample.target.xyxy, sample.image.size)))
         return [("<image>\n" + sample.question, sample.answer)]
     if view == "boxes":
         images.append(_boxed(rng, sample.image, sample.target))

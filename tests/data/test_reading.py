@@ -193,19 +193,22 @@ def _found_at(image, crop):
     return found[0]
 
 
-def test_the_margins_view_holds_the_digits_at_native_scale_in_whole_tokens():
+@pytest.mark.parametrize("view", ["margins", "boxes_native"])
+def test_the_native_crops_hold_their_box_at_native_scale_in_whole_tokens(view):
     for i in range(12):
         sample = reading.make_sample(8, i, kind="read")
         images = []
-        (question, answer), = reading.sft_views(8, i, "margins", images)
+        (question, answer), = reading.sft_views(8, i, view, images)
         crop, = images
         assert question.removesuffix("\n" + ANSWER_SUFFIX) == "<image>\n" + sample.question
         assert answer == sample.answer and crop.width % 28 == 0 and crop.height % 28 == 0
         x, y = _found_at(sample.image, crop)
-        x0, y0, x1, y1 = sample.target.ink
+        # margins: the digits with 0.3-4 glyph heights each side; boxes_native: the box and up to its side again
+        x0, y0, x1, y1 = sample.target.ink if view == "margins" else sample.target.xyxy
         assert x <= x0 and x1 <= x + crop.width and y <= y0 and y1 <= y + crop.height
-        most = 2 * reading.MARGIN_GLYPHS[1] * sample.target.glyph_px + 28
-        assert crop.width <= x1 - x0 + most and crop.height <= y1 - y0 + most
+        wide, high = ((2 * reading.MARGIN_GLYPHS[1] * sample.target.glyph_px,) * 2 if view == "margins"
+                      else (x1 - x0, y1 - y0))
+        assert crop.width <= x1 - x0 + wide + 28 and crop.height <= y1 - y0 + high + 28
 
 
 def test_the_window_view_reads_every_box_inside_it_at_native_scale():

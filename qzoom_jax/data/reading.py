@@ -252,12 +252,11 @@ def write_mix(out_dir: str, seed: int, num: int, mix, name: str) -> str:
 # conversation that reads every box wholly inside it -- "native" at a quarter of the cost.
 # Strips -- a box's digits alone on its colour, with the read question -- add one difficulty at a time to what
 # "digits" teaches (where the digits are, then what they look like): "exact" the digits one merged token each, as
-# in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any pixel offset, so that they straddle
-# tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph heights of STRIP_GLYPH_PX, at any
-# offset. A view's index here seeds its draws: append new views.
+# in "digits", filling the image; "tok" the same at a whole-token offset on a larger canvas; "px" the same at any
+# pixel offset, so that they straddle tokens; "nat28", "nat20", "nat10" the digits at their own aspect ratio, glyph
+# heights of STRIP_GLYPH_PX, at any offset. A view's index here seeds its draws: append new views.
 VIEWS = ("single", "native", "mixed", "digits", "tok", "px", "nat28", "nat20", "nat10", "exact", "glyphs", "boxes",
-         "croppass", "count", "croppass_hi", "glyphs_native", "window", "margins",
-         "boxes_native")
+         "croppass", "count", "croppass_hi", "glyphs_native", "window", "margins", "boxes_native")
 STRIP_GLYPH_PX = {"nat28": (26, 30), "nat20": (20, 36), "nat10": (10, 45)}
 ZOOM_BUDGETS = (16, 32, 64, 128)  # merged tokens of the small-budget views (min = max pixels, as evaluated)
 LEGIBLE_ZOOM_BUDGETS = (64, 128)

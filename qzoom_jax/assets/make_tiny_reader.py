@@ -82,7 +82,7 @@ asked box, and a 448-px window holding it:
 
     after                      digits  margin 2  margin 4  region  window   lesson loss
     zoom                        8/32   --        --        1/32    2/32
-    glyphs_native, 500 steps   15/32   --        --        0/32    0/32
+    glyphs_native, 450 steps   15/32   --        --        0/32    0/32
     glyphs_native, 1500 steps  30/32   --        --        0/32    1/32     0.1-0.2 -> 0.01-0.04
     margins, 200 steps         23/32    6/32      7/32     1/32    0/32
     margins, 600 steps         28/32    7/32     13/32     3/32    3/32     1.06 -> 0.4-0.8
@@ -92,8 +92,8 @@ asked box, and a 448-px window holding it:
 (``glyphs_native`` took about 60 minutes of one core, each ``margins`` run about 20.) On the evaluator after the
 second margins run (24 samples): read 0/12 at 64 tokens and 1/12 at 1600, count 5/12 at 64 and 1/12 at 1600.
 So the digits are read at the task's own scale, but finding their one or two tokens among others is what the
-model still cannot do: a lesson of native-scale windows straight after ``glyphs_native`` (500 steps in) stayed at
-a loss of 1.0-1.4 for 250 steps and read no window; the margins lesson moves it, slowly.
+model still cannot do: a lesson of native-scale windows straight after ``glyphs_native`` (450 steps in) stayed at
+a loss of 1.0-1.4 for 240 steps and read no window (checkpoint 200); the margins lesson moves it, slowly.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def test_decompression_bomb_header(tmp_path):
     with pytest.raises(ImageError, match=r"^possible decompression bomb, not decoded \(Image size \(10000000000 "):
         to_rgb(data)
     with pytest.raises(SkipSample, match=r"^possible decompression bomb"):
-        decode_image(data)
+        decode_image(data, 28)
     path = tmp_path / "bomb.png"
     path.write_bytes(data)
     with pytest.raises(ImageError, match=rf"^{path}: possible decompression bomb"):
@@ -189,7 +189,7 @@ def test_decompression_bomb_warning_is_an_error(monkeypatch, tmp_path):
     path = tmp_path / "big.png"
     path.write_bytes(data)
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(SkipSample, match=message):
-        decode_image(data)
+        decode_image(data, 28)
     with pytest.warns(Image.DecompressionBombWarning):
         assert read_image_file(str(path)) is None
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a limit switched off is respected
@@ -204,7 +204,7 @@ def test_corrupt_and_truncated_files(tmp_path):
         with pytest.raises(ImageError, match="^" + match):
             to_rgb(data)
         with pytest.raises(SkipSample, match="^" + match):
-            decode_image(data)
+            decode_image(data, 28)
         path = tmp_path / "bad.png"
         path.write_bytes(data)
         with pytest.raises(ImageError, match=rf"^{path}: {match}"):
@@ -227,6 +227,6 @@ def test_tiny_and_elongated_images_name_the_file(tmp_path):
     with pytest.raises(ImageSizeError, match=r"^image of size 10x2500"):  # no file: the size alone
         fetch_image(Image.new("RGB", (2500, 10)))
     with pytest.raises(SkipSample, match=r"image of 20x100 px \(WxH\) is smaller than 28 px"):
-        decode_image(tiny.read_bytes())
+        decode_image(tiny.read_bytes(), 28)
     with pytest.raises(SkipSample, match=r"image of 2500x10 px \(WxH\) has aspect ratio above 200"):
         decode_image(long.read_bytes(), min_side=10)
